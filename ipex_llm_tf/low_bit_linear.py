@@ -1,0 +1,88 @@
+"""LowBitLinear: a drop-in nn.Linear whose weight lives as a low-bit format's packed tensors (plain buffers)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .formats import LowBitFormat, Parts, get_format
+from .kernels import PackedCache, low_bit_linear
+
+
+class LowBitLinear(nn.Module):
+    """A Linear layer storing its weight in a low-bit format; forward dispatches by device (see kernels)."""
+
+    def __init__(self, in_features: int, out_features: int, low_bit: "str | LowBitFormat", bias: bool = True,
+                 device: "torch.device | str | None" = None, dtype: torch.dtype | None = None,
+                 name: str = "") -> None:
+        super().__init__()
+        fmt = get_format(low_bit)
+        fmt.check_shape(out_features, in_features, where=name or "LowBitLinear")
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self._part_names = tuple(fmt.part_specs(out_features, in_features))
+        for part_name, tensor in fmt.empty_parts(out_features, in_features, device or "cpu").items():
+            self.register_buffer(part_name, tensor)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32),
+                                     requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._packed_cache = PackedCache()
+
+    @property
+    def low_bit(self) -> str:
+        """The name of the stored format."""
+        return self.fmt.name
+
+    @property
+    def parts(self) -> Parts:
+        """The packed tensors, by the names the format defines."""
+        return {name: self._buffers[name] for name in self._part_names}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, low_bit: "str | LowBitFormat", name: str = "") -> "LowBitLinear":
+        """Quantize an nn.Linear's weight (on its own device) into a new LowBitLinear."""
+        fmt = get_format(low_bit)
+        weight = linear.weight.detach()
+        fmt.check_weight(weight, where=name or "Linear")
+        layer = cls(linear.in_features, linear.out_features, fmt, bias=linear.bias is not None,
+                    device="meta", dtype=linear.bias.dtype if linear.bias is not None else None, name=name)
+        layer.load_parts(fmt.quantize(weight), bias=linear.bias)
+        return layer
+
+    def load_parts(self, parts: Parts, bias: torch.Tensor | None = None) -> None:
+        """Adopt already-quantized tensors (e.g. straight from a checkpoint or a GGUF file) as this layer's buffers."""
+        expected = self.fmt.part_specs(self.out_features, self.in_features)
+        if set(parts) != set(expected):
+            raise ValueError(f"{self.fmt.name} expects tensors {sorted(expected)}, got {sorted(parts)}")
+        for part_name, (shape, dtype) in expected.items():
+            tensor = parts[part_name]
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"{self.fmt.name} tensor {part_name!r} should be {tuple(shape)} {dtype}, "
+                                 f"got {tuple(tensor.shape)} {tensor.dtype}")
+            self._buffers[part_name] = tensor
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(dtype) / .half() must move packed tensors but never re-cast them: their dtype is the format
+        packed = {name: self._buffers[name] for name in self._part_names}
+        super()._apply(fn, recurse)
+        for name, before in packed.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The [out, in] weight this layer computes with, in `dtype`."""
+        return self.fmt.dequantize(self.parts, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features] in x's dtype."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"LowBitLinear expected input with last dim {self.in_features}, got {tuple(x.shape)}")
+        return low_bit_linear(x, self.fmt, self.parts, self.bias, self.out_features, self._packed_cache)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, low_bit={self.fmt.name}, "
+                f"bias={self.bias is not None}")

@@ -1,0 +1,23 @@
+"""Shared fixtures: deterministic seeds and small helpers for tolerance checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| in float64."""
+    expected = expected.double()
+    return float((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+def sqnr_db(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of `actual` against `expected`, in dB."""
+    expected = expected.double()
+    noise = (actual.double() - expected).pow(2).sum().clamp_min(1e-300)
+    return float(10 * torch.log10(expected.pow(2).sum() / noise))
