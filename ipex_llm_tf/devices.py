@@ -1,0 +1,88 @@
+"""Device handling: which accelerators exist, a clear error for absent ones, and the CPU-resident embedding."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DeviceError(RuntimeError):
+    """The requested device does not exist on this machine."""
+
+
+def available_devices() -> list[str]:
+    """Device types usable here, best first: xpu, cuda, cpu."""
+    found = []
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        found.append("xpu")
+    if torch.cuda.is_available():
+        found.append("cuda")
+    return found + ["cpu"]
+
+
+def best_device() -> str:
+    """The device "auto" means: xpu, then cuda, then cpu."""
+    return available_devices()[0]
+
+
+def check_device(device: "str | torch.device") -> torch.device:
+    """Parse a device and raise DeviceError (what is missing, what exists) if it is not present."""
+    dev = torch.device(best_device() if str(device) == "auto" else device)
+    if dev.type in ("cpu", "meta"):
+        return dev
+    if dev.type not in ("cuda", "xpu"):
+        raise DeviceError(f"device {str(device)!r} is not supported; use one of {available_devices()} or 'auto'")
+    backend = getattr(torch, dev.type)
+    if not backend.is_available():
+        raise DeviceError(f"device {str(device)!r} is not available on this machine (found: "
+                          f"{', '.join(available_devices())}); install a PyTorch build with {dev.type} support or "
+                          f"use device='cpu'")
+    if dev.index is not None and dev.index >= backend.device_count():
+        raise DeviceError(f"device {str(device)!r} does not exist: this machine has {backend.device_count()} "
+                          f"{dev.type} device(s)")
+    return dev
+
+
+def _device_in_args(args: tuple, kwargs: dict) -> "torch.device | None":
+    candidates = [kwargs.get("device")] + [a for a in args if isinstance(a, (str, torch.device))]
+    for candidate in candidates:
+        if candidate is not None:
+            return check_device(candidate)
+    return None
+
+
+def move_model(model: nn.Module, *args, **kwargs) -> nn.Module:
+    """model.to(...) that first checks the target device exists (bound onto low-bit model instances)."""
+    device = _device_in_args(args, kwargs)
+    if device is not None:
+        args = tuple(device if isinstance(a, (str, torch.device)) else a for a in args)
+        if "device" in kwargs:
+            kwargs["device"] = device
+    return type(model).to(model, *args, **kwargs)
+
+
+class CPUEmbedding(nn.Embedding):
+    """An embedding whose weight and lookup stay on the CPU; outputs go to the device the model was moved to."""
+
+    output_device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> "CPUEmbedding":
+        """Wrap an existing embedding, giving it its own CPU copy of the weight (tied heads keep theirs)."""
+        new = cls(embedding.num_embeddings, embedding.embedding_dim, padding_idx=embedding.padding_idx,
+                  device="meta")
+        new.weight = nn.Parameter(embedding.weight.detach().to("cpu").clone(), requires_grad=False)
+        return new
+
+    def _apply(self, fn, recurse: bool = True):
+        # keep the weight where it is; only remember where outputs should go, and follow dtype casts
+        probe = fn(torch.empty(0, device=self.weight.device, dtype=self.weight.dtype))
+        self.output_device = probe.device
+        if probe.dtype != self.weight.dtype and probe.is_floating_point():
+            self.weight = nn.Parameter(self.weight.detach().to(probe.dtype), requires_grad=False)
+        return self
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Look up on the CPU, return on the model's device."""
+        out = F.embedding(input_ids.to("cpu"), self.weight, self.padding_idx)
+        return out.to(self.output_device)

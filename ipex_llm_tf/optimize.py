@@ -1,0 +1,159 @@
+"""The one-line PyTorch API: optimize_model(model), low_memory_init(), load_low_bit(model, dir), save_low_bit."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import types
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from . import __version__
+from .convert import ConversionReport, convert, resolve_modules_to_not_convert
+from .devices import check_device, CPUEmbedding, move_model
+from .formats import get_format
+from .loading import SkeletonFiller, parameters_on_meta
+from .low_bit_linear import LowBitLinear
+from .serialization import (CONFIG_FIELD, FORMAT_VERSION, CheckpointError, check_quantization_field,
+                            count_tensors, iter_tensors, quantization_field, safetensors_files, write_checkpoint)
+
+logger = logging.getLogger("ipex_llm_tf")
+
+
+@contextlib.contextmanager
+def low_memory_init() -> Iterator[None]:
+    """Build models with every parameter on the meta device (no memory), to be filled by load_low_bit()."""
+    with parameters_on_meta():
+        yield
+
+
+def _layer_formats(model: nn.Module, default: str) -> dict[str, str]:
+    return {name: m.low_bit for name, m in model.named_modules()
+            if isinstance(m, LowBitLinear) and m.low_bit != default}
+
+
+def _record(model: nn.Module, low_bit: str, modules_to_not_convert: list[str], cpu_embedding: bool) -> dict:
+    used = {m.low_bit for m in model.modules() if isinstance(m, LowBitLinear)} | {low_bit}
+    field = {"quant_method": "ipex_llm_tf", "format_version": FORMAT_VERSION, "low_bit": low_bit,
+             "layer_formats": _layer_formats(model, low_bit), "modules_to_not_convert": modules_to_not_convert,
+             "cpu_embedding": cpu_embedding, "formats": {n: get_format(n).version for n in sorted(used)},
+             "package_version": __version__}
+    if getattr(model, "config", None) is not None:
+        setattr(model.config, CONFIG_FIELD, field)
+    return field
+
+
+def attach_low_bit_methods(model: nn.Module) -> nn.Module:
+    """Give this model instance save_low_bit / push_to_hub (low-bit) and a .to() that checks the device exists."""
+    model.save_low_bit = types.MethodType(save_low_bit, model)
+    from .hub import push_low_bit_to_hub
+    model.push_to_hub = types.MethodType(push_low_bit_to_hub, model)
+    model.to = types.MethodType(move_model, model)
+    return model
+
+
+def _apply_cpu_embedding(model: nn.Module) -> None:
+    get, set_ = getattr(model, "get_input_embeddings", None), getattr(model, "set_input_embeddings", None)
+    if not (callable(get) and callable(set_)):
+        raise TypeError(f"cpu_embedding=True needs a model with get/set_input_embeddings; {type(model).__name__} "
+                        f"has none")
+    embedding = get()
+    if isinstance(embedding, nn.Embedding) and not isinstance(embedding, CPUEmbedding):
+        set_(CPUEmbedding.from_embedding(embedding))
+
+
+def finalize(model: nn.Module, low_bit: str, modules_to_not_convert: list[str], cpu_embedding: bool,
+             optimize_model: bool = True) -> nn.Module:
+    """Common tail of every low-bit entry point: cpu embedding, fused forwards, metadata, instance methods."""
+    if cpu_embedding:
+        _apply_cpu_embedding(model)
+    if optimize_model:
+        from .models import optimize_architecture
+        optimize_architecture(model)
+    _record(model, low_bit, modules_to_not_convert, cpu_embedding)
+    model.eval()
+    return attach_low_bit_methods(model)
+
+
+def optimize_model(model: nn.Module, low_bit: str = "sym_int4", optimize_llm: bool = True,
+                   modules_to_not_convert: "list[str] | None" = None, cpu_embedding: bool = False,
+                   device: "str | torch.device | None" = None) -> nn.Module:
+    """Quantize a loaded PyTorch / transformers model in place to `low_bit` and apply fused forwards."""
+    get_format(low_bit)
+    keep = resolve_modules_to_not_convert(modules_to_not_convert)
+    if device is not None:
+        check_device(device)
+    report: ConversionReport = convert(model, low_bit, keep)
+    logger.info("%s", report)
+    model = finalize(model, get_format(low_bit).name, keep, cpu_embedding, optimize_llm)
+    return model.to(device) if device is not None else model
+
+
+def save_low_bit(model: nn.Module, save_directory: "str | Path", tokenizer=None,
+                 max_shard_size: "int | str" = "5GB") -> Path:
+    """Save a low-bit model as safetensors + config.json (+ generation config, tokenizer), atomically."""
+    field = quantization_field(getattr(model, "config", None) or {})
+    if field is None:
+        raise CheckpointError("save_low_bit needs a model made by ipex_llm_tf (from_pretrained(load_in_low_bit=...)"
+                              " or optimize_model()); this one has no low-bit layers recorded")
+    field = _record(model, field["low_bit"], field["modules_to_not_convert"], field["cpu_embedding"])
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    state = {k: v for k, v in model.state_dict().items() if k not in tied}
+    config_dict = model.config.to_dict()
+    config_dict[CONFIG_FIELD] = field
+
+    def extra(tmp: Path) -> None:
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return write_checkpoint(save_directory, state, config_dict, extra, max_shard_size)
+
+
+def read_field(directory: Path) -> dict:
+    """The low-bit field of a saved directory's config.json; CheckpointError for a normal checkpoint."""
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory} has no config.json; it is not a saved model directory")
+    field = quantization_field(json.loads(config_path.read_text()))
+    if field is None:
+        raise CheckpointError(f"{directory} is a normal (not low-bit) checkpoint: load it with "
+                              f"AutoModelForCausalLM.from_pretrained(path, load_in_low_bit=...) instead of "
+                              f"load_low_bit")
+    check_quantization_field(field, str(directory))
+    return field
+
+
+def fill_low_bit(model: nn.Module, directory: Path, field: dict, dtype: "torch.dtype | None" = None) -> nn.Module:
+    """Convert a meta skeleton as the field says and stream the saved packed tensors into it."""
+    keep = list(field.get("modules_to_not_convert", []))
+    convert(model, field["low_bit"], keep)
+    for name, low_bit in field.get("layer_formats", {}).items():
+        layer = model.get_submodule(name)
+        parent_name, _, child = name.rpartition(".")
+        model.get_submodule(parent_name).register_module(child, LowBitLinear(
+            layer.in_features, layer.out_features, low_bit, bias=layer.bias is not None, device="meta", name=name))
+    files = safetensors_files(directory)
+    filler = SkeletonFiller(model, dtype, str(directory))
+    filler.feed_all(iter_tensors(files), count_tensors(files), desc=f"Loading {field['low_bit']}")
+    filler.finish()
+    return model
+
+
+def load_low_bit(model: nn.Module, model_path: "str | Path") -> nn.Module:
+    """Fill a model built under low_memory_init() (or a normal one) with a saved low-bit checkpoint."""
+    from .hub import resolve_checkpoint_dir
+    directory = resolve_checkpoint_dir(model_path)
+    field = read_field(directory)
+    for module in model.modules():  # a normally built model: drop its full-precision weights first
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.device.type != "meta":
+                module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+    fill_low_bit(model, directory, field)
+    return finalize(model, field["low_bit"], field.get("modules_to_not_convert", []), field.get("cpu_embedding",
+                                                                                                 False))
