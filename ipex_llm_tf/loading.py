@@ -127,7 +127,7 @@ class SkeletonFiller:
         tie = getattr(self.model, "tie_weights", None)
         if callable(tie):
             tie()
-        missing = [f"{path}.{name}" for path, module in self.modules.items()
+        missing = [f"{path}.{name}" for path, module in self.model.named_modules()
                    for name, t in list(module._parameters.items()) + list(module._buffers.items())
                    if t is not None and t.device.type == "meta"]
         if missing:

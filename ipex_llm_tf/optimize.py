@@ -30,15 +30,54 @@ def low_memory_init() -> Iterator[None]:
         yield
 
 
-def _layer_formats(model: nn.Module, default: str) -> dict[str, str]:
-    return {name: m.low_bit for name, m in model.named_modules()
-            if isinstance(m, LowBitLinear) and m.low_bit != default}
+def _canonical_linears(model: nn.Module) -> Iterator[tuple[str, LowBitLinear]]:
+    """(transformers name, layer) for every LowBitLinear, seeing through merged projections (qkv, gate/up)."""
+    for name, module in model.named_modules():
+        split_names = getattr(module, "split_names", None)
+        if split_names and isinstance(module, LowBitLinear):
+            parent = name.rpartition(".")[0]
+            for part_name in split_names:
+                yield (f"{parent}.{part_name}" if parent else part_name), module
+        elif isinstance(module, LowBitLinear) and not name.endswith(tuple(f"projections.{i}" for i in range(8))):
+            yield name, module
+        elif split_names:  # a ConcatProjections: its children carry the original names
+            parent = name.rpartition(".")[0]
+            for part_name, layer in zip(split_names, module.projections):
+                if isinstance(layer, LowBitLinear):
+                    yield (f"{parent}.{part_name}" if parent else part_name), layer
 
 
-def _record(model: nn.Module, low_bit: str, modules_to_not_convert: list[str], cpu_embedding: bool) -> dict:
-    used = {m.low_bit for m in model.modules() if isinstance(m, LowBitLinear)} | {low_bit}
+def canonical_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict under transformers' own names: merged projections are split back row-wise (lossless)."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        split_names = getattr(module, "split_names", None)
+        if not split_names:
+            continue
+        parent = name.rpartition(".")[0]
+        prefix = f"{parent}." if parent else ""
+        for key in [k for k in state if k.startswith(name + ".")]:
+            tensor, attr = state.pop(key), key[len(name) + 1:]
+            if attr.startswith("projections."):
+                index, _, rest = attr[len("projections."):].partition(".")
+                state[f"{prefix}{split_names[int(index)]}.{rest}"] = tensor
+                continue
+            for part_name, piece, has_bias in zip(split_names, tensor.split(list(module.split_sizes)),
+                                                  module.split_has_bias):
+                if attr != "bias" or has_bias:
+                    state[f"{prefix}{part_name}.{attr}"] = piece
+    return state
+
+
+def _record(model: nn.Module, low_bit: "str | None", modules_to_not_convert: list[str], cpu_embedding: bool) -> dict:
+    names = [(name, layer.low_bit) for name, layer in _canonical_linears(model)]
+    counts: dict[str, int] = {}
+    for _, fmt in names:
+        counts[fmt] = counts.get(fmt, 0) + 1
+    low_bit = low_bit or (max(counts, key=counts.get) if counts else "sym_int4")
+    used = set(counts) | {low_bit}
     field = {"quant_method": "ipex_llm_tf", "format_version": FORMAT_VERSION, "low_bit": low_bit,
-             "layer_formats": _layer_formats(model, low_bit), "modules_to_not_convert": modules_to_not_convert,
+             "layer_formats": {n: f for n, f in names if f != low_bit}, "modules_to_not_convert": modules_to_not_convert,
              "cpu_embedding": cpu_embedding, "formats": {n: get_format(n).version for n in sorted(used)},
              "package_version": __version__}
     if getattr(model, "config", None) is not None:
@@ -65,7 +104,7 @@ def _apply_cpu_embedding(model: nn.Module) -> None:
         set_(CPUEmbedding.from_embedding(embedding))
 
 
-def finalize(model: nn.Module, low_bit: str, modules_to_not_convert: list[str], cpu_embedding: bool,
+def finalize(model: nn.Module, low_bit: "str | None", modules_to_not_convert: list[str], cpu_embedding: bool,
              optimize_model: bool = True) -> nn.Module:
     """Common tail of every low-bit entry point: cpu embedding, fused forwards, metadata, instance methods."""
     if cpu_embedding:
@@ -101,7 +140,7 @@ def save_low_bit(model: nn.Module, save_directory: "str | Path", tokenizer=None,
                               " or optimize_model()); this one has no low-bit layers recorded")
     field = _record(model, field["low_bit"], field["modules_to_not_convert"], field["cpu_embedding"])
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    state = {k: v for k, v in model.state_dict().items() if k not in tied}
+    state = {k: v for k, v in canonical_state_dict(model).items() if k not in tied}
     config_dict = model.config.to_dict()
     config_dict[CONFIG_FIELD] = field
 

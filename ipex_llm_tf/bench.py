@@ -1,0 +1,98 @@
+"""What `ipex-llm-tf bench` and `ipex-llm-tf info` report: latency per format, devices, backends, versions."""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.metadata
+import json
+import platform
+import resource
+import time
+
+import torch
+
+
+def peak_memory_mib(device: "torch.device | str" = "cpu") -> float:
+    """Peak memory so far: the accelerator's allocator peak, or the process's peak RSS on CPU."""
+    device = torch.device(device)
+    if device.type in ("cuda", "xpu"):
+        return getattr(torch, device.type).max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synchronize(device: "torch.device | str") -> None:
+    """Wait for queued work on an accelerator (a no-op on CPU)."""
+    device = torch.device(device)
+    if device.type in ("cuda", "xpu"):
+        getattr(torch, device.type).synchronize(device)
+
+
+def time_generate(model, ids: torch.Tensor, new_tokens: int) -> float:
+    """Seconds for a greedy generate of exactly new_tokens tokens."""
+    synchronize(model.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    synchronize(model.device)
+    return time.perf_counter() - start
+
+
+def bench_formats(args: argparse.Namespace) -> int:
+    """Table of warm-up, first-token and next-token latency for each requested format; CSV + JSON files."""
+    from .cli import load_model
+    rows = []
+    for low_bit in args.low_bits:
+        model, _ = load_model(args.model, low_bit, args.device, args.quiet)
+        ids = torch.randint(100, 1000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(model.device)
+        warmup = time_generate(model, ids, 2)
+        first = min(time_generate(model, ids, 1) for _ in range(3))
+        full = min(time_generate(model, ids, args.new_tokens) for _ in range(2))
+        next_ms = (full - first) / max(args.new_tokens - 1, 1) * 1e3
+        rows.append({"low_bit": model.config.ipex_llm_tf["low_bit"], "device": str(model.device),
+                     "warmup_ms": round(warmup * 1e3, 1), "first_token_ms": round(first * 1e3, 1),
+                     "next_token_ms": round(next_ms, 2), "tokens_per_s": round(1e3 / next_ms, 1),
+                     "peak_memory_mib": round(peak_memory_mib(model.device), 1)})
+        del model
+    columns = list(rows[0])
+    print(" | ".join(columns))
+    for row in rows:
+        print(" | ".join(str(row[c]) for c in columns))
+    with open(args.csv, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(args.json, "w") as handle:
+        json.dump({"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows}, handle,
+                  indent=1)
+    print(f"wrote {args.csv} and {args.json} (warm-up is the first, untimed-in-the-others run: compile and cache "
+          f"fill happen there)")
+    return 0
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment_report() -> str:
+    """Devices and backends found, which backend each device uses and why, and package versions."""
+    from .devices import available_devices
+    from .kernels import backend_for, requested_backend, triton_available
+    lines = [f"devices: {', '.join(available_devices())} (auto picks {available_devices()[0]})"]
+    for dev in available_devices():
+        backend = backend_for(torch.device(dev))
+        why = {"cpu": "PyTorch's packed int4 kernel for ggml formats, dequantize + BLAS for the rest",
+               "triton": "Triton kernels (one source for CUDA and XPU)",
+               "torch": "pure-PyTorch reference (Triton missing or IPEX_LLM_TF_BACKEND=torch)"}[backend]
+        lines.append(f"  {dev}: backend {backend}: {why}")
+    lines.append(f"IPEX_LLM_TF_BACKEND={requested_backend()}")
+    lines.append(f"triton: {'available' if triton_available() else 'not installed'}")
+    lines.append(f"intel-extension-for-pytorch: {_version('intel-extension-for-pytorch')} (optional, never required)")
+    for package in ("ipex-llm-tf", "torch", "transformers", "safetensors", "gguf", "huggingface_hub"):
+        lines.append(f"{package}: {_version(package)}")
+    lines.append(f"python: {platform.python_version()} on {platform.platform()}")
+    return "\n".join(lines)
