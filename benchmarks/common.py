@@ -54,3 +54,17 @@ def write_json(name: str, payload: dict[str, object], path: "str | None" = None)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
     return out
+
+
+def make_smollm2(directory: Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write SmolLM2-135M (the embedded GGUF, dequantized) as a transformers safetensors directory + tokenizer."""
+    import transformers
+    from ipex_llm_tf.gguf_import import read_gguf
+    checkpoint = read_gguf()
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(checkpoint.config)
+    state = {t.hf_name: t.dequantize(torch.float32).to(dtype) for t in checkpoint.tensors}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.save_pretrained(directory)
+    checkpoint.load_tokenizer().save_pretrained(directory)

@@ -30,43 +30,24 @@ def low_memory_init() -> Iterator[None]:
         yield
 
 
-def _canonical_linears(model: nn.Module) -> Iterator[tuple[str, LowBitLinear]]:
-    """(transformers name, layer) for every LowBitLinear, seeing through merged projections (qkv, gate/up)."""
-    for name, module in model.named_modules():
-        split_names = getattr(module, "split_names", None)
-        if split_names and isinstance(module, LowBitLinear):
-            parent = name.rpartition(".")[0]
-            for part_name in split_names:
-                yield (f"{parent}.{part_name}" if parent else part_name), module
-        elif isinstance(module, LowBitLinear) and not name.endswith(tuple(f"projections.{i}" for i in range(8))):
-            yield name, module
-        elif split_names:  # a ConcatProjections: its children carry the original names
-            parent = name.rpartition(".")[0]
-            for part_name, layer in zip(split_names, module.projections):
-                if isinstance(layer, LowBitLinear):
-                    yield (f"{parent}.{part_name}" if parent else part_name), layer
+def _canonical_linears(model: nn.Module) -> list[tuple[str, LowBitLinear]]:
+    """(transformers name, layer) for every LowBitLinear, seeing through merged projections (qkv, gate/up).
 
-
-def canonical_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict under transformers' own names: merged projections are split back row-wise (lossless)."""
-    state = model.state_dict()
+    Patched modules that merge projections expose `_separate_names` / `_merged_name` (models/common.py) and already
+    save under the separate names; this gives the same names for the per-layer format record.
+    """
+    found, merged_ids = [], set()
     for name, module in model.named_modules():
-        split_names = getattr(module, "split_names", None)
-        if not split_names:
+        separate = getattr(module, "_separate_names", None)
+        if not separate:
             continue
-        parent = name.rpartition(".")[0]
-        prefix = f"{parent}." if parent else ""
-        for key in [k for k in state if k.startswith(name + ".")]:
-            tensor, attr = state.pop(key), key[len(name) + 1:]
-            if attr.startswith("projections."):
-                index, _, rest = attr[len("projections."):].partition(".")
-                state[f"{prefix}{split_names[int(index)]}.{rest}"] = tensor
-                continue
-            for part_name, piece, has_bias in zip(split_names, tensor.split(list(module.split_sizes)),
-                                                  module.split_has_bias):
-                if attr != "bias" or has_bias:
-                    state[f"{prefix}{part_name}.{attr}"] = piece
-    return state
+        merged = getattr(module, module._merged_name)
+        layers = list(merged.projections) if hasattr(merged, "projections") else [merged] * len(separate)
+        merged_ids.update(id(m) for m in merged.modules())
+        found += [(f"{name}.{n}" if name else n, layer) for n, layer in zip(separate, layers)
+                  if isinstance(layer, LowBitLinear)]
+    found += [(name, m) for name, m in model.named_modules() if isinstance(m, LowBitLinear) and id(m) not in merged_ids]
+    return found
 
 
 def _record(model: nn.Module, low_bit: "str | None", modules_to_not_convert: list[str], cpu_embedding: bool) -> dict:
@@ -140,7 +121,7 @@ def save_low_bit(model: nn.Module, save_directory: "str | Path", tokenizer=None,
                               " or optimize_model()); this one has no low-bit layers recorded")
     field = _record(model, field["low_bit"], field["modules_to_not_convert"], field["cpu_embedding"])
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    state = {k: v for k, v in canonical_state_dict(model).items() if k not in tied}
+    state = {k: v for k, v in model.state_dict().items() if k not in tied}
     config_dict = model.config.to_dict()
     config_dict[CONFIG_FIELD] = field
 
