@@ -61,7 +61,8 @@ def make_smollm2(directory: Path, dtype: torch.dtype = torch.bfloat16) -> None:
     import transformers
     from ipex_llm_tf.gguf_import import read_gguf
     checkpoint = read_gguf()
-    with torch.device("meta"):
+    from ipex_llm_tf.optimize import low_memory_init
+    with low_memory_init():
         model = transformers.AutoModelForCausalLM.from_config(checkpoint.config)
     state = {t.hf_name: t.dequantize(torch.float32).to(dtype) for t in checkpoint.tensors}
     model.load_state_dict(state, strict=False, assign=True)
