@@ -16,7 +16,7 @@ from .convert import convert, resolve_modules_to_not_convert
 from .formats import get_format
 from .gguf_import import read_gguf
 from .loading import SkeletonFiller
-from .low_bit_linear import LowBitLinear
+from .low_bit_linear import LowBitEmbedding, LowBitLinear
 from .optimize import finalize
 from .serialization import CheckpointError
 
@@ -32,6 +32,21 @@ def _place_packed(model: nn.Module, module_path: str, low_bit: str, parts: dict)
                              device="meta", name=module_path)
         model.get_submodule(parent).register_module(child, layer)
     layer.load_parts(parts)
+
+
+def _place_packed_embedding(model: nn.Module, embedding: nn.Embedding, low_bit: str, parts: dict,
+                            tied: bool) -> None:
+    # A quantized token table stays quantized: lookups dequantize only the rows they gather, and a tied head
+    # computes with the very same blocks (what llama.cpp does), so the table is stored once, never in float.
+    packed = LowBitEmbedding(embedding.num_embeddings, embedding.embedding_dim, low_bit,
+                             padding_idx=embedding.padding_idx, device="meta")
+    packed.load_parts(parts)
+    model.set_input_embeddings(packed)
+    head = model.get_output_embeddings()
+    if tied and isinstance(head, nn.Linear):
+        shared = LowBitLinear(head.in_features, head.out_features, low_bit, bias=False, device="meta")
+        shared.load_parts(packed.parts)
+        model.set_output_embeddings(shared)
 
 
 def load_gguf_model(auto_cls, gguf_path: "str | Path", low_bit: "str | None" = None,
@@ -55,12 +70,16 @@ def load_gguf_model(auto_cls, gguf_path: "str | Path", low_bit: "str | None" = N
     convert(model, default, keep)
     filler = SkeletonFiller(model, target_dtype, str(path))
     linear_paths = {name for name, m in model.named_modules() if isinstance(m, LowBitLinear)}
+    embedding = model.get_input_embeddings()
+    embedding_path = next(name for name, m in model.named_modules() if m is embedding)
     for tensor in tqdm(checkpoint.tensors, total=len(checkpoint), desc="Loading GGUF", unit="tensor",
                        disable=None, leave=False):
         module_path, _, attr = tensor.hf_name.rpartition(".")
         if (attr == "weight" and module_path in linear_paths and tensor.parts is not None
                 and low_bit in (None, tensor.low_bit)):
             _place_packed(model, module_path, tensor.low_bit, tensor.parts)
+        elif module_path == embedding_path and tensor.parts is not None and low_bit in (None, tensor.low_bit):
+            _place_packed_embedding(model, embedding, tensor.low_bit, tensor.parts, checkpoint.tied_embeddings)
         else:
             filler.feed(tensor.hf_name, tensor.dequantize(torch.float32))
     try:

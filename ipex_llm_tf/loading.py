@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .low_bit_linear import LowBitLinear
+from .low_bit_linear import LowBitEmbedding, LowBitLinear, PackedWeight
 from .serialization import CheckpointError
 
 logger = logging.getLogger("ipex_llm_tf")
@@ -35,6 +35,22 @@ def parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = original
+
+
+def tie_embeddings(model: nn.Module) -> None:
+    """Tie the output head to the input embedding as the config asks, packed modules included."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    embedding = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    if isinstance(embedding, PackedWeight) or isinstance(head, PackedWeight):
+        tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+        if (tied and isinstance(embedding, LowBitEmbedding) and isinstance(head, LowBitLinear)
+                and head.low_bit == embedding.low_bit):
+            head.load_parts(embedding.parts)  # one set of buffers serves lookup and head
+        return
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
 
 
 class SkeletonFiller:
@@ -124,9 +140,7 @@ class SkeletonFiller:
         if self.pending:
             raise CheckpointError(f"{self.source}: incomplete packed tensors for {sorted(self.pending)[:5]}; the "
                                   f"checkpoint is truncated or was saved with a different format")
-        tie = getattr(self.model, "tie_weights", None)
-        if callable(tie):
-            tie()
+        tie_embeddings(self.model)
         missing = [f"{path}.{name}" for path, module in self.model.named_modules()
                    for name, t in list(module._parameters.items()) + list(module._buffers.items())
                    if t is not None and t.device.type == "meta"]

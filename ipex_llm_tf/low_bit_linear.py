@@ -1,4 +1,4 @@
-"""LowBitLinear: a drop-in nn.Linear whose weight lives as a low-bit format's packed tensors (plain buffers)."""
+"""LowBitLinear and LowBitEmbedding: modules whose weight lives as a low-bit format's packed tensors (plain buffers)."""
 from __future__ import annotations
 
 import torch
@@ -8,25 +8,19 @@ from .formats import LowBitFormat, Parts, get_format
 from .kernels import PackedCache, low_bit_linear
 
 
-class LowBitLinear(nn.Module):
-    """A Linear layer storing its weight in a low-bit format; forward dispatches by device (see kernels)."""
+class PackedWeight(nn.Module):
+    """Holds one [rows, cols] weight as a format's packed buffers; .to(dtype) never re-casts them."""
 
-    def __init__(self, in_features: int, out_features: int, low_bit: "str | LowBitFormat", bias: bool = True,
-                 device: "torch.device | str | None" = None, dtype: torch.dtype | None = None,
-                 name: str = "") -> None:
+    def __init__(self, rows: int, cols: int, low_bit: "str | LowBitFormat", device: "torch.device | str | None",
+                 name: str) -> None:
         super().__init__()
         fmt = get_format(low_bit)
-        fmt.check_shape(out_features, in_features, where=name or "LowBitLinear")
-        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
-        self._part_names = tuple(fmt.part_specs(out_features, in_features))
-        for part_name, tensor in fmt.empty_parts(out_features, in_features, device or "cpu").items():
+        fmt.check_shape(rows, cols, where=name or type(self).__name__)
+        self.fmt = fmt
+        self._part_names = tuple(fmt.part_specs(rows, cols))
+        self._rows, self._cols = rows, cols
+        for part_name, tensor in fmt.empty_parts(rows, cols, device or "cpu").items():
             self.register_buffer(part_name, tensor)
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32),
-                                     requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
-        self._packed_cache = PackedCache()
 
     @property
     def low_bit(self) -> str:
@@ -37,6 +31,48 @@ class LowBitLinear(nn.Module):
     def parts(self) -> Parts:
         """The packed tensors, by the names the format defines."""
         return {name: self._buffers[name] for name in self._part_names}
+
+    def load_parts(self, parts: Parts) -> None:
+        """Adopt already-quantized tensors (from a checkpoint, a GGUF file, another layer) as this module's buffers."""
+        expected = self.fmt.part_specs(self._rows, self._cols)
+        if set(parts) != set(expected):
+            raise ValueError(f"{self.fmt.name} expects tensors {sorted(expected)}, got {sorted(parts)}")
+        for part_name, (shape, dtype) in expected.items():
+            tensor = parts[part_name]
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"{self.fmt.name} tensor {part_name!r} should be {tuple(shape)} {dtype}, "
+                                 f"got {tuple(tensor.shape)} {tensor.dtype}")
+            self._buffers[part_name] = tensor
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(dtype) / .half() must move packed tensors but never re-cast them: their dtype is the format
+        packed = {name: self._buffers[name] for name in self._part_names}
+        super()._apply(fn, recurse)
+        for name, before in packed.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The [rows, cols] weight this module computes with, in `dtype`."""
+        return self.fmt.dequantize(self.parts, dtype=dtype)
+
+
+class LowBitLinear(PackedWeight):
+    """A Linear layer storing its weight in a low-bit format; forward dispatches by device (see kernels)."""
+
+    def __init__(self, in_features: int, out_features: int, low_bit: "str | LowBitFormat", bias: bool = True,
+                 device: "torch.device | str | None" = None, dtype: torch.dtype | None = None,
+                 name: str = "") -> None:
+        super().__init__(out_features, in_features, low_bit, device, name)
+        self.in_features, self.out_features = in_features, out_features
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32),
+                                     requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._packed_cache = PackedCache()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, low_bit: "str | LowBitFormat", name: str = "") -> "LowBitLinear":
@@ -50,32 +86,10 @@ class LowBitLinear(nn.Module):
         return layer
 
     def load_parts(self, parts: Parts, bias: torch.Tensor | None = None) -> None:
-        """Adopt already-quantized tensors (e.g. straight from a checkpoint or a GGUF file) as this layer's buffers."""
-        expected = self.fmt.part_specs(self.out_features, self.in_features)
-        if set(parts) != set(expected):
-            raise ValueError(f"{self.fmt.name} expects tensors {sorted(expected)}, got {sorted(parts)}")
-        for part_name, (shape, dtype) in expected.items():
-            tensor = parts[part_name]
-            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                raise ValueError(f"{self.fmt.name} tensor {part_name!r} should be {tuple(shape)} {dtype}, "
-                                 f"got {tuple(tensor.shape)} {tensor.dtype}")
-            self._buffers[part_name] = tensor
+        """Adopt packed tensors (and optionally a bias) as this layer's weight."""
+        super().load_parts(parts)
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    def _apply(self, fn, recurse: bool = True):
-        # model.to(dtype) / .half() must move packed tensors but never re-cast them: their dtype is the format
-        packed = {name: self._buffers[name] for name in self._part_names}
-        super()._apply(fn, recurse)
-        for name, before in packed.items():
-            after = self._buffers[name]
-            if after.dtype != before.dtype:
-                self._buffers[name] = before.to(after.device)
-        return self
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The [out, in] weight this layer computes with, in `dtype`."""
-        return self.fmt.dequantize(self.parts, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype."""
@@ -86,3 +100,31 @@ class LowBitLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, low_bit={self.fmt.name}, "
                 f"bias={self.bias is not None}")
+
+
+class LowBitEmbedding(PackedWeight):
+    """An embedding table kept in a row-wise low-bit format: a lookup gathers packed rows and dequantizes only them.
+
+    It can share its buffers with a tied LowBitLinear head, so a GGUF's Q8_0 token table serves both, stored once.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, low_bit: "str | LowBitFormat",
+                 padding_idx: int | None = None, device: "torch.device | str | None" = None, name: str = "") -> None:
+        super().__init__(num_embeddings, embedding_dim, low_bit, device, name)
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.output_dtype = torch.float32
+
+    def _apply(self, fn, recurse: bool = True):
+        probe = fn(torch.empty(0, dtype=self.output_dtype))
+        if probe.is_floating_point():
+            self.output_dtype = probe.dtype  # follow model.to(dtype) for what the lookup returns
+        return super()._apply(fn, recurse)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[...] token ids -> [..., embedding_dim] vectors in the model's dtype."""
+        flat = input_ids.reshape(-1).to(self._buffers[self._part_names[0]].device)
+        rows = {name: part.index_select(0, flat) for name, part in self.parts.items()}
+        return self.fmt.dequantize(rows, dtype=self.output_dtype).view(*input_ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, low_bit={self.fmt.name}"

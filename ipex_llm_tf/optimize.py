@@ -16,7 +16,7 @@ from .convert import ConversionReport, convert, resolve_modules_to_not_convert
 from .devices import check_device, CPUEmbedding, move_model
 from .formats import get_format
 from .loading import SkeletonFiller, parameters_on_meta
-from .low_bit_linear import LowBitLinear
+from .low_bit_linear import LowBitEmbedding, LowBitLinear
 from .serialization import (CONFIG_FIELD, FORMAT_VERSION, CheckpointError, check_quantization_field,
                             count_tensors, iter_tensors, quantization_field, safetensors_files, write_checkpoint)
 
@@ -50,16 +50,22 @@ def _canonical_linears(model: nn.Module) -> list[tuple[str, LowBitLinear]]:
     return found
 
 
+def _embedding_format(model: nn.Module) -> "str | None":
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    return embedding.low_bit if isinstance(embedding, LowBitEmbedding) else None
+
+
 def _record(model: nn.Module, low_bit: "str | None", modules_to_not_convert: list[str], cpu_embedding: bool) -> dict:
     names = [(name, layer.low_bit) for name, layer in _canonical_linears(model)]
     counts: dict[str, int] = {}
     for _, fmt in names:
         counts[fmt] = counts.get(fmt, 0) + 1
     low_bit = low_bit or (max(counts, key=counts.get) if counts else "sym_int4")
-    used = set(counts) | {low_bit}
+    used = set(counts) | {low_bit} | ({_embedding_format(model)} - {None})
     field = {"quant_method": "ipex_llm_tf", "format_version": FORMAT_VERSION, "low_bit": low_bit,
              "layer_formats": {n: f for n, f in names if f != low_bit}, "modules_to_not_convert": modules_to_not_convert,
-             "cpu_embedding": cpu_embedding, "formats": {n: get_format(n).version for n in sorted(used)},
+             "cpu_embedding": cpu_embedding, "embedding_format": _embedding_format(model), "formats": {n: get_format(n).version for n in sorted(used)},
              "package_version": __version__}
     if getattr(model, "config", None) is not None:
         setattr(model.config, CONFIG_FIELD, field)
@@ -121,7 +127,13 @@ def save_low_bit(model: nn.Module, save_directory: "str | Path", tokenizer=None,
                               " or optimize_model()); this one has no low-bit layers recorded")
     field = _record(model, field["low_bit"], field["modules_to_not_convert"], field["cpu_embedding"])
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    state = {k: v for k, v in model.state_dict().items() if k not in tied}
+    state, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        storage = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if key in tied or (tensor.numel() and storage in seen):
+            continue  # a tied head's tensors: load re-ties them (loading.tie_embeddings)
+        seen.add(storage)
+        state[key] = tensor
     config_dict = model.config.to_dict()
     config_dict[CONFIG_FIELD] = field
 
@@ -158,6 +170,10 @@ def fill_low_bit(model: nn.Module, directory: Path, field: dict, dtype: "torch.d
         parent_name, _, child = name.rpartition(".")
         model.get_submodule(parent_name).register_module(child, LowBitLinear(
             layer.in_features, layer.out_features, low_bit, bias=layer.bias is not None, device="meta", name=name))
+    if field.get("embedding_format"):
+        old = model.get_input_embeddings()
+        model.set_input_embeddings(LowBitEmbedding(old.num_embeddings, old.embedding_dim, field["embedding_format"],
+                                                   padding_idx=old.padding_idx, device="meta"))
     files = safetensors_files(directory)
     filler = SkeletonFiller(model, dtype, str(directory))
     filler.feed_all(iter_tensors(files), count_tensors(files), desc=f"Loading {field['low_bit']}")

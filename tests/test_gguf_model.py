@@ -38,7 +38,9 @@ def reference() -> transformers.PreTrainedModel:
 def test_native_blocks_kept(ours) -> None:
     model, _ = ours
     field = model.config.ipex_llm_tf
-    assert field["low_bit"] == "asym_int4" and field["layer_formats"] == {}
+    assert field["low_bit"] == "asym_int4" and field["layer_formats"] == {"lm_head": "sym_int8"}
+    # the Q8_0 token table stays packed and the tied head computes with the very same buffers
+    assert field["embedding_format"] == "sym_int8" and model.lm_head.qweight is model.model.embed_tokens.qweight
 
 
 def test_greedy_tokens_equal_transformers(ours, reference, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import relative_error
-from ipex_llm_tf import FormatError, LowBitLinear, list_formats
+from ipex_llm_tf import FormatError, LowBitLinear, get_format, list_formats
 from ipex_llm_tf.kernels import backend_for
 
 ALL_FORMATS = list_formats()
@@ -140,3 +140,17 @@ def test_bad_inputs_name_the_module() -> None:
     layer = LowBitLinear.from_linear(make_linear(), "sym_int4")
     with pytest.raises(ValueError, match="last dim 256"):
         layer(torch.randn(2, 255))
+
+
+@pytest.mark.parametrize("fmt", ["sym_int8", "asym_int4", "nf4", "fp8_e4m3", "bf16"])
+def test_low_bit_embedding_lookup_equals_dequantized_table(fmt: str) -> None:
+    from ipex_llm_tf.low_bit_linear import LowBitEmbedding
+    table = torch.randn(50, 64)
+    embedding = LowBitEmbedding(50, 64, fmt)
+    embedding.load_parts(get_format(fmt).quantize(table))
+    ids = torch.tensor([[0, 7, 49], [3, 3, 1]])
+    assert torch.equal(embedding(ids), F.embedding(ids, embedding.dequantized_weight()))
+    embedding.to(torch.bfloat16)
+    assert embedding(ids).dtype == torch.bfloat16 and embedding.parts == embedding.parts
+    with pytest.raises(ValueError, match="expects tensors"):
+        embedding.load_parts({"weight": table})
