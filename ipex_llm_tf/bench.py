@@ -8,6 +8,7 @@ import json
 import platform
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -40,7 +41,10 @@ def time_generate(model, ids: torch.Tensor, new_tokens: int) -> float:
 
 def bench_formats(args: argparse.Namespace) -> int:
     """Table of warm-up, first-token and next-token latency for each requested format; CSV + JSON files."""
-    from .cli import load_model
+    from .cli import UserError, load_model
+    for path in (args.csv, args.json):  # fail before minutes of benchmarking, not after
+        if not Path(path).resolve().parent.is_dir():
+            raise UserError(f"cannot write {path}: folder {Path(path).resolve().parent} does not exist")
     rows = []
     for low_bit in args.low_bits:
         model, _ = load_model(args.model, low_bit, args.device, args.quiet)
@@ -49,10 +53,12 @@ def bench_formats(args: argparse.Namespace) -> int:
         warmup = time_generate(model, ids, 2)
         first = min(time_generate(model, ids, 1) for _ in range(3))
         full = min(time_generate(model, ids, args.new_tokens) for _ in range(2))
-        next_ms = (full - first) / max(args.new_tokens - 1, 1) * 1e3
+        # one new token has no next-token latency, and timing noise can make a short run's difference <= 0
+        next_ms = (full - first) / (args.new_tokens - 1) * 1e3 if args.new_tokens > 1 else 0.0
         rows.append({"low_bit": model.config.ipex_llm_tf["low_bit"], "device": str(model.device),
                      "warmup_ms": round(warmup * 1e3, 1), "first_token_ms": round(first * 1e3, 1),
-                     "next_token_ms": round(next_ms, 2), "tokens_per_s": round(1e3 / next_ms, 1),
+                     "next_token_ms": round(next_ms, 2) if next_ms > 0 else None,
+                     "tokens_per_s": round(1e3 / next_ms, 1) if next_ms > 0 else None,
                      "peak_memory_mib": round(peak_memory_mib(model.device), 1)})
         del model
     columns = list(rows[0])

@@ -22,7 +22,37 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from .devices import DeviceError
     from .formats import FormatError
     from .serialization import CheckpointError
-    return (UserError, DeviceError, FormatError, CheckpointError, FileNotFoundError, ValueError)
+    # OSError: unreadable inputs and unwritable outputs (permissions, full disk, a file where a folder goes)
+    return (UserError, DeviceError, FormatError, CheckpointError, OSError, ValueError)
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (transformers' messages span several)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
+def parse_device(device: str) -> "torch.device":
+    """check_device for a CLI value; UserError for names torch cannot parse or that cannot run a model."""
+    from .devices import DeviceError, check_device
+    try:
+        target = check_device(device)
+    except DeviceError:
+        raise
+    except RuntimeError as err:  # torch.device("tpu") raises a bare RuntimeError listing every torch backend
+        raise UserError(f"device {device!r} is not a device name; use auto, cpu, cuda, cuda:N, xpu or xpu:N") from err
+    if target.type not in ("cpu", "cuda", "xpu"):
+        raise UserError(f"device {device!r} cannot run a model; use auto, cpu, cuda or xpu")
+    return target
+
+
+def _load_tokenizer(directory: Path):
+    """The tokenizer saved in a model directory; UserError (one line) when there is none."""
+    import transformers
+    try:
+        return transformers.AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{directory} has no usable tokenizer ({_one_line(err)[:200]}); save the model with "
+                        f"save_low_bit(dir, tokenizer=tokenizer) or copy the tokenizer files into it") from err
 
 
 def _say(args: argparse.Namespace, *text: object) -> None:
@@ -38,13 +68,11 @@ def _cached_conversion(gguf: Path, low_bit: "str | None") -> Path:
 
 def load_model(model: "str | None", low_bit: str, device: str, quiet: bool = False):
     """(model, tokenizer) for a CLI --model value: default SmolLM2, .gguf, HF dir, saved low-bit dir, or repo id."""
-    import transformers
     from . import AutoModelForCausalLM
-    from .devices import check_device
     from .gguf_import import find_default_gguf
     from .hub import resolve_checkpoint_dir
     from .serialization import quantization_field
-    target = check_device(device)
+    target = parse_device(device)
     wanted = None if low_bit == "auto" else low_bit
     source = find_default_gguf() if model is None else Path(model).expanduser()
     if str(source).endswith(".gguf"):
@@ -52,8 +80,8 @@ def load_model(model: "str | None", low_bit: str, device: str, quiet: bool = Fal
             raise UserError(f"GGUF file {source} does not exist")
         cached = _cached_conversion(source, wanted)
         if (cached / "config.json").is_file():
+            tokenizer = _load_tokenizer(cached)
             loaded = AutoModelForCausalLM.load_low_bit(cached)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(cached)
         else:
             loaded, tokenizer = AutoModelForCausalLM.from_gguf(source, low_bit=wanted)
             try:  # parsing GGUF metadata is slow; the next run loads this low-bit copy instead
@@ -63,11 +91,11 @@ def load_model(model: "str | None", low_bit: str, device: str, quiet: bool = Fal
     else:
         directory = resolve_checkpoint_dir(source if source.exists() else str(model))
         config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
+        tokenizer = _load_tokenizer(directory)  # before the weights: a missing tokenizer fails in a second
         if quantization_field(config) is not None:
             loaded = AutoModelForCausalLM.load_low_bit(directory)
         else:
             loaded = AutoModelForCausalLM.from_pretrained(directory, load_in_low_bit=wanted or "sym_int4")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     return loaded.to(target), tokenizer
 
 
@@ -167,9 +195,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     source = Path(args.src).expanduser()
     model, tokenizer = load_model(args.src, args.low_bit, "cpu", args.quiet)
     destination = model.save_low_bit(args.dst, tokenizer=tokenizer)
-    before = _dir_size(source) if source.exists() else None
+    before = f"{_dir_size(source) / 2**20:.1f} MiB" if source.exists() else "? MiB (Hub repo)"
     print(f"saved {model.config.ipex_llm_tf['low_bit']} model to {destination}: "
-          f"{(before or 0) / 2**20:.1f} MiB -> {_dir_size(destination) / 2**20:.1f} MiB")
+          f"{before} -> {_dir_size(destination) / 2**20:.1f} MiB")
     if not args.quiet:
         print(format_table())
     return 0
@@ -192,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipex-llm-tf", description="Low-bit LLM inference (transformers API).")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
     sub = parser.add_subparsers(dest="command", required=True)
+    quiet = argparse.ArgumentParser(add_help=False)  # so that `convert a b --quiet` works like `--quiet convert a b`
+    quiet.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     formats = ["auto", *list_formats()]
 
     def model_options(p: argparse.ArgumentParser, default_low_bit: str = "auto") -> None:
@@ -210,18 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, handler, helptext in (("generate", cmd_generate, "stream a completion"),
                                     ("chat", cmd_chat, "interactive chat")):
-        p = sub.add_parser(name, help=helptext)
+        p = sub.add_parser(name, help=helptext, parents=[quiet])
         if name == "generate":
             p.add_argument("prompt")
         model_options(p)
         generation_options(p)
         p.set_defaults(handler=handler)
-    p = sub.add_parser("convert", help="save a model as a low-bit directory")
+    p = sub.add_parser("convert", help="save a model as a low-bit directory", parents=[quiet])
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--low-bit", default="auto", choices=formats, metavar="FORMAT")
     p.set_defaults(handler=cmd_convert)
-    p = sub.add_parser("bench", help="first-token / next-token latency across formats")
+    p = sub.add_parser("bench", help="first-token / next-token latency across formats", parents=[quiet])
     model_options(p)
     p.add_argument("--low-bits", nargs="+", default=["sym_int4", "asym_int4", "sym_int8"], choices=formats)
     p.add_argument("--prompt-tokens", type=int, default=32)
@@ -229,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default="ipex-llm-tf-bench.json")
     p.add_argument("--csv", default="ipex-llm-tf-bench.csv")
     p.set_defaults(handler=cmd_bench)
-    sub.add_parser("info", help="devices, backends and versions").set_defaults(handler=cmd_info)
+    sub.add_parser("info", help="devices, backends and versions", parents=[quiet]).set_defaults(handler=cmd_info)
     return parser
 
 
@@ -246,7 +276,7 @@ def main(argv: "list[str] | None" = None) -> int:
     try:
         return args.handler(args)
     except _user_error_types() as err:
-        print(f"ipex-llm-tf: error: {err}", file=sys.stderr)
+        print(f"ipex-llm-tf: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(file=sys.stderr)
