@@ -40,6 +40,7 @@ def _place_packed_embedding(model: nn.Module, embedding: nn.Embedding, low_bit: 
     # computes with the very same blocks (what llama.cpp does), so the table is stored once, never in float.
     packed = LowBitEmbedding(embedding.num_embeddings, embedding.embedding_dim, low_bit,
                              padding_idx=embedding.padding_idx, device="meta")
+    packed.output_dtype = embedding.weight.dtype
     packed.load_parts(parts)
     model.set_input_embeddings(packed)
     head = model.get_output_embeddings()

@@ -74,7 +74,7 @@ class SkeletonFiller:
             module = self.modules.get(module_path)
             if module is None:
                 continue
-            if isinstance(module, LowBitLinear) and (attr == "weight" or attr in module._part_names or attr == "bias"):
+            if isinstance(module, PackedWeight) and (attr == "weight" or attr in module._part_names or attr == "bias"):
                 return module_path, attr
             if attr in module._parameters or attr in module._buffers:
                 return module_path, attr
@@ -88,7 +88,7 @@ class SkeletonFiller:
             return
         module_path, attr = target
         module = self.modules[module_path]
-        if isinstance(module, LowBitLinear):
+        if isinstance(module, PackedWeight):
             self._feed_low_bit(module_path, module, attr, tensor)
             return
         current = module._parameters.get(attr, module._buffers.get(attr))
@@ -103,18 +103,18 @@ class SkeletonFiller:
         else:
             module._buffers[attr] = tensor
 
-    def _feed_low_bit(self, module_path: str, module: LowBitLinear, attr: str, tensor: torch.Tensor) -> None:
+    def _feed_low_bit(self, module_path: str, module: PackedWeight, attr: str, tensor: torch.Tensor) -> None:
         where = f"{self.source}: {module_path}"
         if attr == "bias":
-            if module.bias is None or tuple(tensor.shape) != (module.out_features,):
+            if getattr(module, "bias", None) is None or tuple(tensor.shape) != (module.out_features,):
                 raise CheckpointError(f"{where}.bias does not fit the layer built from config.json")
             bias_dtype = self.dtype if self.dtype is not None else tensor.dtype
             module.bias = nn.Parameter(tensor.to(bias_dtype), requires_grad=False)
             return
         if attr == "weight":
-            if tuple(tensor.shape) != (module.out_features, module.in_features):
+            if tuple(tensor.shape) != (module._rows, module._cols):
                 raise CheckpointError(f"{where}.weight has shape {tuple(tensor.shape)} but config.json implies "
-                                      f"{(module.out_features, module.in_features)}; the config does not match.")
+                                      f"{(module._rows, module._cols)}; the config does not match.")
             module.fmt.check_weight(tensor, where=module_path)
             module.load_parts(module.fmt.quantize(tensor))
             return

@@ -172,8 +172,10 @@ def fill_low_bit(model: nn.Module, directory: Path, field: dict, dtype: "torch.d
             layer.in_features, layer.out_features, low_bit, bias=layer.bias is not None, device="meta", name=name))
     if field.get("embedding_format"):
         old = model.get_input_embeddings()
-        model.set_input_embeddings(LowBitEmbedding(old.num_embeddings, old.embedding_dim, field["embedding_format"],
-                                                   padding_idx=old.padding_idx, device="meta"))
+        packed = LowBitEmbedding(old.num_embeddings, old.embedding_dim, field["embedding_format"],
+                                 padding_idx=old.padding_idx, device="meta")
+        packed.output_dtype = dtype or old.weight.dtype
+        model.set_input_embeddings(packed)
     files = safetensors_files(directory)
     filler = SkeletonFiller(model, dtype, str(directory))
     filler.feed_all(iter_tensors(files), count_tensors(files), desc=f"Loading {field['low_bit']}")
