@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from ipex_llm_tf.bench import peak_rss_mib  # noqa: F401  (re-exported for the benchmarks)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -25,11 +26,6 @@ def time_ms(fn: Callable[[], object], warmup: int = 2, repeats: int = 10, min_se
         samples.append((time.perf_counter() - t0) * 1e3)
     samples.sort()
     return samples[len(samples) // 2]
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def machine() -> dict[str, object]:

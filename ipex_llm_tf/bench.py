@@ -18,6 +18,21 @@ def peak_memory_mib(device: "torch.device | str" = "cpu") -> float:
     device = torch.device(device)
     if device.type in ("cuda", "xpu"):
         return getattr(torch, device.type).max_memory_allocated(device) / 2**20
+    return peak_rss_mib()
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB.
+
+    Reads VmHWM, which starts afresh at exec; ru_maxrss can carry over the parent's peak into a spawned child.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
