@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .formats import get_format
@@ -158,25 +157,55 @@ def safetensors_files(directory: "str | Path") -> list[Path]:
     raise CheckpointError(f"no .safetensors files in {directory}.{hint}")
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one at a time from safetensors files (memory-mapped), with clear errors on corruption."""
-    for path in files:
+_SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(tensor entries, offset of the data section) of a safetensors file; CheckpointError if it is damaged."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        length = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if length <= 0 or 8 + length > size:
+            raise CheckpointError(f"cannot read {path}: header of {length} bytes in a {size}-byte file. The file is "
+                                  f"truncated or corrupt; download or save it again.")
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():
-                    yield name, handle.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as err:
-            raise CheckpointError(f"cannot read {path}: {err}. The file is truncated or corrupt; download or save "
-                                  f"it again.") from err
+            header = json.loads(handle.read(length))
+        except ValueError as err:
+            raise CheckpointError(f"cannot read {path}: its header is not JSON ({err}). The file is truncated or "
+                                  f"corrupt; download or save it again.") from err
+    header.pop("__metadata__", None)
+    data_start = 8 + length
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        if entry.get("dtype") not in _SAFE_DTYPES or data_start + end > size or begin > end:
+            raise CheckpointError(f"cannot read {path}: tensor {name} lies outside the file or has dtype "
+                                  f"{entry.get('dtype')}. The file is truncated or corrupt; download or save it again.")
+    return header, data_start
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one at a time from safetensors files.
+
+    Each tensor is read into its own buffer with plain file reads rather than memory-mapped, so a consumed
+    tensor's pages leave the process with it and peak RSS stays near one tensor above what the model holds.
+    """
+    for path in files:
+        header, data_start = read_header(path)
+        with open(path, "rb", buffering=0) as handle:
+            for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+                begin, end = entry["data_offsets"]
+                buffer = torch.empty(end - begin, dtype=torch.uint8)
+                handle.seek(data_start + begin)
+                if handle.readinto(memoryview(buffer.numpy())) != end - begin:
+                    raise CheckpointError(f"cannot read {path}: tensor {name} is cut short. The file is truncated "
+                                          f"or corrupt; download or save it again.")
+                dtype = _SAFE_DTYPES[entry["dtype"]]
+                yield name, buffer.view(dtype).reshape(entry["shape"])
 
 
 def count_tensors(files: list[Path]) -> int:
     """Number of tensors across files (reads headers only)."""
-    total = 0
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                total += len(list(handle.keys()))
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"cannot read {path}: {err}. The file is truncated or corrupt.") from err
-    return total
+    return sum(len(read_header(path)[0]) for path in files)
