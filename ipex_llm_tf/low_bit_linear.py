@@ -43,6 +43,16 @@ class PackedWeight(nn.Module):
                 raise ValueError(f"{self.fmt.name} tensor {part_name!r} should be {tuple(shape)} {dtype}, "
                                  f"got {tuple(tensor.shape)} {tensor.dtype}")
             self._buffers[part_name] = tensor
+        self._forget_derived()
+
+    def _forget_derived(self) -> None:
+        cache = getattr(self, "_packed_cache", None)
+        if cache is not None:
+            cache.invalidate()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)  # copies into the buffers in place
+        self._forget_derived()
 
     def _apply(self, fn, recurse: bool = True):
         # model.to(dtype) / .half() must move packed tensors but never re-cast them: their dtype is the format
@@ -52,6 +62,7 @@ class PackedWeight(nn.Module):
             after = self._buffers[name]
             if after.dtype != before.dtype:
                 self._buffers[name] = before.to(after.device)
+        self._forget_derived()
         return self
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

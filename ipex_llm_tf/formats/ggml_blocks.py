@@ -51,6 +51,27 @@ def _round_half_away(v: torch.Tensor) -> torch.Tensor:
     return torch.sign(v) * (floored + (2 * (a - floored)).floor())
 
 
+# byte b -> 8 bytes, byte t = bit t of b moved to bit 4: the 5th bit of 8 codes at once
+_HIGH_BIT_SPREAD = (((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1) << 4).to(torch.uint8).view(torch.int64)
+_HIGH_BIT_SPREAD = _HIGH_BIT_SPREAD.reshape(256)
+
+
+def _dequantize_int8(q: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Q8_0: d * q in float32, chunk by chunk of rows, into out (cast to its dtype)."""
+    n, k = out.shape
+    rows = chunk_rows(n, k)
+    d = d.to(torch.float32).unsqueeze(-1)
+    staging = None if out.dtype == torch.float32 else torch.empty(rows, k, dtype=torch.float32)
+    for r0 in range(0, n, rows):
+        r = min(rows, n - r0)
+        dst = out[r0:r0 + r] if staging is None else staging[:r]
+        dst.copy_(q[r0:r0 + r])  # int8 -> float32: exact
+        dst.view(r, -1, QK).mul_(d[r0:r0 + r])
+        if staging is not None:
+            out[r0:r0 + r].copy_(dst)
+    return out
+
+
 class GgmlBlockFormat(LowBitFormat):
     """One of ggml's 32-weight block formats, parametrized by bit width and (a)symmetry."""
 
@@ -144,6 +165,8 @@ class GgmlBlockFormat(LowBitFormat):
 
     def dequantize(self, parts: Parts, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rebuild the [out, in] weight; float32 math in gguf's order, then cast to `dtype`."""
+        if cpu_fast_path(parts):
+            return self._dequantize_cpu(parts, dtype)
         q = self.codes(parts).to(torch.float32)
         n = q.shape[0]
         d = parts["scales"].to(torch.float32).unsqueeze(-1)
@@ -154,6 +177,29 @@ class GgmlBlockFormat(LowBitFormat):
         else:
             w = d * q + parts["mins"].to(torch.float32).unsqueeze(-1)
         return w.reshape(n, -1).to(dtype)
+
+    def _dequantize_cpu(self, parts: Parts, dtype: torch.dtype) -> torch.Tensor:
+        """dequantize on CPU through codebooks' chunked engine: codes unpacked, then gguf's float32 math."""
+        d = parts["scales"]
+        n, k = d.shape[0], d.shape[1] * QK
+        if self.bits == 8:
+            return _dequantize_int8(parts["qweight"], d, empty_output((n, k), dtype))
+        low = _byte_rows(parts["qweight"])
+        high = _byte_rows(parts["qhigh"]) if self.bits == 5 else None
+
+        def fill(codes: torch.Tensor, scratch: torch.Tensor, r0: int) -> None:
+            r = codes.shape[0]
+            _unpack_into(codes, low[r0:r0 + r], 4)
+            if high is not None:  # 5th bits: qhigh's bytes, bit t = element 8 * byte + t, spread to bytes
+                index = scratch[:, :k].view(torch.int64)
+                spread = scratch[:, k:].view(torch.int64)
+                index.copy_(high[r0:r0 + r])
+                torch.gather(_HIGH_BIT_SPREAD.expand(r, 256), 1, index, out=spread)
+                codes.view(torch.int64).bitwise_or_(spread)
+
+        # gguf's d * (q - 16) or d * q + m: q - 16 is exact in float32, then the same roundings
+        return _dequantize_codes(n, k, dtype, fill, QK, d, None if self.symmetric else parts["mins"],
+                                 offset=self.levels // 2 if self.symmetric else 0)
 
     # -- GGUF interchange -------------------------------------------------------------------
     def to_gguf_blocks(self, parts: Parts) -> torch.Tensor:
@@ -192,3 +238,8 @@ for _fmt in (
 ):
     register_format(_fmt)
 del Q, _fmt
+
+# The CPU dequantize shares codebooks' machinery. Imported last: importing codebooks registers its formats, and
+# the registry lists these ggml formats first.
+from .codebooks import (_byte_rows, _dequantize_codes, _unpack_into, chunk_rows, cpu_fast_path,  # noqa: E402
+                        empty_output)

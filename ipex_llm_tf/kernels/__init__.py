@@ -17,9 +17,13 @@ from .reference import linear_reference
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
 
-# At and above this many rows the CPU path dequantizes once to bf16 and uses the BLAS GEMM, which beats the packed
-# int4 kernel for prefill-sized inputs (measured in benchmarks/bench_linear.py on the 2-core CI machine).
-CPU_GEMM_MIN_ROWS = 64
+# At and above this many rows (counted once per int4 plane: Q4_* are one plane, Q5_* and Q8_0 two) the CPU path
+# dequantizes once to bf16 and uses the BLAS GEMM, which beats the packed int4 kernel for prefill-sized inputs: the
+# kernel's time grows with rows x planes (~0.2 ms per row and plane for 4096x4096 on 2 threads) while dequantize +
+# GEMM is mostly the fixed dequantize (6-12 ms). Crossovers measured for 4096x4096 with torch 2.13 on the 2-core CI
+# machine (packed kernel vs dequantize + F.linear, as benchmarks/bench_linear.py times them), 2 threads / 1 thread:
+# sym_int4 ~64 / 56, asym_int4 ~48 / 40, sym_int5 ~40 / 18, asym_int5 ~28 / 28, sym_int8 ~16 / 12 rows.
+CPU_GEMM_MIN_ROWS = 48
 
 
 def requested_backend() -> str:
@@ -55,30 +59,32 @@ def backend_for(device: torch.device) -> str:
     return "torch"
 
 
-def _version(tensor: torch.Tensor) -> int:
-    """In-place write counter of a tensor; inference-mode tensors have none (they cannot be written in place later)."""
-    return -1 if tensor.is_inference() else tensor._version
-
-
 class PackedCache:
-    """Derived kernel layouts of one layer, rebuilt when its stored tensors change (device move, load)."""
+    """Derived kernel layouts of one layer (e.g. PyTorch's int4 packing), built on first use.
+
+    The owning module calls invalidate() whenever its stored tensors change (load, device move); no per-call key is
+    computed, which keeps the decode path cheap and traceable by torch.compile.
+    """
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
         self.value = None
 
     def get(self, parts: Parts, build):
-        """The cached value for these exact tensors, building it on first use."""
-        key = tuple((t.data_ptr(), _version(t), t.device) for t in parts.values())
-        if key != self.key:
-            self.value, self.key = build(), key
+        """The cached value, building it on first use."""
+        if self.value is None:
+            self.value = build()
         return self.value
+
+    def invalidate(self) -> None:
+        """Forget the derived layout; the next call rebuilds it from the stored tensors."""
+        self.value = None
 
 
 def linear_cpu(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.Tensor | None,
                out_features: int, cache: PackedCache) -> torch.Tensor:
     """CPU matmul: packed int4 kernel for small batches of ggml formats, else dequantize to bf16 + GEMM."""
-    if x2d.shape[0] < CPU_GEMM_MIN_ROWS and cpu_int4.supports(fmt, out_features):
+    n_planes = 1 if fmt.name in ("sym_int4", "asym_int4") else 2  # as cpu_int4.pack_planes splits the codes
+    if x2d.shape[0] * n_planes < CPU_GEMM_MIN_ROWS and cpu_int4.supports(fmt, out_features):
         planes = cache.get(parts, lambda: cpu_int4.pack_planes(fmt, parts))
         y = cpu_int4.matmul_planes(x2d, planes, out_features)
     else:

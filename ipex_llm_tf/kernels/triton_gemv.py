@@ -1,0 +1,314 @@
+"""Fused dequantize + GEMV Triton kernels for decode (a few activation rows), reading the stored layouts directly.
+
+Block formats (sym/asym int4, sym/asym int5, sym_int8, nf4/fp4) are read as int32 words: a view of the stored uint8
+or int8 codes, made on the host with no copy. For 4-bit codes word c of a 32-weight block holds bytes 4c..4c+3, so
+its nibble p (bits 4p..4p+3) is element (p % 2) * 16 + 4c + p // 2 of the block; an int8 word holds elements 4t..4t+3.
+
+Codes become floats without an int-to-float conversion (a quarter-rate instruction on NVIDIA parts, which would cap a
+4-bit GEMV below the memory bandwidth): the code is OR-ed into the mantissa of 1.0, which gives f = 1 + q / 2**bits
+exactly, and the per-block sums are corrected afterwards. With F = sum(f * x) and X = sum(x) over the weights that
+share a scale d (and min m):
+
+    sum(q * x) = 2**bits * (F - X)
+    sym  (w = (q - 2**(bits-1)) * d):  d * (2**bits * F - 1.5 * 2**bits * X)
+    asym (w = q * d + m):              2**bits * d * F + (m - 2**bits * d) * X
+
+so a weight costs one shift, one and-or and one fused multiply-add. The 4-bit codebook formats (nf4, fp4) look each
+code up in a 16-entry float32 table instead. fp8 weights (e4m3fn / e5m2) have their own kernel; their per-channel
+scale multiplies the finished dot product.
+
+Every kernel accumulates in float32, handles any N (rows past the end are clamped on load, masked on store) and any
+K that is a multiple of the format's block. SPLIT_K > 1 splits K across programs that add into a float32 output
+with atomics (the caller zeroes it, then casts and adds the bias). No vendor intrinsics: the same source runs on
+Triton's Intel XPU backend and in the Triton interpreter.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Kind codes shared with triton_matmul and triton_linear (the KIND constexpr of every kernel); constexpr so that
+# kernels can read them as globals. Host code uses `.value`.
+Q4_SYM = tl.constexpr(0)
+Q4_ASYM = tl.constexpr(1)
+Q5_SYM = tl.constexpr(2)
+Q5_ASYM = tl.constexpr(3)
+Q8_SYM = tl.constexpr(4)
+CB4 = tl.constexpr(5)
+
+ONE_BITS = 0x3F800000  # float32 1.0, passed to gemv_words_kernel as one_bits
+
+
+@triton.jit
+def _code_floats(words, qh, one, P: tl.constexpr, KIND: tl.constexpr, tab_ptr):
+    """Float of code P of every word: 1 + q / 2**bits for integer kinds, the table value for CB4.
+
+    words [BW, BN] int32; qh [BW, BN] (int5 only) the 5th bits of each word's block, shifted right by 4 * (word
+    index in its block); `one` the bits of 1.0 (with the sign flip of the 8-bit codes folded in for Q8_SYM).
+    """
+    if KIND == Q8_SYM:
+        # byte P of the word, sign bit flipped (u = q + 128), placed in mantissa bits 15..22
+        # (v ^ 0x400000) | 1.0 == v ^ (1.0 | 0x400000) as the bits are disjoint: one and-xor per code
+        if 8 * P <= 15:
+            v = (words << (15 - 8 * P)) & 0x7F8000
+        else:
+            v = (words >> (8 * P - 15)) & 0x7F8000
+        f = (v ^ one).to(tl.float32, bitcast=True)
+    elif KIND == CB4:
+        f = tl.load(tab_ptr + ((words >> (4 * P)) & 15))
+    elif (KIND == Q5_SYM) or (KIND == Q5_ASYM):
+        # nibble into mantissa bits 18..21, the 5th bit (bit e of the block's qh word) into bit 22
+        if 4 * P <= 18:
+            v = (words << (18 - 4 * P)) & 0x3C0000
+        else:
+            v = (words >> (4 * P - 18)) & 0x3C0000
+        # qh was shifted right by 4 * (word index in block): the code's 5th bit is bit (P % 2) * 16 + P // 2
+        SB: tl.constexpr = (P % 2) * 16 + P // 2
+        if SB <= 22:
+            hb = (qh << (22 - SB)) & 0x400000
+        else:
+            hb = (qh >> (SB - 22)) & 0x400000
+        f = (v | hb | one).to(tl.float32, bitcast=True)
+    else:
+        # nibble into mantissa bits 19..22
+        if 4 * P <= 19:
+            v = (words << (19 - 4 * P)) & 0x780000
+        else:
+            v = (words >> (4 * P - 19)) & 0x780000
+        f = (v | one).to(tl.float32, bitcast=True)
+    return f
+
+
+@triton.jit
+def _load_words_step(w_base, s_base, mn_ptr, qh_ptr, off0, w_begin, blk_base, step, KW,
+                     KIND: tl.constexpr, WPB_SHIFT: tl.constexpr, SCALE_SHIFT: tl.constexpr,
+                     BLOCK_W: tl.constexpr, EVEN: tl.constexpr):
+    """Words, scales, mins and 5th-bit words of K step `step`, all [BLOCK_W, BLOCK_N] (placeholders where unused)."""
+    off = off0 + step * BLOCK_W
+    t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
+    tmask = t < KW
+    if EVEN:
+        words = tl.load(w_base + off)
+        d = tl.load(s_base + (off >> (WPB_SHIFT + SCALE_SHIFT))).to(tl.float32)
+    else:
+        words = tl.load(w_base + off, mask=tmask[:, None], other=0)
+        d = tl.load(s_base + (off >> (WPB_SHIFT + SCALE_SHIFT)), mask=tmask[:, None], other=0.0).to(tl.float32)
+    qh = words  # placeholder for kinds without 5th bits (never read)
+    if KIND == Q5_SYM or KIND == Q5_ASYM:
+        if EVEN:
+            qh = tl.load(qh_ptr + blk_base + (off >> WPB_SHIFT))
+        else:
+            qh = tl.load(qh_ptr + blk_base + (off >> WPB_SHIFT), mask=tmask[:, None], other=0)
+    mn = d  # placeholder for kinds without mins (never read)
+    if KIND == Q4_ASYM or KIND == Q5_ASYM:
+        if EVEN:
+            mn = tl.load(mn_ptr + blk_base + (off >> WPB_SHIFT)).to(tl.float32)
+        else:
+            mn = tl.load(mn_ptr + blk_base + (off >> WPB_SHIFT), mask=tmask[:, None], other=0.0).to(tl.float32)
+    return words, d, mn, qh
+
+
+@triton.jit
+def _load_x_step(x_row, w_begin, step, KW, BLOCK_W: tl.constexpr, EPW: tl.constexpr, EVEN: tl.constexpr):
+    """The activations under code p of every word of step `step` (x0..x7, float32 [BLOCK_W]; for 8-bit codes
+    x4..x7 repeat x0..x3) and their sum over p."""
+    t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
+    tmask = t < KW
+    if EPW == 8:
+        kbase = x_row + (t >> 2) * 32 + (t & 3) * 4
+        offs0, offs1, offs2, offs3 = 0, 16, 1, 17
+    else:
+        kbase = x_row + t * 4
+        offs0, offs1, offs2, offs3 = 0, 1, 2, 3
+    if EVEN:
+        x0 = tl.load(kbase + offs0).to(tl.float32)
+        x1 = tl.load(kbase + offs1).to(tl.float32)
+        x2 = tl.load(kbase + offs2).to(tl.float32)
+        x3 = tl.load(kbase + offs3).to(tl.float32)
+    else:
+        x0 = tl.load(kbase + offs0, mask=tmask, other=0.0).to(tl.float32)
+        x1 = tl.load(kbase + offs1, mask=tmask, other=0.0).to(tl.float32)
+        x2 = tl.load(kbase + offs2, mask=tmask, other=0.0).to(tl.float32)
+        x3 = tl.load(kbase + offs3, mask=tmask, other=0.0).to(tl.float32)
+    if EPW == 8:
+        if EVEN:
+            x4 = tl.load(kbase + 2).to(tl.float32)
+            x5 = tl.load(kbase + 18).to(tl.float32)
+            x6 = tl.load(kbase + 3).to(tl.float32)
+            x7 = tl.load(kbase + 19).to(tl.float32)
+        else:
+            x4 = tl.load(kbase + 2, mask=tmask, other=0.0).to(tl.float32)
+            x5 = tl.load(kbase + 18, mask=tmask, other=0.0).to(tl.float32)
+            x6 = tl.load(kbase + 3, mask=tmask, other=0.0).to(tl.float32)
+            x7 = tl.load(kbase + 19, mask=tmask, other=0.0).to(tl.float32)
+        xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+    else:
+        x4, x5, x6, x7 = x0, x1, x2, x3
+        xsum = (x0 + x1) + (x2 + x3)
+    return x0, x1, x2, x3, x4, x5, x6, x7, xsum
+
+
+@triton.jit(do_not_specialize=["M", "N", "steps_per_split", "one_bits"])
+def gemv_words_kernel(
+    x_ptr, w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, b_ptr, y_ptr,
+    M, N, KW, stride_xm, stride_ym, steps_per_split, one_bits,
+    KIND: tl.constexpr, SCALE_SHIFT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """y[m, n] = sum_k x[m, k] * w[n, k] for one activation row m and BLOCK_N weight rows, BLOCK_W words per K step.
+
+    Grid: (M, cdiv(N, BLOCK_N), SPLIT_K), the activation row fastest so that programs reading the same weight rows
+    run together and share them through L2. Split pid_k covers words [pid_k, pid_k + 1) * steps_per_split * BLOCK_W.
+    SCALE_SHIFT = log2(32-weight blocks per scale) (1 for nf4's 64-blocks, else 0). PREFETCH = 1 issues the loads
+    of step i + 1's weights before the arithmetic of step i, so two steps of weight bytes are in flight per thread;
+    PREFETCH = 2 also loads step i + 1's activations early; 0 loads each step when it starts.
+
+    Tiles are [BLOCK_W words, BLOCK_N rows] (K first): scales (and mins, 5th bits) are gathered once per word with
+    offsets derived from the words' own offsets, so Triton gives every loaded tile the same register layout and the
+    loop needs no layout conversion.
+    """
+    EPW: tl.constexpr = 4 if KIND == Q8_SYM else 8          # codes per word
+    WPB_SHIFT: tl.constexpr = 3 if KIND == Q8_SYM else 2     # log2(words per 32-weight block)
+    BITS: tl.constexpr = 8 if KIND == Q8_SYM else (5 if (KIND == Q5_SYM or KIND == Q5_ASYM) else 4)
+    SCALE: tl.constexpr = 1 << BITS
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    w_begin = pid_k * steps_per_split * BLOCK_W
+    # word offsets relative to the first word of the split; rows * KW fits int32 for any weight under 2**31 words
+    off0 = rows[None, :] * KW + tl.arange(0, BLOCK_W)[:, None]
+    w_base = w_ptr + w_begin
+    s_base = s_ptr + (w_begin >> (WPB_SHIFT + SCALE_SHIFT))
+    blk_base = w_begin >> WPB_SHIFT
+
+    one = one_bits  # a run-time value: lets the compiler fuse the mask and the OR into one instruction
+    if KIND == Q8_SYM:
+        one = one_bits ^ 0x400000
+    acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+    n_words, n_d, n_mn, n_qh = _load_words_step(w_base, s_base, mn_ptr, qh_ptr, off0, w_begin, blk_base, 0, KW,
+                                                KIND, WPB_SHIFT, SCALE_SHIFT, BLOCK_W, EVEN)
+    n0, n1, n2, n3, n4, n5, n6, n7, nsum = _load_x_step(x_row, w_begin, 0, KW, BLOCK_W, EPW, EVEN)
+    for step in range(0, steps_per_split):
+        if PREFETCH > 0:
+            words, d, mn, qh = n_words, n_d, n_mn, n_qh
+            # the last step re-reads itself (a cache hit) rather than branching
+            ahead = tl.minimum(step + 1, steps_per_split - 1)
+            n_words, n_d, n_mn, n_qh = _load_words_step(w_base, s_base, mn_ptr, qh_ptr, off0, w_begin, blk_base,
+                                                        ahead, KW, KIND, WPB_SHIFT, SCALE_SHIFT, BLOCK_W, EVEN)
+            if PREFETCH > 1:  # the activations of the next step too
+                x0, x1, x2, x3, x4, x5, x6, x7, X = n0, n1, n2, n3, n4, n5, n6, n7, nsum
+                n0, n1, n2, n3, n4, n5, n6, n7, nsum = _load_x_step(x_row, w_begin, ahead, KW, BLOCK_W, EPW, EVEN)
+            else:
+                x0, x1, x2, x3, x4, x5, x6, x7, X = _load_x_step(x_row, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+            # keeps the backend from sinking the prefetch below this step's arithmetic (it would, to reuse the
+            # registers of the current step's words, and the next step would wait for memory again)
+            tl.debug_barrier()
+        else:
+            words, d, mn, qh = _load_words_step(w_base, s_base, mn_ptr, qh_ptr, off0, w_begin, blk_base, step, KW,
+                                                KIND, WPB_SHIFT, SCALE_SHIFT, BLOCK_W, EVEN)
+            x0, x1, x2, x3, x4, x5, x6, x7, X = _load_x_step(x_row, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+        if KIND == Q5_SYM or KIND == Q5_ASYM:
+            t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
+            qh = qh >> ((t & 3) * 4)[:, None]
+        F = _code_floats(words, qh, one, 0, KIND, tab_ptr) * x0[:, None]
+        F += _code_floats(words, qh, one, 1, KIND, tab_ptr) * x1[:, None]
+        F += _code_floats(words, qh, one, 2, KIND, tab_ptr) * x2[:, None]
+        F += _code_floats(words, qh, one, 3, KIND, tab_ptr) * x3[:, None]
+        if EPW == 8:
+            F += _code_floats(words, qh, one, 4, KIND, tab_ptr) * x4[:, None]
+            F += _code_floats(words, qh, one, 5, KIND, tab_ptr) * x5[:, None]
+            F += _code_floats(words, qh, one, 6, KIND, tab_ptr) * x6[:, None]
+            F += _code_floats(words, qh, one, 7, KIND, tab_ptr) * x7[:, None]
+        if KIND == CB4:
+            acc += d * F
+        elif KIND == Q4_SYM or KIND == Q5_SYM or KIND == Q8_SYM:
+            acc += d * (SCALE * F - (1.5 * SCALE) * X[:, None])
+        else:
+            acc += (SCALE * d) * F + (mn - SCALE * d) * X[:, None]
+
+    y = tl.sum(acc, axis=0)
+    nmask = offs_n < N
+    y_ptrs = y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows).to(tl.float32)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.atomic_add(y_ptrs, y, mask=nmask, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["M", "N", "steps_per_split"])
+def gemv_fp8_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym, steps_per_split,
+    E5M2: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """fp8 weights [N, K] with a float32 scale per row: y = scale[n] * sum_k x[m, k] * w[n, k].
+
+    NATIVE reads w through a float8 pointer and lets Triton convert; otherwise w is the uint8 view and the bytes are
+    rebuilt as fp16 bit patterns (exact for both fp8 kinds; e4m3 comes out 2**-8 too small, fixed with the scale).
+    Split pid_k covers K [pid_k, pid_k + 1) * steps_per_split * BLOCK_K.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    k_begin = pid_k * steps_per_split * BLOCK_K
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    k_next = k_begin + tl.arange(0, BLOCK_K)
+    if EVEN:
+        q_next = tl.load(w_rows + k_next[None, :])
+    else:
+        q_next = tl.load(w_rows + k_next[None, :], mask=(k_next < K)[None, :])
+    for step in range(0, steps_per_split):
+        k = k_begin + step * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        if PREFETCH:
+            q = q_next
+            k_next = k_begin + tl.minimum(step + 1, steps_per_split - 1) * BLOCK_K + tl.arange(0, BLOCK_K)
+            if EVEN:
+                q_next = tl.load(w_rows + k_next[None, :])
+            else:
+                q_next = tl.load(w_rows + k_next[None, :], mask=(k_next < K)[None, :])
+            tl.debug_barrier()  # keeps the prefetch above this step's arithmetic (see gemv_words_kernel)
+        elif EVEN:
+            q = tl.load(w_rows + k[None, :])
+        else:
+            q = tl.load(w_rows + k[None, :], mask=kmask[None, :])
+        if EVEN:
+            xk = tl.load(x_row + k).to(tl.float32)
+        else:
+            xk = tl.load(x_row + k, mask=kmask, other=0.0).to(tl.float32)
+        if NATIVE:
+            w = q.to(tl.float32)
+        else:
+            q16 = q.to(tl.int16)
+            if E5M2:
+                h = q16 << 8
+            else:
+                h = ((q16 & 0x80) << 8) | ((q16 & 0x7F) << 7)
+            w = h.to(tl.float16, bitcast=True).to(tl.float32)
+        if not EVEN:
+            w = tl.where(kmask[None, :], w, 0.0)  # masked lanes hold garbage (possibly NaN codes)
+        acc += w * xk[None, :]
+    y = tl.sum(acc, axis=1) * tl.load(s_ptr + rows)
+    if not NATIVE and not E5M2:
+        y = y * 256.0
+    nmask = offs_n < N
+    y_ptrs = y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows).to(tl.float32)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.atomic_add(y_ptrs, y, mask=nmask, sem="relaxed")

@@ -1,0 +1,481 @@
+"""Triton matmul for LowBitLinear on CUDA and XPU: y = x @ dequantize(W).T + bias, reading the stored layout.
+
+Paths, by format and number of activation rows M:
+
+  * block formats (sym_int4, asym_int4, sym_int5, asym_int5, sym_int8, nf4, fp4) and fp8 (e4m3, e5m2):
+      M <= GEMV_MAX_ROWS  fused dequantize + GEMV (triton_gemv), one program per (row, BLOCK_N outputs, K split)
+      M <= FUSED_MAX_ROWS fused dequantize-in-tile matmul with tl.dot (triton_matmul), split-K for small M
+                          (fp16 / bf16 activations; float32 ones take the next path)
+      larger M            dequantize once to a temporary in the activation dtype (a Triton kernel) and multiply
+                          with torch (cuBLAS / oneDNN), which wins once the matmul is compute-bound
+  * fp16 / bf16: torch's own F.linear on the stored weight
+  * nf3, fp6 (bit-plane codebooks): torch unpacking + table lookup (no host copies, so CUDA-graph safe) + F.linear
+  * anything else (formats added later): the format's own dequantize + F.linear
+
+Nothing derived from the weight is kept except views of the stored tensors and, for the codebook formats, their
+16-entry value table; the per-layer PackedCache holds that operand bundle so a call does no host-side preparation.
+
+Launch configurations come from a heuristic; with IPEX_LLM_TF_TRITON_AUTOTUNE=1 (the default on CUDA) the first call
+for each (path, format kind, M bucket, N, K, dtype) times a few candidates with triton.testing.do_bench (which
+clears L2 between runs) and keeps the fastest for the rest of the process. Tuning is skipped inside CUDA graph
+capture, under the Triton interpreter and when the variable is 0.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from ..formats import LowBitFormat, Parts
+from ..formats.codebooks import CodebookFormat
+from ..formats.float8 import Float8Format
+from ..formats.ggml_blocks import GgmlBlockFormat
+from ..formats.plain import PlainFormat
+from . import triton_gemv as G
+from . import triton_matmul as MM
+
+# Up to this many activation rows the GEMV kernel runs (once per row, rows sharing weight reads through L2); on
+# the H100 it beat the tl.dot matmul at 2 rows and lost from 4 (benchmarks/bench_gpu_linear.py, sym_int4).
+GEMV_MAX_ROWS = 2
+# Up to this many rows the fused dequantize-in-tile matmul runs; above it a Triton dequantize to a temporary + torch
+# matmul. On an H100 (benchmarks/bench_gpu_linear.py, 4096x11008, sym_int4 / sym_int8 / fp8_e4m3) the fused kernel
+# won at 64 rows (126 vs 162 us for sym_int4) and lost from 256 (228 vs 155 us).
+FUSED_MAX_ROWS = 64
+FUSED_MAX_ROWS_FP8 = 64
+
+_FP8_NATIVE_MIN_CAPABILITY = (8, 9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# operands
+@dataclass
+class BlockOperands:
+    """Kernel arguments of a block-format weight: views of the stored tensors plus static facts."""
+
+    kind: int              # triton_gemv kind code
+    words: torch.Tensor    # int32 view of the codes, [N, KW]
+    codes: torch.Tensor    # the codes as stored (uint8 [N, K/2] or int8 [N, K]), contiguous
+    scales: torch.Tensor   # fp16 [N, K / block]
+    mins: torch.Tensor     # fp16 [N, K/32] (asym) or scales (unused)
+    qh: torch.Tensor       # int32 view [N, K/32] of the 5th bits (int5) or words (unused)
+    table: torch.Tensor    # float32 [16] code values (codebooks) or scales (unused)
+    in_features: int
+    scale_shift_words: int  # log2(words per scale)
+    scale_shift_blocks: int  # log2(32-blocks per scale)
+    words_per_row: int
+    blocks_per_row: int
+    plans: dict = field(default_factory=dict)  # (rows, dtype) -> (launcher, config), filled on first use
+
+
+@dataclass
+class Fp8Operands:
+    qweight: torch.Tensor  # float8 [N, K] (native) or its uint8 view
+    scales: torch.Tensor   # float32 [N]
+    e5m2: bool
+    native: bool
+    in_features: int
+    plans: dict = field(default_factory=dict)
+
+
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _table(fmt: CodebookFormat, device: torch.device) -> torch.Tensor:
+    key = (fmt.name, device)
+    if key not in _TABLES:
+        _TABLES[key] = fmt.values.to(device=device, dtype=torch.float32).contiguous()
+    return _TABLES[key]
+
+
+def block_kind(fmt: LowBitFormat) -> int | None:
+    """Kernel kind code of a format the block kernels read, else None."""
+    if isinstance(fmt, GgmlBlockFormat):
+        if fmt.bits == 8:
+            return G.Q8_SYM.value
+        if fmt.bits == 4:
+            return (G.Q4_SYM if fmt.symmetric else G.Q4_ASYM).value
+        if fmt.bits == 5:
+            return (G.Q5_SYM if fmt.symmetric else G.Q5_ASYM).value
+    if isinstance(fmt, CodebookFormat) and tuple(fmt.planes) == (("qweight", 4),) and fmt.block_size in (32, 64):
+        return G.CB4.value
+    return None
+
+
+def _contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def block_operands(fmt: LowBitFormat, parts: Parts) -> BlockOperands:
+    """The kernel operands of a block-format weight (views, no copies of contiguous parts)."""
+    kind = block_kind(fmt)
+    if kind is None:
+        raise ValueError(f"format {fmt.name} has no Triton block kernel")
+    codes = _contig(parts["qweight"])
+    n = codes.shape[0]
+    words = codes.view(torch.int32)
+    scales = _contig(parts["scales"])
+    k = words.shape[1] * (4 if kind == G.Q8_SYM.value else 8)
+    block = fmt.block_size
+    mins = _contig(parts["mins"]) if "mins" in parts else scales
+    qh = _contig(parts["qhigh"]).view(torch.int32) if kind in (G.Q5_SYM.value, G.Q5_ASYM.value) else words
+    table = _table(fmt, codes.device) if kind == G.CB4.value else scales  # type: ignore[arg-type]
+    per_word = 4 if kind == G.Q8_SYM.value else 8
+    assert words.shape == (n, k // per_word) and scales.shape == (n, k // block)
+    return BlockOperands(kind, words, codes, scales, mins, qh, table, k, int(math.log2(block // per_word)),
+                         int(math.log2(block // 32)), k // per_word, k // 32)
+
+
+def fp8_native(device: torch.device) -> bool:
+    """Whether Triton converts float8 in hardware on this device (CUDA sm_89+); else the kernels decode bits."""
+    if device.type != "cuda" or _interpreting():
+        return False
+    return torch.cuda.get_device_capability(device) >= _FP8_NATIVE_MIN_CAPABILITY
+
+
+def fp8_operands(fmt: Float8Format, parts: Parts) -> Fp8Operands:
+    q = _contig(parts["qweight"])
+    native = fp8_native(q.device)
+    return Fp8Operands(q if native else q.view(torch.uint8), _contig(parts["scales"].reshape(-1).float()),
+                       fmt.dtype == torch.float8_e5m2, native, q.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configuration and tuning
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_w: int       # words (block formats) or elements (fp8) per K step
+    num_warps: int
+    split_k: int = 1
+    prefetch: int = 2  # 0: none, 1: next step's weights, 2: next step's weights and activations
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    block_m: int
+    block_n: int
+    block_k: int       # weights per K step (a multiple of 32)
+    num_warps: int
+    num_stages: int
+    split_k: int = 1
+    group_m: int = 8
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_enabled(device: torch.device) -> bool:
+    if device.type not in ("cuda", "xpu") or _interpreting():
+        return False
+    if os.environ.get("IPEX_LLM_TF_TRITON_AUTOTUNE", "1").strip() in ("0", "false", "no", ""):
+        return False
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+_SM_COUNT: dict[torch.device, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors (CUDA) / Xe cores (XPU) of the device; 8 for the interpreter."""
+    if device not in _SM_COUNT:
+        count = 8
+        if device.type == "cuda":
+            count = torch.cuda.get_device_properties(device).multi_processor_count
+        elif device.type == "xpu":
+            props = torch.xpu.get_device_properties(device)
+            count = int(getattr(props, "gpu_subslice_count", 0) or getattr(props, "max_compute_units", 64) // 8 or 8)
+        _SM_COUNT[device] = count
+    return _SM_COUNT[device]
+
+
+def _row_bucket(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
+_TUNED: dict[tuple, object] = {}
+
+
+def _pick(key: tuple, candidates: list, run: Callable[[object], object], device: torch.device):
+    """candidates[0], or with autotuning on the fastest candidate for this key (timed once per process)."""
+    if key in _TUNED:
+        return _TUNED[key]
+    if len(candidates) == 1 or not autotune_enabled(device):
+        return candidates[0]
+    from triton.testing import do_bench
+
+    best, best_ms = candidates[0], float("inf")
+    for cfg in dict.fromkeys(candidates):
+        try:
+            ms = do_bench(lambda: run(cfg), warmup=5, rep=25, return_mode="median")
+        except Exception:  # a candidate that does not compile on this device (shared memory, registers)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _TUNED[key] = best
+    return best
+
+
+def tuned_configs() -> dict[tuple, object]:
+    """Every configuration chosen by autotuning so far (for benchmarks and debugging)."""
+    return dict(_TUNED)
+
+
+def _split_for(programs: int, steps: int, device: torch.device) -> int:
+    """K splits so that about two waves of programs are in flight, leaving each split a few K steps."""
+    target = 2 * sm_count(device)
+    if programs >= target:
+        return 1
+    return max(1, min(16, -(-target // programs), steps // 4))
+
+
+# GEMV tiles (block_n, block_w, num_warps, prefetch, may split K), the heuristic choice first. Every thread loads
+# 16 bytes of codes per row it owns and step (rows per thread grow with block_n), plus the prefetched next step.
+# When block_w reaches 32 * num_warps Triton gives the activation loads a layout of their own and converts them
+# through shared memory every step; on the H100 some such tiles still measured fastest, so they stay candidates.
+# The first entries won most shapes in the last H100 run (see benchmarks/results), so they lead.
+_GEMV_TILES = ((8, 128, 4, 2, False), (8, 128, 4, 1, False), (16, 64, 4, 2, True), (32, 64, 4, 2, True),
+               (16, 128, 8, 2, False), (32, 64, 4, 1, True), (16, 256, 16, 2, False), (8, 64, 4, 2, False))
+_GEMV_FP8_TILES = ((8, 512, 4, 1, False), (16, 256, 4, 0, False), (32, 128, 8, 1, True), (64, 128, 8, 1, True),
+                   (32, 256, 16, 1, False), (16, 256, 4, 1, True))
+
+
+def gemv_candidates(m: int, n: int, words: int, device: torch.device) -> list[GemvConfig]:
+    """GEMV configurations for a block format, the heuristic choice first (split-K variants for few programs)."""
+    out: list[GemvConfig] = []
+    for bn, w, warps, prefetch, may_split in _GEMV_TILES:
+        w = min(w, max(16, triton.next_power_of_2(words)))
+        out.append(GemvConfig(bn, w, warps, 1, prefetch))
+        split = _split_for(m * -(-n // bn), max(1, words // w), device) if may_split else 1
+        if split > 1:
+            out.append(GemvConfig(bn, w, warps, split, prefetch))
+    return list(dict.fromkeys(out))
+
+
+def gemv_fp8_candidates(m: int, n: int, k: int, device: torch.device) -> list[GemvConfig]:
+    out: list[GemvConfig] = []
+    for bn, w, warps, prefetch, may_split in _GEMV_FP8_TILES:
+        w = min(w, max(32, triton.next_power_of_2(k)))
+        out.append(GemvConfig(bn, w, warps, 1, prefetch))
+        split = _split_for(m * -(-n // bn), max(1, k // w), device) if may_split else 1
+        if split > 1:
+            out.append(GemvConfig(bn, w, warps, split, prefetch))
+    return list(dict.fromkeys(out))
+
+
+def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list[MatmulConfig]:
+    """Tiled-matmul configurations, the heuristic choice first."""
+    if m <= 16:
+        shapes = [(16, 64, 128, 4, 3), (16, 32, 256, 4, 3), (16, 128, 128, 4, 3), (16, 64, 256, 8, 3)]
+    elif m <= 64:
+        shapes = [(64, 64, 128, 4, 3), (32, 64, 128, 4, 3), (64, 128, 64, 4, 3), (64, 128, 128, 8, 3)]
+    else:
+        shapes = [(128, 128, 64, 8, 3), (128, 64, 128, 4, 3), (64, 128, 128, 4, 3), (128, 256, 64, 8, 3)]
+    out = []
+    for bm, bn, bk, warps, stages in shapes:
+        programs = -(-m // bm) * -(-n // bn)
+        split = _split_for(programs, max(1, k // bk), device)
+        out.append(MatmulConfig(bm, bn, bk, warps, stages, split))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launches
+def _finish_split(y32: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if bias is not None:
+        y32.add_(bias.to(torch.float32))
+    return y32.to(dtype)
+
+
+def _split_steps(total: int, step: int, split: int) -> tuple[int, int, bool]:
+    """(steps per split, splits, even) for `total` units walked `step` at a time in about `split` parts; even means
+    every step is full (no masks needed)."""
+    steps = -(-total // step)
+    per_split = -(-steps // max(1, split))
+    splits = -(-steps // per_split)
+    return per_split, splits, total == splits * per_split * step
+
+
+def gemv_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, n: int,
+                cfg: GemvConfig) -> torch.Tensor:
+    """Fused dequantize + GEMV of a block format for the (few) rows of x."""
+    m = x.shape[0]
+    kw = ops.words_per_row
+    per_split, split, even = _split_steps(kw, cfg.block_w, cfg.split_k)
+    if split == 1:
+        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    else:
+        y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    G.gemv_words_kernel[(m, triton.cdiv(n, cfg.block_n), split)](
+        x, ops.words, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
+        m, n, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
+        KIND=ops.kind, SCALE_SHIFT=ops.scale_shift_blocks, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
+        SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, PREFETCH=cfg.prefetch,
+        num_warps=cfg.num_warps)
+    return y if split == 1 else _finish_split(y, bias, x.dtype)
+
+
+def gemv_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: int, cfg: GemvConfig) -> torch.Tensor:
+    m, k = x.shape
+    per_split, split, even = _split_steps(k, cfg.block_w, cfg.split_k)
+    if split == 1:
+        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    else:
+        y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    G.gemv_fp8_kernel[(m, triton.cdiv(n, cfg.block_n), split)](
+        x, ops.qweight, ops.scales, ops.scales if bias is None else bias, y,
+        m, n, k, x.stride(0), y.stride(0), per_split,
+        E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_w, SPLIT_K=split,
+        HAS_BIAS=bias is not None and split == 1, EVEN=even, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps)
+    return y if split == 1 else _finish_split(y, bias, x.dtype)
+
+
+def matmul_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, n: int,
+                  cfg: MatmulConfig) -> torch.Tensor:
+    """Fused dequantize-in-tile matmul of a block format (x fp16 or bf16)."""
+    m = x.shape[0]
+    kb = ops.blocks_per_row
+    nb = max(1, cfg.block_k // 32)
+    per_split, split, even = _split_steps(kb, nb, cfg.split_k)
+    if split == 1:
+        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    else:
+        y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    MM.matmul_blocks_kernel[grid](
+        x, ops.codes, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
+        m, n, kb, x.stride(0), y.stride(0), per_split,
+        KIND=ops.kind, SBLK_SHIFT=ops.scale_shift_blocks, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NB=nb,
+        GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y if split == 1 else _finish_split(y, bias, x.dtype)
+
+
+def matmul_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: int,
+               cfg: MatmulConfig) -> torch.Tensor:
+    m, k = x.shape
+    per_split, split, even = _split_steps(k, cfg.block_k, cfg.split_k)
+    if split == 1:
+        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    else:
+        y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    MM.matmul_fp8_kernel[grid](
+        x, ops.qweight, ops.scales, ops.scales if bias is None else bias, y,
+        m, n, k, x.stride(0), y.stride(0), per_split,
+        E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y if split == 1 else _finish_split(y, bias, x.dtype)
+
+
+def dequantize_blocks(ops: BlockOperands, n: int, dtype: torch.dtype, block_n: int = 32,
+                      blocks: int = 8) -> torch.Tensor:
+    """The whole [N, K] weight of a block format in `dtype`, by one Triton kernel."""
+    kb = ops.blocks_per_row
+    out = torch.empty((n, ops.in_features), device=ops.codes.device, dtype=dtype)
+    MM.dequant_blocks_kernel[(triton.cdiv(n, block_n), triton.cdiv(kb, blocks))](
+        ops.codes, ops.scales, ops.mins, ops.qh, ops.table, out, n, kb,
+        KIND=ops.kind, SBLK_SHIFT=ops.scale_shift_blocks, BLOCK_N=block_n, NB=blocks, EVEN=kb % blocks == 0,
+        num_warps=4, enable_fp_fusion=False)  # no FMA: bit-identical to the format's own dequantize
+    return out
+
+
+def dequant_matmul_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Prefill fallback: dequantize to a temporary in x's dtype, then torch's matmul."""
+    w = dequantize_blocks(ops, n, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def dequantize_fp8(ops: Fp8Operands, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The whole [N, K] fp8 weight times its row scales, in `dtype`, by one Triton kernel."""
+    k = ops.in_features
+    out = torch.empty((n, k), device=ops.qweight.device, dtype=dtype)
+    MM.dequant_fp8_kernel[(triton.cdiv(n, 16), triton.cdiv(k, 256))](
+        ops.qweight, ops.scales, out, n, k, E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_N=16, BLOCK_K=256, num_warps=4)
+    return out
+
+
+def dequant_matmul_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Prefill fallback for fp8: the scaled weight in x's dtype (as the format dequantizes it), then torch's matmul.
+
+    The scale must be applied before the matmul: codes times activations summed in fp16 can exceed its range."""
+    return F.linear(x, dequantize_fp8(ops, n, x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dispatch
+def _operands(fmt: LowBitFormat, parts: Parts, cache) -> BlockOperands | Fp8Operands | None:
+    if block_kind(fmt) is not None:
+        build = lambda: block_operands(fmt, parts)  # noqa: E731
+    elif isinstance(fmt, Float8Format):
+        build = lambda: fp8_operands(fmt, parts)  # noqa: E731
+    else:
+        return None
+    return cache.get(parts, build) if cache is not None else build()
+
+
+def _codebook_dequantize(fmt: CodebookFormat, parts: Parts, dtype: torch.dtype) -> torch.Tensor:
+    """fmt.dequantize for device tensors without host-to-device copies (so it can run inside CUDA graph capture)."""
+    codes = fmt.codes(parts)
+    n, k = codes.shape
+    values = _table(fmt, codes.device)[codes.long()].reshape(n, k // fmt.block_size, fmt.block_size)
+    return (values * parts["scales"].to(torch.float32).unsqueeze(-1)).reshape(n, k).to(dtype)
+
+
+def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
+    """(launcher, config) for these activations: GEMV, fused matmul or dequantize + matmul; (plan, final)."""
+    m, k = x.shape
+    device = x.device
+    fp8 = isinstance(ops, Fp8Operands)
+    kind = "fp8" if fp8 else ops.kind
+    if m <= GEMV_MAX_ROWS:
+        if fp8:
+            cands, launch = gemv_fp8_candidates(m, n, k, device), gemv_fp8
+        else:
+            cands, launch = gemv_candidates(m, n, ops.words_per_row, device), gemv_blocks
+        key = ("gemv", kind, m, n, k, x.dtype)
+    elif m <= (FUSED_MAX_ROWS_FP8 if fp8 else FUSED_MAX_ROWS) and x.dtype in (torch.float16, torch.bfloat16):
+        cands, launch = matmul_candidates(m, n, k, device), (matmul_fp8 if fp8 else matmul_blocks)
+        key = ("mm", kind, _row_bucket(m), n, k, x.dtype)
+    else:
+        return (dequant_matmul_fp8 if fp8 else dequant_matmul_blocks, None), True
+    cfg = _pick(key, cands, lambda c: launch(x, ops, None, n, c), device)
+    return (launch, cfg), key in _TUNED or len(cands) == 1 or not autotune_enabled(device)
+
+
+def linear(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.Tensor | None, out_features: int,
+           cache=None) -> torch.Tensor:
+    """y [M, N] = x2d [M, K] @ dequantize(parts).T + bias, in x2d's dtype."""
+    n = out_features
+    b = None if bias is None else bias.to(x2d.dtype)
+    if isinstance(fmt, PlainFormat):
+        return F.linear(x2d, parts["weight"].to(x2d.dtype), b)
+    ops = _operands(fmt, parts, cache)
+    if ops is None:
+        if isinstance(fmt, CodebookFormat):
+            return F.linear(x2d, _codebook_dequantize(fmt, parts, x2d.dtype), b)
+        return F.linear(x2d, fmt.dequantize(parts, dtype=x2d.dtype), b)
+    x = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+    m = x.shape[0]
+    if m == 0:
+        return x.new_zeros((0, n))
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    key = (m if m <= FUSED_MAX_ROWS_FP8 else -1, x.dtype)
+    plan = ops.plans.get(key)
+    if plan is None:
+        plan, final = _plan(x, ops, n)
+        if final:
+            ops.plans[key] = plan
+    launch, cfg = plan
+    if cfg is None:
+        return launch(x, ops, bias, n)
+    return launch(x, ops, bias, n, cfg)

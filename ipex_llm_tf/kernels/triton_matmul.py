@@ -1,0 +1,249 @@
+"""Dequantize-in-tile matmul (prefill and batched decode) and a standalone dequantize kernel, in Triton.
+
+`block_values` turns BLOCK_N rows x NB 32-weight blocks of any block format into two float32 [BLOCK_N, NB, 16]
+tensors: the first and second half of every block. For the 4/5-bit layouts those are exactly the low and high
+nibbles of the block's 16 bytes, so no interleaving is needed: the matmul multiplies each half by the matching
+16-column slices of x (two tl.dot per K step, each with K = NB * 16), and the dequantize kernel stores each half
+where it belongs. fp8 weights have their own matmul: the codes convert exactly to the activation dtype and the
+per-channel scale multiplies the finished dot product.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_gemv import CB4, Q4_ASYM, Q4_SYM, Q5_ASYM, Q5_SYM, Q8_SYM
+
+
+@triton.jit
+def block_values(w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, rows, blk, bmask, KB,
+                 KIND: tl.constexpr, SBLK_SHIFT: tl.constexpr, EVEN: tl.constexpr):
+    """Dequantized weights of blocks `blk` [NB] of `rows` [BN] (int64): (first halves, second halves), [BN, NB, 16].
+
+    KB is the number of 32-weight blocks per row; a scale covers 2**SBLK_SHIFT blocks. Out-of-range blocks (bmask
+    false, only when not EVEN) come out as exact zeros.
+    """
+    j = tl.arange(0, 16)[None, None, :]
+    r = rows[:, None, None]
+    b = blk[None, :, None]
+    m3 = bmask[None, :, None]
+    if KIND == Q8_SYM:
+        ptrs = w_ptr + r * (KB * 32) + b * 32 + j
+        if EVEN:
+            lo = tl.load(ptrs).to(tl.float32)
+            hi = tl.load(ptrs + 16).to(tl.float32)
+        else:
+            lo = tl.load(ptrs, mask=m3, other=0).to(tl.float32)
+            hi = tl.load(ptrs + 16, mask=m3, other=0).to(tl.float32)
+    else:
+        ptrs = w_ptr + r * (KB * 16) + b * 16 + j
+        if EVEN:
+            byte = tl.load(ptrs).to(tl.int32)
+        else:
+            byte = tl.load(ptrs, mask=m3, other=0).to(tl.int32)
+        qlo = byte & 15
+        qhi = byte >> 4
+        if KIND == Q5_SYM or KIND == Q5_ASYM:
+            if EVEN:
+                qh = tl.load(qh_ptr + r * KB + b)
+            else:
+                qh = tl.load(qh_ptr + r * KB + b, mask=m3, other=0)
+            qlo = qlo | (((qh >> j) & 1) << 4)
+            qhi = qhi | (((qh >> (j + 16)) & 1) << 4)
+        if KIND == CB4:
+            lo = tl.load(tab_ptr + qlo)
+            hi = tl.load(tab_ptr + qhi)
+        else:
+            lo = qlo.to(tl.float32)
+            hi = qhi.to(tl.float32)
+    s_ptrs = s_ptr + r * ((KB + (1 << SBLK_SHIFT) - 1) >> SBLK_SHIFT) + (b >> SBLK_SHIFT)
+    if EVEN:
+        d = tl.load(s_ptrs).to(tl.float32)
+    else:
+        d = tl.load(s_ptrs, mask=m3, other=0.0).to(tl.float32)
+    if KIND == Q4_SYM:
+        lo = (lo - 8.0) * d
+        hi = (hi - 8.0) * d
+    elif KIND == Q5_SYM:
+        lo = (lo - 16.0) * d
+        hi = (hi - 16.0) * d
+    elif KIND == Q4_ASYM or KIND == Q5_ASYM:
+        mn_ptrs = mn_ptr + r * KB + b
+        if EVEN:
+            mn = tl.load(mn_ptrs).to(tl.float32)
+        else:
+            mn = tl.load(mn_ptrs, mask=m3, other=0.0).to(tl.float32)
+        lo = lo * d + mn
+        hi = hi * d + mn
+    else:
+        lo = lo * d
+        hi = hi * d
+    return lo, hi
+
+
+@triton.jit(do_not_specialize=["M", "N", "steps_per_split"])
+def matmul_blocks_kernel(
+    x_ptr, w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, b_ptr, y_ptr,
+    M, N, KB, stride_xm, stride_ym, steps_per_split,
+    KIND: tl.constexpr, SBLK_SHIFT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+):
+    """y = x @ dequant(w).T (+ bias) for a block format; grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K).
+
+    Split pid_k covers 32-weight blocks [pid_k, pid_k + 1) * steps_per_split * NB."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    # grouped order: GROUP_M row tiles share each weight tile while it is in L2
+    width = GROUP_M * grid_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    xm = tl.minimum(offs_m, M - 1).to(tl.int64)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    u = tl.arange(0, NB * 16)
+    xcol = (u // 16) * 32 + (u % 16)           # column of x under element u of a first-half slice
+    x_rows = x_ptr + xm[:, None] * stride_xm
+    dot_ty = x_ptr.dtype.element_ty
+
+    b_begin = pid_k * steps_per_split * NB
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for step in range(0, steps_per_split):
+        kb0 = b_begin + step * NB
+        blk = kb0 + tl.arange(0, NB)
+        bmask = blk < KB
+        lo, hi = block_values(w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, rows, blk, bmask, KB, KIND, SBLK_SHIFT, EVEN)
+        w_lo = tl.reshape(lo, [BLOCK_N, NB * 16]).to(dot_ty)
+        w_hi = tl.reshape(hi, [BLOCK_N, NB * 16]).to(dot_ty)
+        x_ptrs = x_rows + kb0 * 32 + xcol[None, :]
+        if EVEN:
+            x_lo = tl.load(x_ptrs)
+            x_hi = tl.load(x_ptrs + 16)
+        else:
+            umask = (kb0 + u // 16) < KB
+            x_lo = tl.load(x_ptrs, mask=umask[None, :], other=0.0)
+            x_hi = tl.load(x_ptrs + 16, mask=umask[None, :], other=0.0)
+        acc = tl.dot(x_lo, tl.trans(w_lo), acc)
+        acc = tl.dot(x_hi, tl.trans(w_hi), acc)
+
+    _store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, rows, M, N, stride_ym, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, rows, M, N, stride_ym, SPLIT_K: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["M", "N", "steps_per_split"])
+def matmul_fp8_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym, steps_per_split,
+    E5M2: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+):
+    """y = (x @ w.T) * scale[n] (+ bias) for fp8 weights [N, K] with a float32 scale per row."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    xm = tl.minimum(offs_m, M - 1).to(tl.int64)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    x_rows = x_ptr + xm[:, None] * stride_xm
+    w_rows = w_ptr + rows[:, None] * K
+    dot_ty = x_ptr.dtype.element_ty
+    k_begin = pid_k * steps_per_split * BLOCK_K
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for step in range(0, steps_per_split):
+        k = k_begin + step * BLOCK_K + tl.arange(0, BLOCK_K)
+        if EVEN:
+            q = tl.load(w_rows + k[None, :])
+            xt = tl.load(x_rows + k[None, :])
+        else:
+            kmask = k < K
+            q = tl.load(w_rows + k[None, :], mask=kmask[None, :])
+            xt = tl.load(x_rows + k[None, :], mask=kmask[None, :], other=0.0)
+        if NATIVE:
+            w = q.to(dot_ty)
+        else:
+            q16 = q.to(tl.int16)
+            if E5M2:
+                h = q16 << 8
+            else:
+                h = ((q16 & 0x80) << 8) | ((q16 & 0x7F) << 7)
+            w = h.to(tl.float16, bitcast=True).to(dot_ty)
+        if not EVEN:
+            w = tl.where(kmask[None, :], w, 0.0)  # masked lanes hold garbage (possibly NaN codes)
+        acc = tl.dot(xt, tl.trans(w), acc)
+    scale = tl.load(s_ptr + rows)
+    if not NATIVE and not E5M2:
+        scale = scale * 256.0
+    acc = acc * scale[None, :]
+    _store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, rows, M, N, stride_ym, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit(do_not_specialize=["N"])
+def dequant_blocks_kernel(
+    w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, out_ptr, N, KB,
+    KIND: tl.constexpr, SBLK_SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr,
+):
+    """out[N, KB * 32] = the dequantized weight in out's dtype; grid (cdiv(N, BLOCK_N), cdiv(KB, NB))."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    blk = tl.program_id(1) * NB + tl.arange(0, NB)
+    bmask = blk < KB
+    lo, hi = block_values(w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, rows, blk, bmask, KB, KIND, SBLK_SHIFT, EVEN)
+    j = tl.arange(0, 16)[None, None, :]
+    ptrs = out_ptr + offs_n.to(tl.int64)[:, None, None] * (KB * 32) + blk[None, :, None] * 32 + j
+    mask = (offs_n[:, None, None] < N) & bmask[None, :, None]
+    ty = out_ptr.dtype.element_ty
+    tl.store(ptrs, lo.to(ty), mask=mask)
+    tl.store(ptrs + 16, hi.to(ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["N"])
+def dequant_fp8_kernel(w_ptr, s_ptr, out_ptr, N, K, E5M2: tl.constexpr, NATIVE: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[N, K] = float8 weight * row scale in out's dtype (one rounding of the float32 product)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    mask = (offs_n[:, None] < N) & (k[None, :] < K)
+    q = tl.load(w_ptr + rows[:, None] * K + k[None, :], mask=mask)
+    if NATIVE:
+        w = q.to(tl.float32)
+    else:
+        q16 = q.to(tl.int16)
+        if E5M2:
+            h = q16 << 8
+        else:
+            h = ((q16 & 0x80) << 8) | ((q16 & 0x7F) << 7)
+        w = h.to(tl.float16, bitcast=True).to(tl.float32)
+        if not E5M2:
+            w = w * 256.0
+    w = w * tl.load(s_ptr + rows)[:, None]
+    tl.store(out_ptr + rows[:, None] * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)

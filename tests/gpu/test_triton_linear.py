@@ -1,0 +1,168 @@
+"""Triton matmul paths (ipex_llm_tf.kernels.triton_linear) against F.linear on the float32-dequantized weight.
+
+Runs on a CUDA or XPU device and is skipped elsewhere. With TRITON_INTERPRET=1 it also runs on the CPU through the
+Triton interpreter (slow; bf16 tl.dot is not emulated there, so bf16 matmul checks are skipped in that mode).
+
+Tolerances are max |y - ref| / max |ref| against the float32 reference: the kernels accumulate in float32, so the
+error is the rounding of the output (and, for the tl.dot paths, of the dequantized weight) to the activation dtype.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import relative_error
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _device() -> str | None:
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return "xpu"
+    return "cpu" if INTERPRET else None
+
+
+DEVICE = _device()
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(DEVICE is None, reason="needs a CUDA or XPU device (or TRITON_INTERPRET=1)")]
+triton = pytest.importorskip("triton")
+
+from ipex_llm_tf.formats import get_format, list_formats  # noqa: E402
+from ipex_llm_tf.kernels import PackedCache, low_bit_linear  # noqa: E402
+from ipex_llm_tf.kernels import triton_linear as TL  # noqa: E402
+
+TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4}
+# (out_features N, in_features K): N not a multiple of any block size; K odd multiples of 32 / 64
+SHAPES = [(37, 96), (100, 192), (300, 4160)]
+ROWS = [1, 3, 16, 64, 200]
+FUSED = ["sym_int4", "asym_int4", "sym_int5", "asym_int5", "sym_int8", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_autotune():
+    # tuning compiles every candidate; correctness does not need it (test_configs covers the configurations)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IPEX_LLM_TF_TRITON_AUTOTUNE", "0")
+        yield
+
+
+def _weight(fmt_name: str, n: int, k: int):
+    fmt = get_format(fmt_name)
+    w = torch.randn(n, k, device=DEVICE) * 0.05
+    w[0, :32] = 0.0  # an all-zero block (zero scale)
+    parts = fmt.quantize(w)
+    return fmt, parts, fmt.dequantize(parts, dtype=torch.float32)
+
+
+def _check(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert y.shape == ref.shape and y.dtype == dtype, f"{what}: {tuple(y.shape)} {y.dtype}"
+    assert bool(torch.isfinite(y).all()), f"{what}: non-finite output"
+    err = relative_error(y.float(), ref)
+    assert err < TOLERANCE[dtype], f"{what}: relative error {err:.2e} over {TOLERANCE[dtype]:.0e}"
+
+
+def _skip_interpreted_bf16_dot(dtype: torch.dtype, m: int, fmt_name: str) -> bool:
+    limit = TL.FUSED_MAX_ROWS_FP8 if fmt_name.startswith("fp8") else TL.FUSED_MAX_ROWS
+    return INTERPRET and dtype == torch.bfloat16 and TL.GEMV_MAX_ROWS < m <= limit
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("fmt_name", list_formats())
+def test_linear_matches_reference(fmt_name: str, dtype: torch.dtype) -> None:
+    for n, k in SHAPES:
+        if k % get_format(fmt_name).block_size:
+            continue
+        fmt, parts, w_ref = _weight(fmt_name, n, k)
+        bias = torch.randn(n, device=DEVICE).to(dtype)
+        cache = PackedCache()
+        for m in ROWS:
+            if _skip_interpreted_bf16_dot(dtype, m, fmt_name):
+                continue
+            x = torch.randn(m, k, device=DEVICE).to(dtype)
+            for b in (bias, None):
+                y = TL.linear(x, fmt, parts, b, n, cache)
+                ref = F.linear(x.float(), w_ref, None if b is None else b.float())
+                _check(y, ref, dtype, f"{fmt_name} N={n} K={k} M={m} bias={b is not None}")
+
+
+@pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int5", "sym_int8", "nf4", "fp8_e4m3"])
+def test_float32_activations(fmt_name: str) -> None:
+    n, k = 100, 192
+    fmt, parts, w_ref = _weight(fmt_name, n, k)
+    for m in (1, 4, 16, 200):
+        x = torch.randn(m, k, device=DEVICE)
+        y = TL.linear(x, fmt, parts, None, n, None)
+        _check(y, F.linear(x, w_ref), torch.float32, f"{fmt_name} fp32 M={m}")
+
+
+GEMV_CONFIGS = [TL.GemvConfig(16, 64, 4), TL.GemvConfig(8, 32, 4, 3, 1), TL.GemvConfig(32, 128, 8, 2, 0),
+                TL.GemvConfig(64, 16, 4, 5), TL.GemvConfig(16, 256, 16, 1, 1), TL.GemvConfig(8, 128, 4, 1, 2)]
+MM_CONFIGS = [TL.MatmulConfig(16, 32, 64, 4, 2, split_k=3), TL.MatmulConfig(64, 64, 128, 4, 3),
+              TL.MatmulConfig(32, 64, 256, 4, 2, split_k=2, group_m=2), TL.MatmulConfig(16, 16, 32, 4, 1)]
+
+
+@pytest.mark.parametrize("fmt_name", FUSED)
+def test_configs(fmt_name: str) -> None:
+    """Every kernel configuration kind (split-K, K not a multiple of the step, N not of the block) on one shape."""
+    n, k = 100, 4160
+    fmt, parts, w_ref = _weight(fmt_name, n, k)
+    bias = torch.randn(n, device=DEVICE).to(torch.float16)
+    fp8 = fmt_name.startswith("fp8")
+    ops = TL.fp8_operands(fmt, parts) if fp8 else TL.block_operands(fmt, parts)
+    for m in (1, 3):
+        x = torch.randn(m, k, device=DEVICE).to(torch.float16)
+        ref = F.linear(x.float(), w_ref, bias.float())
+        for cfg in GEMV_CONFIGS:
+            y = TL.gemv_fp8(x, ops, bias, n, cfg) if fp8 else TL.gemv_blocks(x, ops, bias, n, cfg)
+            _check(y, ref, torch.float16, f"{fmt_name} gemv {cfg} M={m}")
+    for m in (16, 40):
+        x = torch.randn(m, k, device=DEVICE).to(torch.float16)
+        ref = F.linear(x.float(), w_ref, bias.float())
+        for cfg in MM_CONFIGS:
+            y = TL.matmul_fp8(x, ops, bias, n, cfg) if fp8 else TL.matmul_blocks(x, ops, bias, n, cfg)
+            _check(y, ref, torch.float16, f"{fmt_name} matmul {cfg} M={m}")
+    if not fp8:
+        ref = F.linear(x.float(), w_ref, bias.float())
+        _check(TL.dequant_matmul_blocks(x, ops, bias, n), ref, torch.float16, f"{fmt_name} dequant+matmul")
+    else:
+        _check(TL.dequant_matmul_fp8(x, ops, bias, n), ref, torch.float16, f"{fmt_name} dequant+matmul")
+
+
+@pytest.mark.parametrize("fmt_name", FUSED)
+def test_dequantize_kernel_is_exact(fmt_name: str) -> None:
+    n, k = 70, 4160
+    fmt, parts, w_ref = _weight(fmt_name, n, k)
+    fp8 = fmt_name.startswith("fp8")
+    ops = TL.fp8_operands(fmt, parts) if fp8 else TL.block_operands(fmt, parts)
+    # the interpreter converts to bf16 by truncation, not round-to-nearest-even as the devices do
+    for dtype in (torch.float32, torch.float16) + (() if INTERPRET else (torch.bfloat16,)):
+        w = TL.dequantize_fp8(ops, n, dtype) if fp8 else TL.dequantize_blocks(ops, n, dtype)
+        assert torch.equal(w, w_ref.to(dtype)), f"{fmt_name} {dtype}"
+
+
+def test_dispatch_through_low_bit_linear() -> None:
+    """kernels.low_bit_linear sends CUDA/XPU tensors to triton_linear; leading dims and the cache work."""
+    if DEVICE == "cpu":
+        pytest.skip("dispatch picks the CPU backend for CPU tensors")
+    n, k = 100, 192
+    fmt, parts, w_ref = _weight("sym_int4", n, k)
+    cache = PackedCache()
+    x = torch.randn(2, 3, k, device=DEVICE, dtype=torch.float16)
+    y = low_bit_linear(x, fmt, parts, None, n, cache)
+    _check(y.reshape(6, n), F.linear(x.reshape(6, k).float(), w_ref), torch.float16, "dispatch")
+    assert isinstance(cache.value, TL.BlockOperands)
+
+
+def test_empty_and_strided_input() -> None:
+    n, k = 37, 96
+    fmt, parts, w_ref = _weight("sym_int8", n, k)
+    x = torch.randn(0, k, device=DEVICE, dtype=torch.float16)
+    assert TL.linear(x, fmt, parts, None, n, None).shape == (0, n)
+    big = torch.randn(4, 2 * k, device=DEVICE, dtype=torch.float16)
+    x = big[:, ::2]  # last-dim stride 2
+    _check(TL.linear(x, fmt, parts, None, n, None), F.linear(x.float(), w_ref), torch.float16, "strided")
