@@ -25,18 +25,10 @@ CASES = ("transformers fp32", "ours asym_int4 (GGUF, lossless)", "ours sym_int4"
 
 
 def _hf_timings(model, ids, new_tokens: int) -> dict:
-    import torch
-
-    def generate(n: int) -> float:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
-        return time.perf_counter() - start
-
-    generate(4)  # warm-up
-    first = min(generate(1) for _ in range(3))
-    full = min(generate(new_tokens) for _ in range(2))
+    from ipex_llm_tf.bench import time_generate
+    time_generate(model, ids, 4)  # warm-up
+    first = min(time_generate(model, ids, 1) for _ in range(3))
+    full = min(time_generate(model, ids, new_tokens) for _ in range(2))
     return {"first_token_ms": round(first * 1e3, 1), "tok_s": round((new_tokens - 1) / (full - first), 1)}
 
 

@@ -22,7 +22,7 @@ from common import print_table, write_json  # noqa: E402
 
 import ipex_llm_tf  # noqa: E402
 import ipex_llm_tf.devices  # noqa: E402
-from ipex_llm_tf.bench import peak_memory_mib, synchronize  # noqa: E402
+from ipex_llm_tf.bench import peak_memory_mib, synchronize, time_generate  # noqa: E402
 
 
 def build(device: str, tiny: bool) -> torch.nn.Module:
@@ -37,27 +37,17 @@ def build(device: str, tiny: bool) -> torch.nn.Module:
     return model.eval()
 
 
-def generate_s(model, ids: torch.Tensor, new_tokens: int) -> float:
-    synchronize(ids.device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    synchronize(ids.device)
-    return time.perf_counter() - start
-
-
 def measure(name: str, model, device: str, new_tokens: int, bits: float) -> dict:
     ids = torch.randint(100, 30000, (1, 32), device=device, generator=torch.Generator(device).manual_seed(0))
-    warm = generate_s(model, ids, 4)
-    first = min(generate_s(model, ids, 1) for _ in range(3))
-    full = min(generate_s(model, ids, 1 + new_tokens) for _ in range(2))
+    warm = time_generate(model, ids, 4)
+    first = min(time_generate(model, ids, 1) for _ in range(3))
+    full = min(time_generate(model, ids, 1 + new_tokens) for _ in range(2))
     next_ms = (full - first) / new_tokens * 1e3
     long_ids = torch.randint(100, 30000, (1, 1024), device=device)
-    first_1024 = min(generate_s(model, long_ids, 1) for _ in range(2))
+    first_1024 = min(time_generate(model, long_ids, 1) for _ in range(2))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    generate_s(model, torch.randint(100, 30000, (1, 1984), device=device), 64)
+    time_generate(model, torch.randint(100, 30000, (1, 1984), device=device), 64)
     return {"system": name, "bits/weight": bits, "warmup_ms": round(warm * 1e3, 1),
             "first_token_ms": round(first * 1e3, 2), "next_token_ms": round(next_ms, 2),
             "tok_s": round(1e3 / next_ms, 1), "first_token_1024_ms": round(first_1024 * 1e3, 1),
