@@ -154,3 +154,15 @@ def test_low_bit_embedding_lookup_equals_dequantized_table(fmt: str) -> None:
     assert embedding(ids).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="expects tensors"):
         embedding.load_parts({"bogus": table})
+
+
+@pytest.mark.parametrize("fmt", ["sym_int4", "asym_int5", "sym_int8"])
+def test_int4_planes_packed_in_row_chunks_equal_whole(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipex_llm_tf.kernels import cpu_int4
+    layer = LowBitLinear.from_linear(make_linear(64, 80, bias=False), fmt)
+    whole = cpu_int4.pack_planes(layer.fmt, layer.parts)
+    monkeypatch.setattr(cpu_int4, "ROW_CHUNK", 32)
+    chunked = cpu_int4.pack_planes(layer.fmt, layer.parts)
+    assert len(whole) == len(chunked)
+    for (packed_a, sz_a), (packed_b, sz_b) in zip(whole, chunked):
+        assert torch.equal(packed_a, packed_b) and torch.equal(sz_a, sz_b)

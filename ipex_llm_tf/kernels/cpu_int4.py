@@ -42,8 +42,21 @@ def _plane(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Plan
     return packed, scales_and_zeros
 
 
+# Rows packed per step: the int32 code temporaries of a 49152-row vocabulary head would otherwise add ~400 MB to the
+# process peak. A multiple of 16, since the kernel packs rows in groups of 16 (row-chunked packing is identical).
+ROW_CHUNK = 2048
+
+
 def pack_planes(fmt: LowBitFormat, parts: Parts) -> list[Plane]:
-    """Express a ggml-format weight as one or two affine int4 planes for the CPU kernel."""
+    """Express a ggml-format weight as one or two affine int4 planes for the CPU kernel, a chunk of rows at a time."""
+    rows = next(iter(parts.values())).shape[0]
+    chunks = [_pack_rows(fmt, {name: part[start:start + ROW_CHUNK] for name, part in parts.items()})
+              for start in range(0, rows, ROW_CHUNK)]
+    return [(torch.cat([chunk[i][0] for chunk in chunks]), torch.cat([chunk[i][1] for chunk in chunks], dim=1))
+            for i in range(len(chunks[0]))]
+
+
+def _pack_rows(fmt: LowBitFormat, parts: Parts) -> list[Plane]:
     d = parts["scales"].float()
     mins = parts["mins"].float() if "mins" in parts else None
     if fmt.name == "sym_int8":
