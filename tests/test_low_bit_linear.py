@@ -159,9 +159,9 @@ def test_low_bit_embedding_lookup_equals_dequantized_table(fmt: str) -> None:
 @pytest.mark.parametrize("fmt", ["sym_int4", "asym_int5", "sym_int8"])
 def test_int4_planes_packed_in_row_chunks_equal_whole(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from ipex_llm_tf.kernels import cpu_int4
-    layer = LowBitLinear.from_linear(make_linear(64, 80, bias=False), fmt)
+    layer = LowBitLinear.from_linear(make_linear(64, 144, bias=False), fmt)  # two full chunks and a tail
     whole = cpu_int4.pack_planes(layer.fmt, layer.parts)
-    monkeypatch.setattr(cpu_int4, "ROW_CHUNK", 32)
+    monkeypatch.setattr(cpu_int4, "ROW_CHUNK", 64)
     chunked = cpu_int4.pack_planes(layer.fmt, layer.parts)
     assert len(whole) == len(chunked)
     for (packed_a, sz_a), (packed_b, sz_b) in zip(whole, chunked):
