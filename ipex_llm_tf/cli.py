@@ -9,6 +9,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported lazily so that `--help` and bad arguments answer fast
+    import torch
 
 EXIT_USAGE = 2
 CACHE_DIR = Path(os.environ.get("IPEX_LLM_TF_CACHE", Path.home() / ".cache" / "ipex_llm_tf"))
