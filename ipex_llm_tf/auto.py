@@ -68,20 +68,26 @@ class _LowBitAutoModel:
     def from_pretrained(cls, pretrained_model_name_or_path: "str | Path", *model_args,
                         load_in_4bit: bool = False, load_in_low_bit: "str | None" = None,
                         modules_to_not_convert: "list[str] | None" = None, cpu_embedding: bool = False,
-                        optimize_model: bool = True, **kwargs) -> nn.Module:
-        """transformers' from_pretrained, quantizing Linear layers while the checkpoint streams in."""
+                        optimize_model: bool = True, quantize_kv_cache: "bool | None" = None,
+                        **kwargs) -> nn.Module:
+        """transformers' from_pretrained, quantizing Linear layers while the checkpoint streams in.
+
+        quantize_kv_cache=True (or IPEX_LLM_TF_QUANTIZE_KV_CACHE=1) makes generate() keep keys/values in fp8.
+        """
         low_bit = resolve_low_bit(load_in_4bit, load_in_low_bit)
         if kwargs.get("gguf_file"):
             gguf = Path(pretrained_model_name_or_path) / kwargs.pop("gguf_file")
             return cls.from_gguf(gguf, low_bit=low_bit, modules_to_not_convert=modules_to_not_convert,
-                                 cpu_embedding=cpu_embedding, optimize_model=optimize_model, **kwargs)[0]
+                                 cpu_embedding=cpu_embedding, optimize_model=optimize_model,
+                                 quantize_kv_cache=quantize_kv_cache, **kwargs)[0]
         hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         config = kwargs.get("config")
         if not isinstance(config, transformers.PreTrainedConfig):
             config = transformers.AutoConfig.from_pretrained(
                 pretrained_model_name_or_path, trust_remote_code=kwargs.get("trust_remote_code", False), **hub)
         if quantization_field(config) is not None:
-            return cls.load_low_bit(pretrained_model_name_or_path, optimize_model=optimize_model, **kwargs)
+            return cls.load_low_bit(pretrained_model_name_or_path, optimize_model=optimize_model,
+                                    quantize_kv_cache=quantize_kv_cache, **kwargs)
         if low_bit is None:
             if modules_to_not_convert is not None or cpu_embedding:
                 raise ValueError("modules_to_not_convert / cpu_embedding need load_in_4bit=True or load_in_low_bit")
@@ -89,7 +95,7 @@ class _LowBitAutoModel:
         if model_args:
             raise TypeError("positional model arguments are not supported with low-bit loading")
         return cls._quantize_on_load(pretrained_model_name_or_path, config, low_bit, modules_to_not_convert,
-                                     cpu_embedding, optimize_model, kwargs)
+                                     cpu_embedding, optimize_model, kwargs, quantize_kv_cache)
 
     @classmethod
     def _split_kwargs(cls, kwargs: dict) -> tuple[dict, dict, "torch.dtype | None", "str | None"]:
@@ -114,7 +120,7 @@ class _LowBitAutoModel:
 
     @classmethod
     def _quantize_on_load(cls, path, config, low_bit: str, modules_to_not_convert, cpu_embedding: bool,
-                          optimize_model: bool, kwargs: dict) -> nn.Module:
+                          optimize_model: bool, kwargs: dict, quantize_kv_cache: "bool | None" = None) -> nn.Module:
         hub, model_kwargs, dtype, device = cls._split_kwargs(kwargs)
         directory = resolve_checkpoint_dir(path, **{k: hub[k] for k in ("revision", "cache_dir", "token",
                                                                             "local_files_only") if k in hub})
@@ -128,12 +134,12 @@ class _LowBitAutoModel:
         filler.feed_all(iter_tensors(files), count_tensors(files), desc=f"Quantizing to {low_bit}")
         filler.finish()
         cls._attach_generation_config(model, directory)
-        model = finalize(model, low_bit, keep, cpu_embedding, optimize_model)
+        model = finalize(model, low_bit, keep, cpu_embedding, optimize_model, quantize_kv_cache)
         return model.to(device) if device else model
 
     @classmethod
     def load_low_bit(cls, pretrained_model_name_or_path: "str | Path", optimize_model: bool = True,
-                     **kwargs) -> nn.Module:
+                     quantize_kv_cache: "bool | None" = None, **kwargs) -> nn.Module:
         """Load a directory or Hub repo written by save_low_bit / push_to_hub."""
         hub, model_kwargs, dtype, device = cls._split_kwargs(kwargs)
         directory = resolve_checkpoint_dir(pretrained_model_name_or_path, **{
@@ -143,7 +149,7 @@ class _LowBitAutoModel:
         model = fill_low_bit(cls._skeleton(config, dtype, model_kwargs), directory, field, dtype)
         cls._attach_generation_config(model, directory)
         model = finalize(model, field["low_bit"], field.get("modules_to_not_convert", []),
-                         field.get("cpu_embedding", False), optimize_model)
+                         field.get("cpu_embedding", False), optimize_model, quantize_kv_cache)
         return model.to(device) if device else model
 
     @classmethod

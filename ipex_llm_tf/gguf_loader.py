@@ -53,7 +53,8 @@ def _place_packed_embedding(model: nn.Module, embedding: nn.Embedding, low_bit: 
 
 def load_gguf_model(auto_cls, gguf_path: "str | Path", low_bit: "str | None" = None,
                     modules_to_not_convert: "list[str] | None" = None, cpu_embedding: bool = False,
-                    optimize_model: bool = True, dtype: "torch.dtype | str | None" = None,
+                    optimize_model: bool = True, quantize_kv_cache: "bool | None" = None,
+                    dtype: "torch.dtype | str | None" = None,
                     torch_dtype: "torch.dtype | str | None" = None, **unused) -> tuple[nn.Module, object]:
     """(model, tokenizer) from a GGUF file; see the module docstring for which tensors stay as they are."""
     from .auto import resolve_dtype
@@ -94,5 +95,6 @@ def load_gguf_model(auto_cls, gguf_path: "str | Path", low_bit: "str | None" = N
         filler.finish()
     except CheckpointError as err:
         raise CheckpointError(f"{err} (GGUF architecture {checkpoint.architecture!r})") from err
-    model = finalize(model, low_bit, keep, cpu_embedding, optimize_model)  # None: record the most common format
+    # low_bit None: record the most common format
+    model = finalize(model, low_bit, keep, cpu_embedding, optimize_model, quantize_kv_cache)
     return model, tokenizer

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import types
 from pathlib import Path
 from typing import Iterator
@@ -91,14 +92,31 @@ def _apply_cpu_embedding(model: nn.Module) -> None:
         set_(CPUEmbedding.from_embedding(embedding))
 
 
+def quantized_kv_cache_requested(quantize_kv_cache: "bool | None") -> bool:
+    """The explicit argument, else IPEX_LLM_TF_QUANTIZE_KV_CACHE=1."""
+    if quantize_kv_cache is not None:
+        return bool(quantize_kv_cache)
+    return os.environ.get("IPEX_LLM_TF_QUANTIZE_KV_CACHE", "0").strip().lower() in ("1", "true", "yes")
+
+
+def _generate_with_fp8_cache(model: nn.Module, *args, **kwargs):
+    """generate() that brings an fp8 KV cache unless the caller passed a cache of their own."""
+    from .models.kv_cache import Fp8BlockKVCache
+    if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+        kwargs["cache"] = Fp8BlockKVCache()
+    return type(model).generate(model, *args, **kwargs)
+
+
 def finalize(model: nn.Module, low_bit: "str | None", modules_to_not_convert: list[str], cpu_embedding: bool,
-             optimize_model: bool = True) -> nn.Module:
+             optimize_model: bool = True, quantize_kv_cache: "bool | None" = None) -> nn.Module:
     """Common tail of every low-bit entry point: cpu embedding, fused forwards, metadata, instance methods."""
     if cpu_embedding:
         _apply_cpu_embedding(model)
     if optimize_model:
         from .models import optimize_architecture
         optimize_architecture(model)
+    if quantized_kv_cache_requested(quantize_kv_cache) and hasattr(model, "generate"):
+        model.generate = types.MethodType(_generate_with_fp8_cache, model)
     _record(model, low_bit, modules_to_not_convert, cpu_embedding)
     model.eval()
     return attach_low_bit_methods(model)
@@ -106,7 +124,7 @@ def finalize(model: nn.Module, low_bit: "str | None", modules_to_not_convert: li
 
 def optimize_model(model: nn.Module, low_bit: str = "sym_int4", optimize_llm: bool = True,
                    modules_to_not_convert: "list[str] | None" = None, cpu_embedding: bool = False,
-                   device: "str | torch.device | None" = None) -> nn.Module:
+                   device: "str | torch.device | None" = None, quantize_kv_cache: "bool | None" = None) -> nn.Module:
     """Quantize a loaded PyTorch / transformers model in place to `low_bit` and apply fused forwards."""
     get_format(low_bit)
     keep = resolve_modules_to_not_convert(modules_to_not_convert)
@@ -114,7 +132,7 @@ def optimize_model(model: nn.Module, low_bit: str = "sym_int4", optimize_llm: bo
         check_device(device)
     report: ConversionReport = convert(model, low_bit, keep)
     logger.info("%s", report)
-    model = finalize(model, get_format(low_bit).name, keep, cpu_embedding, optimize_llm)
+    model = finalize(model, get_format(low_bit).name, keep, cpu_embedding, optimize_llm, quantize_kv_cache)
     return model.to(device) if device is not None else model
 
 

@@ -244,3 +244,27 @@ def test_save_low_bit_needs_low_bit_model(checkpoints, tmp_path: Path) -> None:
     from ipex_llm_tf.optimize import save_low_bit
     with pytest.raises(CheckpointError, match="needs a model made by ipex_llm_tf"):
         save_low_bit(transformers.AutoModelForCausalLM.from_pretrained(checkpoints["llama"]), tmp_path / "x")
+
+
+def test_quantize_kv_cache_option_and_env(checkpoints, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipex_llm_tf.models.kv_cache import Fp8BlockKVCache
+    seen = []
+    original = Fp8BlockKVCache.__init__
+
+    def record(self, *args, **kwargs):
+        seen.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Fp8BlockKVCache, "__init__", record)
+    plain = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], load_in_4bit=True)
+    fp8 = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], load_in_4bit=True, quantize_kv_cache=True)
+    with torch.inference_mode():
+        expected = plain.generate(IDS, max_new_tokens=6, do_sample=False)
+        out = fp8.generate(IDS, max_new_tokens=6, do_sample=False)
+    assert len(seen) == 1 and out.shape == expected.shape
+    assert torch.equal(out[:, : IDS.shape[1] + 1], expected[:, : IDS.shape[1] + 1])  # prefill is exact
+    monkeypatch.setenv("IPEX_LLM_TF_QUANTIZE_KV_CACHE", "1")
+    from_env = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], load_in_4bit=True)
+    with torch.inference_mode():
+        from_env.generate(IDS, max_new_tokens=2, do_sample=False)
+    assert len(seen) == 2
