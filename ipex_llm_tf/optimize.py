@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .convert import ConversionReport, convert, resolve_modules_to_not_convert
+from .convert import convert, resolve_modules_to_not_convert
 from .devices import check_device, CPUEmbedding, move_model
 from .formats import get_format
 from .loading import SkeletonFiller, parameters_on_meta
@@ -130,8 +130,7 @@ def optimize_model(model: nn.Module, low_bit: str = "sym_int4", optimize_llm: bo
     keep = resolve_modules_to_not_convert(modules_to_not_convert)
     if device is not None:
         check_device(device)
-    report: ConversionReport = convert(model, low_bit, keep)
-    logger.info("%s", report)
+    convert(model, low_bit, keep)  # logs what it converted and what it kept
     model = finalize(model, get_format(low_bit).name, keep, cpu_embedding, optimize_llm, quantize_kv_cache)
     return model.to(device) if device is not None else model
 
