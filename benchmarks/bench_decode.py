@@ -21,18 +21,20 @@ from common import make_smollm2, peak_rss_mib, print_table, write_json  # noqa: 
 
 PROMPT = ("The old lighthouse keeper climbed the narrow stairs every evening to light the lamp. One stormy night in "
           "November, he noticed a small boat drifting toward the rocks, so he")
-CASES = ("transformers fp32", "ours asym_int4 (GGUF, lossless)", "ours sym_int4", "ours sym_int8", "llama.cpp Q4_1")
+CASES = ("transformers fp32", "transformers bf16", "ours asym_int4 (GGUF, lossless)", "ours sym_int4", "ours sym_int8", "llama.cpp Q4_1")
 
 
-def _hf_timings(model, ids, new_tokens: int) -> dict:
+def _hf_timings(model, ids, long_ids, new_tokens: int) -> dict:
     from ipex_llm_tf.bench import time_generate
     time_generate(model, ids, 4)  # warm-up
     first = min(time_generate(model, ids, 1) for _ in range(3))
     full = min(time_generate(model, ids, new_tokens) for _ in range(2))
-    return {"first_token_ms": round(first * 1e3, 1), "tok_s": round((new_tokens - 1) / (full - first), 1)}
+    first_long = min(time_generate(model, long_ids, 1) for _ in range(2))
+    return {"first_token_ms": round(first * 1e3, 1), "tok_s": round((new_tokens - 1) / (full - first), 1),
+            "first_token_1024_ms": round(first_long * 1e3, 1)}
 
 
-def _llama_cpp_timings(gguf: Path, ids: list[int], new_tokens: int) -> dict:
+def _llama_cpp_timings(gguf: Path, ids: list[int], long_ids: list[int], new_tokens: int) -> dict:
     import numpy as np
     from llama_cpp import Llama
     llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False)
@@ -45,7 +47,13 @@ def _llama_cpp_timings(gguf: Path, ids: list[int], new_tokens: int) -> dict:
     for _ in range(new_tokens - 1):
         llm.eval([token])
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    return {"first_token_ms": round(first * 1e3, 1), "tok_s": round((new_tokens - 1) / (time.perf_counter() - start), 1)}
+    tok_s = (new_tokens - 1) / (time.perf_counter() - start)
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(long_ids)
+    first_long = time.perf_counter() - start
+    return {"first_token_ms": round(first * 1e3, 1), "tok_s": round(tok_s, 1),
+            "first_token_1024_ms": round(first_long * 1e3, 1)}
 
 
 def run_case(case: str, source: Path, new_tokens: int, threads: int) -> dict:
@@ -56,20 +64,22 @@ def run_case(case: str, source: Path, new_tokens: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     ids = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
+    long_ids = ids.repeat(1, 1024 // ids.shape[1] + 1)[:, :1024]
     if case.startswith("llama.cpp"):
         try:
-            timings = _llama_cpp_timings(find_default_gguf(), ids[0].tolist(), new_tokens)
+            timings = _llama_cpp_timings(find_default_gguf(), ids[0].tolist(), long_ids[0].tolist(), new_tokens)
         except ImportError:
             return {"note": "llama-cpp-python not installed"}
     else:
-        if case == "transformers fp32":
-            model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        if case.startswith("transformers"):
+            dtype = torch.float32 if case.endswith("fp32") else torch.bfloat16
+            model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
         elif case.startswith("ours asym_int4"):
             model, _ = ipex_llm_tf.AutoModelForCausalLM.from_gguf(find_default_gguf())
         else:
             model = ipex_llm_tf.AutoModelForCausalLM.from_pretrained(source, load_in_low_bit=case.split()[-1],
                                                                      dtype=torch.float32)
-        timings = _hf_timings(model, ids, new_tokens)
+        timings = _hf_timings(model, ids, long_ids, new_tokens)
     return {**timings, "peak_rss_mib": round(peak_rss_mib(), 1), "prompt_tokens": int(ids.shape[1])}
 
 
@@ -95,7 +105,8 @@ def main() -> None:
                                  capture_output=True, text=True, check=True)
             rows.append({"system": case, **json.loads(out.stdout.strip().splitlines()[-1])})
             print(f"  {case} done", file=sys.stderr)
-    print_table(rows, ["system", "first_token_ms", "tok_s", "peak_rss_mib", "prompt_tokens", "note"])
+    print_table(rows, ["system", "first_token_ms", "first_token_1024_ms", "tok_s", "peak_rss_mib", "prompt_tokens",
+                       "note"])
     print(f"wrote {write_json('bench_decode', {'new_tokens': args.new_tokens, 'rows': rows}, args.json)}")
 
 
