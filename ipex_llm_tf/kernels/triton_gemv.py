@@ -148,6 +148,19 @@ def _load_x_step(x_row, w_begin, step, KW, BLOCK_W: tl.constexpr, EPW: tl.conste
     return x0, x1, x2, x3, x4, x5, x6, x7, xsum
 
 
+@triton.jit
+def _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Write one output row: bias added once, or accumulated atomically across split-K programs."""
+    nmask = offs_n < N
+    y_ptrs = y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows).to(tl.float32)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.atomic_add(y_ptrs, y, mask=nmask, sem="relaxed")
+
+
 @triton.jit(do_not_specialize=["M", "N", "steps_per_split", "one_bits"])
 def gemv_words_kernel(
     x_ptr, w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, b_ptr, y_ptr,
@@ -232,14 +245,7 @@ def gemv_words_kernel(
             acc += (SCALE * d) * F + (mn - SCALE * d) * X[:, None]
 
     y = tl.sum(acc, axis=0)
-    nmask = offs_n < N
-    y_ptrs = y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows).to(tl.float32)
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.atomic_add(y_ptrs, y, mask=nmask, sem="relaxed")
+    _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=["M", "N", "steps_per_split"])
@@ -304,11 +310,4 @@ def gemv_fp8_kernel(
     y = tl.sum(acc, axis=1) * tl.load(s_ptr + rows)
     if not NATIVE and not E5M2:
         y = y * 256.0
-    nmask = offs_n < N
-    y_ptrs = y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows).to(tl.float32)
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.atomic_add(y_ptrs, y, mask=nmask, sem="relaxed")
+    _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS)
