@@ -247,27 +247,27 @@ _GEMV_FP8_TILES = ((8, 512, 4, 1, False), (16, 256, 4, 0, False), (32, 128, 8, 1
                    (32, 256, 16, 1, False), (16, 256, 4, 1, True))
 
 
-def gemv_candidates(m: int, n: int, words: int, device: torch.device) -> list[GemvConfig]:
-    """GEMV configurations for a block format, the heuristic choice first (split-K variants for few programs)."""
+def _gemv_configs(tiles: tuple, m: int, n: int, extent: int, min_width: int,
+                  device: torch.device) -> list[GemvConfig]:
+    """GEMV configurations from a tile table, the heuristic choice first (split-K variants for few programs)."""
     out: list[GemvConfig] = []
-    for bn, w, warps, prefetch, may_split in _GEMV_TILES:
-        w = min(w, max(16, triton.next_power_of_2(words)))
+    for bn, w, warps, prefetch, may_split in tiles:
+        w = min(w, max(min_width, triton.next_power_of_2(extent)))
         out.append(GemvConfig(bn, w, warps, 1, prefetch))
-        split = _split_for(m * -(-n // bn), max(1, words // w), device) if may_split else 1
+        split = _split_for(m * -(-n // bn), max(1, extent // w), device) if may_split else 1
         if split > 1:
             out.append(GemvConfig(bn, w, warps, split, prefetch))
     return list(dict.fromkeys(out))
+
+
+def gemv_candidates(m: int, n: int, words: int, device: torch.device) -> list[GemvConfig]:
+    """GEMV configurations for a block format (K measured in 32-bit code words per row)."""
+    return _gemv_configs(_GEMV_TILES, m, n, words, 16, device)
 
 
 def gemv_fp8_candidates(m: int, n: int, k: int, device: torch.device) -> list[GemvConfig]:
-    out: list[GemvConfig] = []
-    for bn, w, warps, prefetch, may_split in _GEMV_FP8_TILES:
-        w = min(w, max(32, triton.next_power_of_2(k)))
-        out.append(GemvConfig(bn, w, warps, 1, prefetch))
-        split = _split_for(m * -(-n // bn), max(1, k // w), device) if may_split else 1
-        if split > 1:
-            out.append(GemvConfig(bn, w, warps, split, prefetch))
-    return list(dict.fromkeys(out))
+    """GEMV configurations for fp8 weights (K measured in elements)."""
+    return _gemv_configs(_GEMV_FP8_TILES, m, n, k, 32, device)
 
 
 def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list[MatmulConfig]:
