@@ -1,10 +1,13 @@
-"""GPU decode, Llama-2-7B shape with random weights: ours per format vs transformers fp16 eager, in one run.
+"""GPU decode, Llama-2-7B shape with random weights: ours per format and the peers, all in one run, one table.
 
-    python benchmarks/bench_gpu.py [--formats sym_int4 sym_int8 ...] [--new-tokens 128] [--json PATH]
+    python benchmarks/bench_gpu.py [--formats sym_int4 sym_int8 ...] [--peers fp16 fp16-compile int4-compile]
+                                   [--new-tokens 128] [--json PATH]
 
-Batch 1, 32-token prompt, greedy with EOS masked. next-token ms = (T(generate 1+N) - T(generate 1)) / N.
-Also: first token for a 1024-token prompt, and peak GPU memory of a 2048-token context for the low-bit model alone
-(the fp16 model it was quantized from is freed first). Peers measured elsewhere are in ../shared/anchors.
+Batch 1, 32-token prompt, greedy with EOS masked. next-token ms = (T(generate 1+N) - T(generate 1)) / N, after two
+warm-up runs at those lengths (compiles and graph captures happen there; warmup_ms is the first of them).
+Also: first token for a 1024-token prompt, and peak GPU memory of a 2048-token context (the fp16 model a low-bit one
+was quantized from is freed first). Peer rows are built by gpu_peers.py; torchao / bitsandbytes figures are in
+../shared/anchors (their wheels are not on the device).
 """
 from __future__ import annotations
 
@@ -19,10 +22,19 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_json  # noqa: E402
+from gpu_peers import to_int4pack  # noqa: E402
 
 import ipex_llm_tf  # noqa: E402
 import ipex_llm_tf.devices  # noqa: E402
 from ipex_llm_tf.bench import peak_memory_mib, synchronize, time_generate  # noqa: E402
+from ipex_llm_tf.models.graph_decode import graph_decoder  # noqa: E402
+
+PEERS = {  # name -> (row label, bits/weight, builder from the fp16 model, generate keyword arguments)
+    "fp16": ("transformers fp16 eager", 16, lambda m: m, {}),
+    "fp16-compile": ("transformers fp16 static+compile", 16, lambda m: m, {"cache_implementation": "static"}),
+    "int4-compile": ("torch _weight_int4pack_mm g128 static+compile", 4.25, to_int4pack,
+                     {"cache_implementation": "static"}),
+}
 
 
 def build(device: str, tiny: bool) -> torch.nn.Module:
@@ -37,53 +49,69 @@ def build(device: str, tiny: bool) -> torch.nn.Module:
     return model.eval()
 
 
-def measure(name: str, model, device: str, new_tokens: int, bits: float) -> dict:
+def measure(name: str, model, device: str, new_tokens: int, bits: float, **generate_kwargs) -> dict:
     ids = torch.randint(100, 30000, (1, 32), device=device, generator=torch.Generator(device).manual_seed(0))
-    warm = time_generate(model, ids, 4)
-    first = min(time_generate(model, ids, 1) for _ in range(3))
-    full = min(time_generate(model, ids, 1 + new_tokens) for _ in range(2))
+    warm = time_generate(model, ids, 1 + new_tokens, **generate_kwargs)
+    time_generate(model, ids, 1, **generate_kwargs)
+    first = min(time_generate(model, ids, 1, **generate_kwargs) for _ in range(3))
+    full = min(time_generate(model, ids, 1 + new_tokens, **generate_kwargs) for _ in range(2))
     next_ms = (full - first) / new_tokens * 1e3
     long_ids = torch.randint(100, 30000, (1, 1024), device=device)
-    first_1024 = min(time_generate(model, long_ids, 1) for _ in range(2))
+    first_1024 = min(time_generate(model, long_ids, 1, **generate_kwargs) for _ in range(3))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    time_generate(model, torch.randint(100, 30000, (1, 1984), device=device), 64)
-    return {"system": name, "bits/weight": bits, "warmup_ms": round(warm * 1e3, 1),
-            "first_token_ms": round(first * 1e3, 2), "next_token_ms": round(next_ms, 2),
-            "tok_s": round(1e3 / next_ms, 1), "first_token_1024_ms": round(first_1024 * 1e3, 1),
-            "peak_gib_2k_ctx": round(peak_memory_mib(device) / 1024, 2)}
+    time_generate(model, torch.randint(100, 30000, (1, 1984), device=device), 64, **generate_kwargs)
+    row = {"system": name, "bits/weight": bits, "warmup_ms": round(warm * 1e3, 1),
+           "first_token_ms": round(first * 1e3, 2), "next_token_ms": round(next_ms, 2),
+           "tok_s": round(1e3 / next_ms, 1), "first_token_1024_ms": round(first_1024 * 1e3, 1),
+           "peak_gib_2k_ctx": round(peak_memory_mib(device) / 1024, 2)}
+    decoder = graph_decoder(model)
+    if decoder is not None:
+        row["graph_captures"] = f"{decoder.stats.captures} in {decoder.stats.capture_seconds:.2f} s"
+    return row
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", nargs="+", default=["sym_int4", "asym_int4", "sym_int8", "nf4", "fp8_e4m3"])
+    parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS))
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, for a smoke test")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = ipex_llm_tf.devices.best_device()
     rows = []
-    model = build(device, args.tiny)
-    rows.append(measure("transformers fp16 eager", model, device, args.new_tokens, 16))
+    for peer in args.peers:
+        label, bits, make, generate_kwargs = PEERS[peer]
+        try:
+            model = make(build(device, args.tiny))
+            rows.append(measure(label, model, device, args.new_tokens, bits, **generate_kwargs))
+        except Exception as err:  # a peer that cannot run here is reported, not fatal
+            rows.append({"system": label, "bits/weight": bits, "note": f"{type(err).__name__}: {err}"[:120]})
+        model = None
+        torch._dynamo.reset()
+        _free(device)
+        print(f"  {label} done", file=sys.stderr, flush=True)
     for fmt in args.formats:
-        if model is None:
-            model = build(device, args.tiny)
+        model = build(device, args.tiny)
         start = time.perf_counter()
         model = ipex_llm_tf.optimize_model(model, low_bit=fmt)
         synchronize(device)
         quantize_s = time.perf_counter() - start
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        _free(device)
         row = measure(f"ours {fmt}", model, device, args.new_tokens, ipex_llm_tf.get_format(fmt).bits_per_weight)
         rows.append({**row, "quantize_s": round(quantize_s, 1)})
         print(f"  {fmt} done", file=sys.stderr, flush=True)
         model = None
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        _free(device)
     print_table(rows, ["system", "bits/weight", "next_token_ms", "tok_s", "first_token_ms", "first_token_1024_ms",
-                       "peak_gib_2k_ctx", "warmup_ms", "quantize_s"])
+                       "peak_gib_2k_ctx", "warmup_ms", "graph_captures", "quantize_s", "note"])
     gpu = torch.cuda.get_device_name() if device == "cuda" else device
     print(f"wrote {write_json('bench_gpu', {'gpu': gpu, 'rows': rows}, args.json)}")
 

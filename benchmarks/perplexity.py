@@ -1,18 +1,21 @@
 """Perplexity of SmolLM2 (the embedded Q4_1 GGUF) on a fixed English text, for every low-bit format.
 
-    python benchmarks/perplexity.py [--tokens 1024] [--formats sym_int4 nf4 ...] [--json PATH]
+    python benchmarks/perplexity.py [--tokens 2048] [--formats sym_int4 nf4 ...] [--json PATH]
 
 Rows: "unquantized" is a plain transformers model holding the GGUF's weights dequantized to fp32 (no ipex_llm_tf
 layers; the reference every delta is taken against); "gguf native" keeps the file's Q4_1 blocks as asym_int4
 (lossless, so it should match unquantized up to kernel rounding); one row per format re-quantizes the dequantized
 GGUF weights with from_gguf(path, low_bit=fmt); "llama.cpp" runs the same file on the same tokens when
-llama-cpp-python is installed. bits/weight is the storage cost of the quantized Linear layers (the embedding,
+llama-cpp-python is installed, and "llama.cpp Q4_0" runs llama.cpp on a Q4_0 file its own quantizer makes from the
+same GGUF in this run (the peer for sym_int4: same weights, same 4.5 bits). bits/weight is the storage cost of the quantized Linear layers (the embedding,
 tied to lm_head, stays fp32 everywhere). One window of --tokens tokens; NLL is averaged in float64.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
+import tempfile
 import sys
 import time
 from collections import Counter
@@ -67,6 +70,20 @@ def llama_cpp_nll(path: Path, ids: torch.Tensor) -> "float | str":
     return mean_nll(torch.from_numpy(llm.scores[:len(ids)].copy()), ids)
 
 
+def llama_cpp_requantize(path: Path, out_dir: Path, ftype_name: str = "LLAMA_FTYPE_MOSTLY_Q4_0") -> "Path | str":
+    """A GGUF re-quantized by llama.cpp's own quantizer (allow_requantize), or why it could not be made."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return "llama-cpp-python not installed"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype_name)
+    params.allow_requantize = True
+    out = out_dir / f"{path.stem}.requantized.gguf"
+    status = llama_cpp.llama_model_quantize(str(path).encode(), str(out).encode(), ctypes.byref(params))
+    return out if status == 0 else f"llama_model_quantize failed with status {status}"
+
+
 def file_bits_per_weight(path: Path) -> float:
     """Storage bits per weight of the GGUF's most common 2-D tensor type (what llama.cpp multiplies with)."""
     from gguf import GGML_QUANT_SIZES
@@ -80,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", type=Path, default=None, help="default: SmolLM2-135M-Instruct Q4_1")
     parser.add_argument("--text", type=Path, default=TEXT)
-    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--formats", nargs="+", default=list_formats(), choices=list_formats(), metavar="FORMAT")
     parser.add_argument("--json", default=str(RESULTS_DIR / "perplexity.json"))
     args = parser.parse_args()
@@ -113,6 +130,11 @@ def main() -> None:
         del model
     start = time.perf_counter()
     add("llama.cpp", file_bits_per_weight(path), llama_cpp_nll(path, ids), time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        q4_0 = llama_cpp_requantize(path, Path(tmp))
+        nll = q4_0 if isinstance(q4_0, str) else llama_cpp_nll(q4_0, ids)
+        add("llama.cpp Q4_0 (its quantizer, same weights)", 4.5, nll, time.perf_counter() - start)
 
     reference = rows[0]["perplexity"]
     for row in rows:

@@ -13,7 +13,6 @@ import transformers
 from torch import nn
 
 from .convert import convert, resolve_modules_to_not_convert
-from .devices import check_device
 from .formats import get_format
 from .hub import resolve_checkpoint_dir
 from .loading import SkeletonFiller, parameters_on_meta
@@ -47,6 +46,14 @@ def resolve_dtype(dtype: "str | torch.dtype | None") -> "torch.dtype | None":
     if not isinstance(resolved, torch.dtype):
         raise ValueError(f"dtype={dtype!r} is not a torch dtype name (e.g. 'float32', 'bfloat16', 'auto')")
     return resolved
+
+
+def _place(model: nn.Module, placement: tuple | None) -> nn.Module:
+    """Apply (device_map, max_memory): one device, a strategy ("auto") or a dict (distributed.device_map)."""
+    if placement is None:
+        return model
+    from .distributed.device_map import place_model
+    return place_model(model, *placement)
 
 
 class _LowBitAutoModel:
@@ -98,30 +105,28 @@ class _LowBitAutoModel:
                                      cpu_embedding, optimize_model, kwargs, quantize_kv_cache)
 
     @classmethod
-    def _split_kwargs(cls, kwargs: dict) -> tuple[dict, dict, "torch.dtype | None", "str | None"]:
+    def _split_kwargs(cls, kwargs: dict) -> tuple[dict, dict, "torch.dtype | None", "tuple | None"]:
         kwargs = dict(kwargs)
         kwargs.pop("config", None)
         hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
         model_kwargs = {k: kwargs.pop(k) for k in MODEL_KWARGS if k in kwargs}
         dtype = resolve_dtype(kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None))
-        device_map = kwargs.pop("device_map", None)
+        device_map, max_memory = kwargs.pop("device_map", None), kwargs.pop("max_memory", None)
         kwargs.pop("use_safetensors", None)
         kwargs.pop("low_cpu_mem_usage", None)
         if kwargs:
             raise TypeError(f"from_pretrained got arguments ipex_llm_tf does not support with low-bit loading: "
                             f"{sorted(kwargs)}")
-        device = None
-        if device_map is not None:
-            if not isinstance(device_map, (str, torch.device)) or str(device_map) == "balanced":
-                raise NotImplementedError("device_map dictionaries are not supported yet for low-bit models; load "
-                                          "on the CPU and call model.to(device)")
-            device = str(check_device(device_map))
-        return hub, model_kwargs, dtype, device
+        placement = None
+        if device_map is not None or max_memory is not None:
+            from .distributed.device_map import check_device_map_arg
+            placement = (check_device_map_arg(device_map), max_memory)  # bad devices fail before loading
+        return hub, model_kwargs, dtype, placement
 
     @classmethod
     def _quantize_on_load(cls, path, config, low_bit: str, modules_to_not_convert, cpu_embedding: bool,
                           optimize_model: bool, kwargs: dict, quantize_kv_cache: "bool | None" = None) -> nn.Module:
-        hub, model_kwargs, dtype, device = cls._split_kwargs(kwargs)
+        hub, model_kwargs, dtype, placement = cls._split_kwargs(kwargs)
         directory = resolve_checkpoint_dir(path, **{k: hub[k] for k in ("revision", "cache_dir", "token",
                                                                             "local_files_only") if k in hub})
         if "subfolder" in hub:
@@ -135,13 +140,13 @@ class _LowBitAutoModel:
         filler.finish()
         cls._attach_generation_config(model, directory)
         model = finalize(model, low_bit, keep, cpu_embedding, optimize_model, quantize_kv_cache)
-        return model.to(device) if device else model
+        return _place(model, placement)
 
     @classmethod
     def load_low_bit(cls, pretrained_model_name_or_path: "str | Path", optimize_model: bool = True,
                      quantize_kv_cache: "bool | None" = None, **kwargs) -> nn.Module:
         """Load a directory or Hub repo written by save_low_bit / push_to_hub."""
-        hub, model_kwargs, dtype, device = cls._split_kwargs(kwargs)
+        hub, model_kwargs, dtype, placement = cls._split_kwargs(kwargs)
         directory = resolve_checkpoint_dir(pretrained_model_name_or_path, **{
             k: hub[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in hub})
         field = read_field(directory)
@@ -150,7 +155,7 @@ class _LowBitAutoModel:
         cls._attach_generation_config(model, directory)
         model = finalize(model, field["low_bit"], field.get("modules_to_not_convert", []),
                          field.get("cpu_embedding", False), optimize_model, quantize_kv_cache)
-        return model.to(device) if device else model
+        return _place(model, placement)
 
     @classmethod
     def from_gguf(cls, gguf_path: "str | Path", low_bit: "str | None" = None, **kwargs) -> tuple[nn.Module, object]:

@@ -43,13 +43,13 @@ def synchronize(device: "torch.device | str") -> None:
         getattr(torch, device.type).synchronize(device)
 
 
-def time_generate(model, ids: torch.Tensor, new_tokens: int) -> float:
-    """Seconds for a greedy generate of exactly new_tokens tokens."""
+def time_generate(model, ids: torch.Tensor, new_tokens: int, **generate_kwargs) -> float:
+    """Seconds for a greedy generate of exactly new_tokens tokens (extra keyword arguments go to generate)."""
     synchronize(model.device)
     start = time.perf_counter()
     with torch.inference_mode():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **generate_kwargs)
     synchronize(model.device)
     return time.perf_counter() - start
 

@@ -101,10 +101,16 @@ def quantized_kv_cache_requested(quantize_kv_cache: "bool | None") -> bool:
 
 def _generate_with_fp8_cache(model: nn.Module, *args, **kwargs):
     """generate() that brings an fp8 KV cache unless the caller passed a cache of their own."""
+    from .models.graph_decode import CACHE_KWARG
     from .models.kv_cache import Fp8BlockKVCache
     if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
-        kwargs["cache"] = Fp8BlockKVCache()
+        kwargs[CACHE_KWARG] = Fp8BlockKVCache()
     return type(model).generate(model, *args, **kwargs)
+
+
+def graph_decode_requested() -> bool:
+    """IPEX_LLM_TF_GRAPH_DECODE (default 1): 0 keeps CUDA decode steps eager, for debugging and profiling."""
+    return os.environ.get("IPEX_LLM_TF_GRAPH_DECODE", "1").strip().lower() not in ("0", "false", "no")
 
 
 def finalize(model: nn.Module, low_bit: "str | None", modules_to_not_convert: list[str], cpu_embedding: bool,
@@ -114,7 +120,9 @@ def finalize(model: nn.Module, low_bit: "str | None", modules_to_not_convert: li
         _apply_cpu_embedding(model)
     if optimize_model:
         from .models import optimize_architecture
-        optimize_architecture(model)
+        if optimize_architecture(model) and graph_decode_requested() and hasattr(model, "lm_head"):
+            from .models.graph_decode import install_graph_decode
+            install_graph_decode(model)
     if quantized_kv_cache_requested(quantize_kv_cache) and hasattr(model, "generate"):
         model.generate = types.MethodType(_generate_with_fp8_cache, model)
     _record(model, low_bit, modules_to_not_convert, cpu_embedding)

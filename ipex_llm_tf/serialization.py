@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -186,17 +186,61 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, data_start
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+# A slice of a stored 2-D tensor to read instead of all of it: (dim, start, stop), dim 0 = rows, 1 = columns
+TensorSlice = tuple[int, int, int]
+SLICE_CHUNK_BYTES = 16 * 1024**2  # column slices read this many bytes of whole rows at a time
+
+
+def _read_slice(handle, path: Path, name: str, offset: int, entry: dict, where: TensorSlice) -> torch.Tensor:
+    """Read rows [start, stop) with one read, or columns [start, stop) through a bounded buffer of whole rows."""
+    dim, start, stop = where
+    dtype = _SAFE_DTYPES[entry["dtype"]]
+    shape = list(entry["shape"])
+    if len(shape) == 1 and dim == 0:  # a bias: read it as a column
+        return _read_slice(handle, path, name, offset, {**entry, "shape": shape + [1]}, where).reshape(-1)
+    if len(shape) != 2 or dim not in (0, 1) or not 0 <= start < stop <= shape[dim]:
+        raise CheckpointError(f"cannot read {name}[{start}:{stop}] along dim {dim} of {path}: the tensor has shape "
+                              f"{shape}; the checkpoint does not match the model's layout")
+    row_bytes = shape[1] * dtype.itemsize
+    if dim == 0:
+        buffer = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        handle.seek(offset + start * row_bytes)
+        if handle.readinto(memoryview(buffer.numpy())) != buffer.numel():
+            raise CheckpointError(f"cannot read {path}: tensor {name} is cut short. The file is truncated or corrupt; "
+                                  f"download or save it again.")
+        return buffer.view(dtype).reshape(stop - start, shape[1])
+    out = torch.empty(shape[0], stop - start, dtype=dtype)
+    rows = max(1, SLICE_CHUNK_BYTES // max(row_bytes, 1))
+    staging = torch.empty(min(rows, shape[0]) * row_bytes, dtype=torch.uint8)
+    for r0 in range(0, shape[0], rows):
+        r = min(rows, shape[0] - r0)
+        view = memoryview(staging.numpy())[: r * row_bytes]
+        handle.seek(offset + r0 * row_bytes)
+        if handle.readinto(view) != r * row_bytes:
+            raise CheckpointError(f"cannot read {path}: tensor {name} is cut short. The file is truncated or corrupt; "
+                                  f"download or save it again.")
+        out[r0:r0 + r] = staging[: r * row_bytes].view(dtype).reshape(r, shape[1])[:, start:stop]
+    return out
+
+
+def iter_tensors(files: list[Path], select: Callable[[str, list[int]], TensorSlice | None] | None = None,
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) one at a time from safetensors files.
 
     Each tensor is read into its own buffer with plain file reads rather than memory-mapped, so a consumed
     tensor's pages leave the process with it and peak RSS stays near one tensor above what the model holds.
+    `select(name, shape)` may return a (dim, start, stop) slice of a 1-D or 2-D tensor to read only that part (a tensor
+    parallel rank's shard); column slices never hold more than SLICE_CHUNK_BYTES of the full tensor.
     """
     for path in files:
         header, data_start = read_header(path)
         with open(path, "rb", buffering=0) as handle:
             for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
                 begin, end = entry["data_offsets"]
+                where = select(name, list(entry["shape"])) if select is not None else None
+                if where is not None:
+                    yield name, _read_slice(handle, path, name, data_start + begin, entry, where)
+                    continue
                 buffer = torch.empty(end - begin, dtype=torch.uint8)
                 handle.seek(data_start + begin)
                 if handle.readinto(memoryview(buffer.numpy())) != end - begin:

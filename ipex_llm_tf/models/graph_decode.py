@@ -1,0 +1,290 @@
+"""Decode steps replayed from captured CUDA graphs over a KV cache whose storage outlives generate() calls.
+
+Eager decoding of a 7B model spends ~30 ms per token launching ~700 small kernels from Python while the GPU needs a
+few ms for them. Here generate() keeps its own loop (sampling, beams, stopping criteria, streamers all unchanged), but
+each one-token step of a patched model is one graph replay:
+
+- `GraphKVCache` is a transformers Cache whose layers write into buffers owned by the model's `GraphDecoder`; the
+  buffers (and so the graphs recorded over them) are reused by every later generate() call of the same batch size.
+- a step attends over the first `span` cache slots (the length rounded up to SPAN_BLOCK), masked by a static
+  key-validity row that holds the padding mask and causality; a graph is recorded once per (batch, span) after one
+  eager warm-up run of the same step (which also settles the Triton kernels' tuning), so the first steps of each span
+  cost a capture: `GraphDecoder.stats` reports how many and how long.
+- prefill, and whatever else is not a plain one-token step, runs the eager fused forward on the same cache.
+"""
+from __future__ import annotations
+
+import time
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .kv_cache import BlockKVLayer
+
+SPAN_BLOCK = 256
+# transformers renamed `past_key_values` to `cache` in its 5.2x releases; speak whichever this version speaks
+CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def graphs_supported(device: torch.device) -> bool:
+    """Whether decode steps on `device` can be captured as graphs (CUDA; XPU and CPU run the same steps eagerly)."""
+    return device.type == "cuda"
+
+
+class GraphKVLayer(BlockKVLayer):
+    """A BlockKVLayer whose planes come from the decoder's buffers, so they keep their addresses across calls."""
+
+    def __init__(self, buffers: "KVBuffers", layer_idx: int, **kwargs: Any) -> None:
+        super().__init__(block_size=SPAN_BLOCK)
+        self.buffers, self.layer_idx = buffers, layer_idx
+
+    def _reserve(self, tokens: int) -> None:
+        if tokens <= self.capacity():
+            return
+        planes = self.buffers.planes(self.layer_idx, self._planes["keys"], tokens)
+        for name, plane in planes.items():
+            plane[:, :, :self.length] = self._planes[name][:, :, :self.length]
+        self._planes = planes
+
+    def _map_planes(self, fn: Any) -> None:
+        if not self.is_initialized:
+            return
+        for name, plane in self._planes.items():
+            mapped = fn(plane)
+            if mapped.shape != plane.shape:
+                # a batch-size change (e.g. beams expanded on the cache): the planes leave the shared buffers
+                self._planes[name], self.buffers.detached = mapped, True
+            else:
+                plane.copy_(mapped)  # beam reordering: in place, so recorded graphs stay valid
+        self._refresh()
+
+
+class GraphKVCache(Cache):
+    """The KV cache generate() gets on a graph-decoding model; its storage belongs to the model's GraphDecoder."""
+
+    def __init__(self, buffers: "KVBuffers", num_layers: int) -> None:
+        super().__init__(layers=[GraphKVLayer(buffers, idx) for idx in range(num_layers)])
+        self.buffers = buffers
+
+    def advance(self) -> None:
+        """Count the token a graph replay wrote into every layer."""
+        for layer in self.layers:
+            layer.length += 1
+            layer._refresh()
+
+
+class KVBuffers:
+    """Per-layer key/value storage [batch, kv_heads, capacity, head_dim], grown (and graphs dropped) only as needed."""
+
+    def __init__(self) -> None:
+        self.storage: dict[int, dict[str, torch.Tensor]] = {}
+        self.version = 0      # bumped whenever storage moves: graphs recorded over the old storage are invalid
+        self.detached = False
+
+    def planes(self, layer_idx: int, like: torch.Tensor, tokens: int) -> dict[str, torch.Tensor]:
+        """Storage for one layer with room for `tokens`, shaped and typed like `like` (an empty plane)."""
+        held = self.storage.get(layer_idx)
+        shape = (like.shape[0], like.shape[1], tokens, like.shape[3])
+        if held is None or not _fits(held["keys"], like, tokens):
+            capacity = max(tokens, SPAN_BLOCK)
+            capacity = 1 << (capacity - 1).bit_length()  # powers of two: a long generation regrows log2 times
+            # zeros, not empty: masked slots still enter the products, and garbage NaNs would leak through them
+            held = {name: like.new_zeros(*shape[:2], capacity, shape[3]) for name in ("keys", "values")}
+            self.storage[layer_idx] = held
+            self.version += 1
+        return held
+
+
+def _fits(plane: torch.Tensor, like: torch.Tensor, tokens: int) -> bool:
+    return (plane.shape[:2] == like.shape[:2] and plane.shape[3] == like.shape[3] and plane.shape[2] >= tokens
+            and plane.dtype == like.dtype and plane.device == like.device)
+
+
+class _SpanView:
+    """What decoder layers see as their cache inside a graph step: write the token at `slot`, read `span` slots."""
+
+    def __init__(self, storage: dict[int, dict[str, torch.Tensor]], slot: torch.Tensor, span: int) -> None:
+        self.storage, self.slot, self.span = storage, slot, span
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        planes = self.storage[layer_idx]
+        keys, values = planes["keys"][:, :, :self.span], planes["values"][:, :, :self.span]
+        keys.index_copy_(2, self.slot, key)
+        values.index_copy_(2, self.slot, value)
+        return keys, values
+
+
+@dataclass
+class _StepGraph:
+    graph: "torch.cuda.CUDAGraph | None"
+    ids: torch.Tensor         # [batch, 1] token ids
+    positions: torch.Tensor   # [batch, 1] RoPE positions
+    slot: torch.Tensor        # [1] cache slot the token is written to
+    key_ok: torch.Tensor      # [batch, span] True where a cached key may be attended
+    logits: torch.Tensor | None = None
+    version: int = -1
+
+
+@dataclass
+class DecodeStats:
+    """Warm-up cost of graph decoding: captures recorded and the seconds they took (warm-up run included)."""
+
+    captures: int = 0
+    capture_seconds: float = 0.0
+    replays: int = 0
+    spans: list = field(default_factory=list)
+
+
+class GraphDecoder:
+    """Runs one-token decode steps of a fused model as CUDA graph replays (eagerly elsewhere)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.buffers = KVBuffers()
+        self.steps: dict[tuple[int, int], _StepGraph] = {}
+        self.pool = None
+        self.stats = DecodeStats()
+        base = model.base_model
+        self.windows = sorted({layer.self_attn.sliding_window for layer in base.layers
+                               if layer.self_attn.sliding_window is not None})
+
+    def new_cache(self) -> GraphKVCache:
+        """A cache for one generate() call, backed by this decoder's persistent storage."""
+        self.buffers.detached = False
+        return GraphKVCache(self.buffers, self.model.config.num_hidden_layers)
+
+    def can_replay(self, input_ids: torch.Tensor | None, cache: Any, kwargs: dict) -> bool:
+        """Whether this forward call is a plain one-token step over a GraphKVCache that a graph can serve."""
+        if not isinstance(cache, GraphKVCache) or cache.buffers is not self.buffers or self.buffers.detached:
+            return False
+        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1 or cache.get_seq_length() == 0:
+            return False
+        unsupported = ("inputs_embeds", "labels", "output_attentions", "output_hidden_states")
+        return not any(kwargs.get(name) for name in unsupported)
+
+    def step(self, input_ids: torch.Tensor, cache: GraphKVCache, attention_mask: torch.Tensor | None,
+             position_ids: torch.Tensor | None) -> torch.Tensor:
+        """Logits [batch, 1, vocab] of one token, its keys and values written into the cache."""
+        length = cache.get_seq_length()
+        cache.layers[0]._reserve(length + 1)  # grows every layer's storage alike via the shared buffers
+        for layer in cache.layers[1:]:
+            layer._reserve(length + 1)
+        batch, span = input_ids.shape[0], -(-(length + 1) // SPAN_BLOCK) * SPAN_BLOCK
+        step = self.steps.get((batch, span))
+        if step is None or step.version != self.buffers.version:
+            step = self._static_inputs(input_ids, span)
+            self.steps[(batch, span)] = step
+        self._fill(step, input_ids, length, attention_mask, position_ids)
+        if step.logits is None or not graphs_supported(input_ids.device):
+            step.logits = self._run(step, span)
+            if graphs_supported(input_ids.device):
+                self._capture(step, span)
+        else:
+            step.graph.replay()
+            self.stats.replays += 1
+        cache.advance()
+        return step.logits.clone()
+
+    # -- internals -----------------------------------------------------------------------------------------------------
+    def _static_inputs(self, input_ids: torch.Tensor, span: int) -> _StepGraph:
+        batch, device = input_ids.shape[0], input_ids.device
+        return _StepGraph(None, torch.zeros(batch, 1, dtype=torch.long, device=device),
+                          torch.zeros(batch, 1, dtype=torch.long, device=device),
+                          torch.zeros(1, dtype=torch.long, device=device),
+                          torch.zeros(batch, span, dtype=torch.bool, device=device), version=self.buffers.version)
+
+    @staticmethod
+    def _fill(step: _StepGraph, input_ids: torch.Tensor, length: int, attention_mask: torch.Tensor | None,
+              position_ids: torch.Tensor | None) -> None:
+        step.ids.copy_(input_ids)
+        step.slot.fill_(length)
+        if position_ids is not None:
+            step.positions.copy_(position_ids[:, -1:])
+        else:
+            step.positions.fill_(length)
+        step.key_ok.zero_()
+        if attention_mask is not None and attention_mask.dim() == 2:
+            step.key_ok[:, :length + 1].copy_(attention_mask[:, -(length + 1):].bool())
+        else:
+            step.key_ok[:, :length + 1] = True
+
+    def _run(self, step: _StepGraph, span: int) -> torch.Tensor:
+        """The step itself, as plain tensor ops on the static inputs (what a capture records)."""
+        model, base = self.model, self.model.base_model
+        hidden = base.embed_tokens(step.ids)
+        cos_sin = base.rotary_emb(hidden, step.positions)
+        masks = {None: step.key_ok[:, None, None, :]}
+        if self.windows:
+            key_pos = torch.arange(span, device=hidden.device)
+            for window in self.windows:
+                masks[window] = masks[None] & (key_pos > step.slot - window)[None, None, None, :]
+        view = _SpanView(self.buffers.storage, step.slot, span)
+        for layer in base.layers:
+            hidden = layer(hidden, attention_mask=masks[layer.self_attn.sliding_window], position_embeddings=cos_sin,
+                           position_ids=step.positions, use_cache=True, **{CACHE_KWARG: view})
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # older 5.x layers return tuples
+        return model.lm_head(base.norm(hidden))
+
+    def _capture(self, step: _StepGraph, span: int) -> None:
+        start = time.perf_counter()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        # the eager run just done warmed every kernel; recording re-runs the step, rewriting the same slot
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            step.logits = self._run(step, span)
+        graph.replay()
+        step.graph = graph
+        torch.cuda.synchronize()
+        self.stats.captures += 1
+        self.stats.capture_seconds += time.perf_counter() - start
+        self.stats.spans.append(span)
+
+
+def _graph_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """forward() that serves one-token steps over a GraphKVCache from the decoder, and all else as before."""
+    decoder: GraphDecoder = model._ipex_llm_tf_graph_decoder
+    cache = kwargs.get(CACHE_KWARG)
+    if not args and decoder.can_replay(kwargs.get("input_ids"), cache, kwargs):
+        logits = decoder.step(kwargs["input_ids"], cache, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
+    return type(model).forward(model, *args, **kwargs)
+
+
+def _graph_generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """generate() that brings a GraphKVCache on CUDA unless the caller passed a cache or turned caching off."""
+    caller_cache = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+    if not caller_cache and kwargs.get("use_cache", True) and graphs_supported(model.device):
+        kwargs[CACHE_KWARG] = model._ipex_llm_tf_graph_decoder.new_cache()
+    return type(model).generate(model, *args, **kwargs)
+
+
+def install_graph_decode(model: nn.Module) -> GraphDecoder:
+    """Give a fused-forward model a GraphDecoder: generate() then decodes through graph replays on CUDA."""
+    decoder = GraphDecoder(model)
+    model._ipex_llm_tf_graph_decoder = decoder
+    model.forward = types.MethodType(_graph_forward, model)
+    model.generate = types.MethodType(_graph_generate, model)
+    return decoder
+
+
+def graph_decoder(model: nn.Module) -> "GraphDecoder | None":
+    """The GraphDecoder installed on this model, if any."""
+    return getattr(model, "_ipex_llm_tf_graph_decoder", None)
+
+
+def uninstall_graph_decode(model: nn.Module) -> None:
+    """Take the GraphDecoder off a model (steps that span devices or ranks cannot be captured); frees its storage."""
+    if graph_decoder(model) is None:
+        return
+    for name, function in (("forward", _graph_forward), ("generate", _graph_generate)):
+        bound = model.__dict__.get(name)
+        if getattr(bound, "__func__", None) is function:
+            del model.__dict__[name]
+    del model._ipex_llm_tf_graph_decoder

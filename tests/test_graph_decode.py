@@ -1,0 +1,101 @@
+"""The static-span decode step behind CUDA graph decoding, run eagerly on CPU through an explicit GraphKVCache.
+
+On CUDA the same step is recorded once and replayed (tests/gpu/test_graph_decode.py); here every step runs as plain
+ops, which checks what the graph records: writing each token into the shared storage at its slot, attending over the
+span through the key-validity mask (left padding, causality, Mistral's window), RoPE positions, beam reordering in
+place, and storage reuse across generate() calls. Matmuls run on the reference backend, so what is compared is the
+step's logic, not kernel rounding (the CPU int4 kernel can round a row differently between calls). Greedy tokens
+must equal the eager path; logits within 1e-5 of the largest (only SDPA's sums over the span's masked slots differ).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import ipex_llm_tf
+from ipex_llm_tf.models.graph_decode import CACHE_KWARG, SPAN_BLOCK, GraphKVCache, graph_decoder
+from model_factories import ARCHITECTURES, SLIDING_WINDOW, tiny_model
+
+
+def _generate(model, ids, mask, new_tokens, cache, **kwargs):
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+                             **{CACHE_KWARG: cache}, **kwargs)
+    return out.sequences, torch.stack(out.scores)
+
+
+@pytest.fixture(autouse=True)
+def reference_matmuls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IPEX_LLM_TF_BACKEND", "torch")
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def patched(request):
+    return ipex_llm_tf.optimize_model(tiny_model(request.param, attn_implementation="sdpa"), low_bit="sym_int8",
+                                      modules_to_not_convert=["lm_head"])
+
+
+def test_static_step_matches_eager_with_left_padding(patched) -> None:
+    decoder = graph_decoder(patched)
+    ids = torch.randint(2, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    # Mistral's window is 8 tokens: 30 new tokens take its window far past the prompt
+    want, want_scores = _generate(patched, ids, mask, 30, DynamicCache())
+    for call in range(2):
+        cache = decoder.new_cache()
+        got, scores = _generate(patched, ids, mask, 30, cache)
+        assert torch.equal(got, want), f"call {call}"
+        assert (scores - want_scores).abs().max() <= 1e-5 * want_scores.abs().max()
+        assert isinstance(cache, GraphKVCache) and cache.get_seq_length() == 39
+    assert len(decoder.buffers.storage) == patched.config.num_hidden_layers
+    assert decoder.buffers.version == patched.config.num_hidden_layers, "the second call must reuse the storage"
+
+
+def test_static_step_across_span_boundary_and_storage_growth() -> None:
+    model = ipex_llm_tf.optimize_model(tiny_model("llama", max_position_embeddings=1024), low_bit="sym_int4")
+    decoder = graph_decoder(model)
+    ids = torch.randint(2, 128, (1, SPAN_BLOCK - 4), generator=torch.Generator().manual_seed(1))
+    want, _ = _generate(model, ids, torch.ones_like(ids), 12, DynamicCache())
+    got, _ = _generate(model, ids, torch.ones_like(ids), 12, decoder.new_cache())
+    assert torch.equal(got, want)
+    longer = torch.randint(2, 128, (1, 2 * SPAN_BLOCK - 2), generator=torch.Generator().manual_seed(2))
+    want, _ = _generate(model, longer, torch.ones_like(longer), 6, DynamicCache())
+    got, _ = _generate(model, longer, torch.ones_like(longer), 6, decoder.new_cache())
+    assert torch.equal(got, want), "storage regrown to a larger power of two keeps earlier tokens"
+
+
+def test_beam_search_reorders_storage_in_place() -> None:
+    model = ipex_llm_tf.optimize_model(tiny_model("qwen2"), low_bit="sym_int8")
+    decoder = graph_decoder(model)
+    ids = torch.randint(2, 128, (1, 9), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        want = model.generate(ids, **kwargs, **{CACHE_KWARG: DynamicCache()})
+        got = model.generate(ids, **kwargs, **{CACHE_KWARG: decoder.new_cache()})
+    assert torch.equal(got, want)
+    assert not decoder.buffers.detached
+
+
+def test_cpu_generate_keeps_transformers_cache_and_env_turns_graphs_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = ipex_llm_tf.optimize_model(tiny_model("llama"), low_bit="sym_int4")
+    decoder = graph_decoder(model)
+    ids = torch.randint(2, 128, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=3, pad_token_id=0)
+    assert decoder.buffers.storage == {}, "CPU decoding must not bring the graph cache"
+    monkeypatch.setenv("IPEX_LLM_TF_GRAPH_DECODE", "0")
+    assert graph_decoder(ipex_llm_tf.optimize_model(tiny_model("llama"), low_bit="sym_int4")) is None
+
+
+def test_sliding_window_mask_in_static_step() -> None:
+    model = ipex_llm_tf.optimize_model(tiny_model("mistral"), low_bit="fp16")
+    model = model.float()
+    decoder = graph_decoder(model)
+    assert decoder.windows == [SLIDING_WINDOW]
+    ids = torch.randint(2, 128, (1, 4), generator=torch.Generator().manual_seed(5))
+    want, _ = _generate(model, ids, torch.ones_like(ids), 3 * SLIDING_WINDOW, DynamicCache())
+    got, _ = _generate(model, ids, torch.ones_like(ids), 3 * SLIDING_WINDOW, decoder.new_cache())
+    assert torch.equal(got, want)
