@@ -213,8 +213,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    import torch
     from .bench import environment_report
-    print(environment_report())
+    from .devices import available_devices
+    from .kernels import describe_op_backends, ipex_ops
+    try:
+        report = environment_report()
+    except ipex_ops.IpexUnavailableError:
+        report = None  # IPEX_LLM_TF_BACKEND=ipex without ipex: say per op why, then fail with the one-line error
+    if report is not None:
+        print(report)
+    print("fused-model ops (RMSNorm, RoPE, SiLU-and-mul), per device:")
+    for dev in available_devices():
+        for line in describe_op_backends(torch.device(dev)):
+            print(f"  {dev}: {line}")
+    if report is None:
+        ipex_ops.require()
     return 0
 
 

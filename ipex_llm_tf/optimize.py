@@ -78,8 +78,22 @@ def attach_low_bit_methods(model: nn.Module) -> nn.Module:
     model.save_low_bit = types.MethodType(save_low_bit, model)
     from .hub import push_low_bit_to_hub
     model.push_to_hub = types.MethodType(push_low_bit_to_hub, model)
-    model.to = types.MethodType(move_model, model)
+    model.to = types.MethodType(_move_low_bit_model, model)
+    model.cuda = types.MethodType(_cuda_low_bit_model, model)
     return model
+
+
+def _move_low_bit_model(model: nn.Module, *args, **kwargs) -> nn.Module:
+    """model.to(...) with the device checked first and graph decoding following the model onto / off CUDA."""
+    moved = move_model(model, *args, **kwargs)
+    from .models.graph_decode import sync_graph_decode
+    sync_graph_decode(moved)
+    return moved
+
+
+def _cuda_low_bit_model(model: nn.Module, device: "int | str | torch.device | None" = None) -> nn.Module:
+    """model.cuda(...) as model.to("cuda..."), so the same checks and graph-decoding switch apply."""
+    return _move_low_bit_model(model, torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
 
 
 def _apply_cpu_embedding(model: nn.Module) -> None:
@@ -121,8 +135,8 @@ def finalize(model: nn.Module, low_bit: "str | None", modules_to_not_convert: li
     if optimize_model:
         from .models import optimize_architecture
         if optimize_architecture(model) and graph_decode_requested() and hasattr(model, "lm_head"):
-            from .models.graph_decode import install_graph_decode
-            install_graph_decode(model)
+            from .models.graph_decode import want_graph_decode
+            want_graph_decode(model)
     if quantized_kv_cache_requested(quantize_kv_cache) and hasattr(model, "generate"):
         model.generate = types.MethodType(_generate_with_fp8_cache, model)
     _record(model, low_bit, modules_to_not_convert, cpu_embedding)

@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache
 
 import ipex_llm_tf
-from ipex_llm_tf.models.graph_decode import CACHE_KWARG, SPAN_BLOCK, GraphKVCache, graph_decoder
+from ipex_llm_tf.models.graph_decode import CACHE_KWARG, SPAN_BLOCK, GraphKVCache, graph_decoder, install_graph_decode
 from model_factories import ARCHITECTURES, SLIDING_WINDOW, tiny_model
 
 
@@ -33,8 +33,10 @@ def reference_matmuls(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def patched(request):
-    return ipex_llm_tf.optimize_model(tiny_model(request.param, attn_implementation="sdpa"), low_bit="sym_int8",
-                                      modules_to_not_convert=["lm_head"])
+    model = ipex_llm_tf.optimize_model(tiny_model(request.param, attn_implementation="sdpa"), low_bit="sym_int8",
+                                       modules_to_not_convert=["lm_head"])
+    install_graph_decode(model)  # on CPU it is only installed by hand: the step then runs eagerly
+    return model
 
 
 def test_static_step_matches_eager_with_left_padding(patched) -> None:
@@ -56,7 +58,7 @@ def test_static_step_matches_eager_with_left_padding(patched) -> None:
 
 def test_static_step_across_span_boundary_and_storage_growth() -> None:
     model = ipex_llm_tf.optimize_model(tiny_model("llama", max_position_embeddings=1024), low_bit="sym_int4")
-    decoder = graph_decoder(model)
+    decoder = install_graph_decode(model)
     ids = torch.randint(2, 128, (1, SPAN_BLOCK - 4), generator=torch.Generator().manual_seed(1))
     want, _ = _generate(model, ids, torch.ones_like(ids), 12, DynamicCache())
     got, _ = _generate(model, ids, torch.ones_like(ids), 12, decoder.new_cache())
@@ -69,7 +71,7 @@ def test_static_step_across_span_boundary_and_storage_growth() -> None:
 
 def test_beam_search_reorders_storage_in_place() -> None:
     model = ipex_llm_tf.optimize_model(tiny_model("qwen2"), low_bit="sym_int8")
-    decoder = graph_decoder(model)
+    decoder = install_graph_decode(model)
     ids = torch.randint(2, 128, (1, 9), generator=torch.Generator().manual_seed(3))
     kwargs = dict(max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
@@ -79,21 +81,30 @@ def test_beam_search_reorders_storage_in_place() -> None:
     assert not decoder.buffers.detached
 
 
-def test_cpu_generate_keeps_transformers_cache_and_env_turns_graphs_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_graph_decode_follows_the_device_and_env_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     model = ipex_llm_tf.optimize_model(tiny_model("llama"), low_bit="sym_int4")
+    assert graph_decoder(model) is None, "off CUDA no wrapper may sit in front of forward()"
+    assert "forward" not in model.__dict__ and model._ipex_llm_tf_graph_decode
+    monkeypatch.setattr("ipex_llm_tf.models.graph_decode.graphs_supported", lambda device: True)
+    model.to("cpu")  # with capture pretended possible, a move installs it ...
     decoder = graph_decoder(model)
+    assert decoder is not None and "forward" in model.__dict__
     ids = torch.randint(2, 128, (1, 6), generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr("ipex_llm_tf.models.graph_decode.graphs_supported", lambda device: False)
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=3, pad_token_id=0)
-    assert decoder.buffers.storage == {}, "CPU decoding must not bring the graph cache"
+    assert decoder.buffers.storage == {}, "no graph cache where graphs cannot be captured"
+    model.to("cpu")  # ... and a move to where it is not possible removes it again
+    assert graph_decoder(model) is None and "forward" not in model.__dict__
     monkeypatch.setenv("IPEX_LLM_TF_GRAPH_DECODE", "0")
-    assert graph_decoder(ipex_llm_tf.optimize_model(tiny_model("llama"), low_bit="sym_int4")) is None
+    assert not getattr(ipex_llm_tf.optimize_model(tiny_model("llama"), low_bit="sym_int4"),
+                       "_ipex_llm_tf_graph_decode", False)
 
 
 def test_sliding_window_mask_in_static_step() -> None:
     model = ipex_llm_tf.optimize_model(tiny_model("mistral"), low_bit="fp16")
     model = model.float()
-    decoder = graph_decoder(model)
+    decoder = install_graph_decode(model)
     assert decoder.windows == [SLIDING_WINDOW]
     ids = torch.randint(2, 128, (1, 4), generator=torch.Generator().manual_seed(5))
     want, _ = _generate(model, ids, torch.ones_like(ids), 3 * SLIDING_WINDOW, DynamicCache())

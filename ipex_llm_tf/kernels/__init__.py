@@ -1,21 +1,28 @@
 """Kernel dispatch: pick the matmul for a LowBitLinear by device, format and IPEX_LLM_TF_BACKEND.
 
 Backends: "torch" (the reference, any device), "cpu" (PyTorch's packed int4 kernel where the format maps onto it,
-else dequantize + matmul), "triton" (CUDA and XPU, when Triton is importable). IPEX_LLM_TF_BACKEND=torch forces the
-reference everywhere, for debugging; the default "auto" picks the fastest available path per device.
+else dequantize + matmul), "triton" (CUDA and XPU, when Triton is importable), "ipex" (the fused-model ops rms_norm,
+rotary and silu_mul from intel-extension-for-pytorch; matmuls as "auto", since ipex has no kernel for our formats).
+IPEX_LLM_TF_BACKEND=torch forces the reference everywhere, for debugging; the default "auto" picks the fastest
+available path per device, and takes an ipex op only where AUTO_IPEX_OPS says it measured faster than ours.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import torch.nn.functional as F
 
 from ..formats import LowBitFormat, Parts
-from . import cpu_int4
-from .reference import linear_reference
+from . import cpu_int4, ipex_ops
+from .reference import linear_reference, rms_norm_reference, rotary_reference, silu_and_mul_reference
 
-BACKENDS = ("auto", "torch", "cpu", "triton")
+BACKENDS = ("auto", "torch", "cpu", "triton", "ipex")
+
+# Fused-model ops that "auto" hands to ipex when it is installed, per device type: only those that
+# benchmarks/bench_ipex_ops.py measured faster than ours (torch 2.8 + ipex 2.8 CPU, 1 thread; see README).
+AUTO_IPEX_OPS: dict[str, frozenset[str]] = {"cpu": frozenset({"rms_norm"})}
 
 # At and above this many rows (counted once per int4 plane: Q4_* are one plane, Q5_* and Q8_0 two) the CPU path
 # dequantizes once to bf16 and uses the BLAS GEMM, which beats the packed int4 kernel for prefill-sized inputs: the
@@ -34,6 +41,7 @@ def requested_backend() -> str:
     return name
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """Whether Triton imports (it is what runs our GPU kernels on CUDA and XPU)."""
     try:
@@ -50,6 +58,9 @@ def backend_for(device: torch.device) -> str:
         raise ValueError(f"IPEX_LLM_TF_BACKEND=cpu cannot run a tensor on {device}; unset it or use 'torch'")
     if name == "triton" and device.type not in ("cuda", "xpu"):
         raise ValueError(f"IPEX_LLM_TF_BACKEND=triton needs a CUDA or XPU tensor, got one on {device}")
+    if name == "ipex":
+        ipex_ops.require()
+        name = "auto"  # ipex runs the fused-model ops; the low-bit matmuls keep our kernels
     if name != "auto":
         return name
     if device.type == "cpu":
@@ -108,3 +119,94 @@ def low_bit_linear(x: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch
         from . import triton_linear  # imported lazily: Triton is absent on CPU-only installs
         y = triton_linear.linear(x2d, fmt, parts, bias, out_features, cache)
     return y.reshape(*lead, out_features)
+
+
+# -- fused-model ops: rms_norm, rotary, silu_and_mul --------------------------------------------------------------------
+
+_ipex_broken: list[str] = []
+
+
+def _ipex_loads() -> bool:
+    # "auto" must never break a model because an installed ipex fails to import (it pins torch): warn once, use ours
+    if _ipex_broken:
+        return False
+    try:
+        ipex_ops.functional()
+    except ipex_ops.IpexUnavailableError as err:
+        _ipex_broken.append(str(err))
+        import logging
+        logging.getLogger("ipex_llm_tf").warning("not using ipex ops: %s", err)
+        return False
+    return True
+
+
+def op_backend(op: str, device: torch.device) -> str:
+    """"triton", "ipex" or "torch": who runs the fused-model op `op` (one of ipex_ops.OPS) on `device` (README says why).
+    """
+    name = requested_backend()
+    if name == "ipex":
+        ipex_ops.require()
+        return "ipex"
+    if name in ("auto", "triton") and device.type in ("cuda", "xpu") and triton_available():
+        return "triton"
+    if name == "auto" and op in AUTO_IPEX_OPS.get(device.type, ()) and ipex_ops.installed() and _ipex_loads():
+        return "ipex"
+    return "torch"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim with transformers' Llama numerics, by Triton or ipex where selected and applicable."""
+    backend = op_backend("rms_norm", x.device)
+    if backend == "triton":
+        from .triton_rms_norm import rms_norm as triton_rms_norm
+        return triton_rms_norm(x, weight, eps)
+    if backend == "ipex" and ipex_ops.rms_norm_applies(x, weight):
+        return ipex_ops.rms_norm(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (rotate_half layout) for x [batch, heads, seq, head_dim] from cos/sin [batch, seq, head_dim]."""
+    backend = op_backend("rotary", x.device)
+    if backend == "triton":
+        from .triton_rotary import rotary as triton_rotary
+        return triton_rotary(x, cos, sin)
+    if backend == "ipex" and ipex_ops.rotary_applies(x, cos, sin):
+        return ipex_ops.rotary(x, cos, sin)
+    return rotary_reference(x, cos, sin)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for a tensor holding [gate | up] along its last dim."""
+    backend = op_backend("silu_mul", gate_up.device)
+    if backend == "triton":
+        from .triton_silu_mul import silu_and_mul as triton_silu_and_mul
+        return triton_silu_and_mul(gate_up)
+    if backend == "ipex":
+        return ipex_ops.silu_mul(gate_up)
+    return silu_and_mul_reference(gate_up)
+
+
+def describe_op_backends(device: torch.device) -> list[str]:
+    """One line per fused-model op: the implementation it gets on `device` and why (for `ipex-llm-tf info`)."""
+    name = requested_backend()
+    lines = []
+    for op in ipex_ops.OPS:
+        if name == "ipex":
+            why = ("IPEX_LLM_TF_BACKEND=ipex" if ipex_ops.installed()
+                   else "IPEX_LLM_TF_BACKEND=ipex, but ipex is not installed: calls raise IpexUnavailableError")
+            lines.append(f"{op}: ipex ({why})")
+        elif name in ("auto", "triton") and device.type in ("cuda", "xpu") and triton_available():
+            lines.append(f"{op}: triton (fused kernel, one source for CUDA and XPU)")
+        elif name != "auto":
+            lines.append(f"{op}: torch (IPEX_LLM_TF_BACKEND={name})")
+        elif op not in AUTO_IPEX_OPS.get(device.type, ()):
+            why = {"cpu": "ours measured faster than ipex's on the CPU",
+                   "cuda": "ipex has no CUDA ops"}.get(device.type, f"ipex not measured on {device.type}; "
+                                                                     f"IPEX_LLM_TF_BACKEND=ipex selects it")
+            lines.append(f"{op}: torch ({why})")
+        elif not ipex_ops.installed():
+            lines.append(f"{op}: torch (ipex would win here, but intel-extension-for-pytorch is not installed)")
+        else:
+            lines.append(f"{op}: ipex (installed, and measured faster than ours on {device.type})")
+    return lines

@@ -25,3 +25,10 @@ def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up for a tensor holding [gate | up] along its last dim."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE for x [batch, heads, seq, head_dim] from cos/sin [batch, seq, head_dim], transformers' rotate_half pairing."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin

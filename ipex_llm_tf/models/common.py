@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.reference import rms_norm_reference, silu_and_mul_reference
+from .. import kernels
 from ..low_bit_linear import LowBitLinear
 
 SlidingWindowRule = Callable[[Any, int], "int | None"]
@@ -51,7 +51,7 @@ class FusedRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Normalise over the last dim."""
-        return rms_norm_reference(hidden_states, self.weight, self.variance_epsilon)
+        return kernels.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -193,7 +193,7 @@ class FusedGatedMLP(SeparateProjectionKeys):
         """[..., hidden] -> [..., hidden]."""
         gate_up = self.gate_up_proj(x)
         if self.silu:
-            return self.down_proj(silu_and_mul_reference(gate_up))
+            return self.down_proj(kernels.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
 
@@ -208,8 +208,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE for x [batch, heads, seq, head_dim] from cos/sin [batch, seq, head_dim]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
+    return kernels.rotary(x, cos, sin)
 
 
 def sliding_causal_mask(q_len: int, kv_len: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -274,6 +273,13 @@ class FusedAttention(SeparateProjectionKeys):
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
         mask, is_causal, key, value = self._mask_for(attention_mask, q_len, key, value)
         groups = self.num_key_value_groups
+        if groups > 1 and q_len == 1 and (mask is None or mask.shape[1] == 1):
+            # One query per head: a KV head's group of queries becomes its query sequence, so no KV head is repeated
+            # and any SDPA kernel applies, mask or not
+            out = F.scaled_dot_product_attention(
+                query.reshape(batch, self.num_key_value_heads, groups, self.head_dim), key, value, attn_mask=mask,
+                dropout_p=self.attention_dropout if self.training else 0.0, scale=self.scaling)
+            return self.o_proj(out.reshape(batch, q_len, self.num_heads * self.head_dim)), None
         native_gqa = groups > 1 and native_gqa_ok(mask, key.device)
         if groups > 1 and not native_gqa:
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)

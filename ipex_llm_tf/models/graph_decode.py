@@ -14,6 +14,7 @@ each one-token step of a patched model is one graph replay:
 """
 from __future__ import annotations
 
+import functools
 import time
 import types
 from dataclasses import dataclass, field
@@ -178,6 +179,8 @@ class GraphDecoder:
         batch, span = input_ids.shape[0], -(-(length + 1) // SPAN_BLOCK) * SPAN_BLOCK
         step = self.steps.get((batch, span))
         if step is None or step.version != self.buffers.version:
+            # graphs recorded over storage that has since moved can never replay again: free them and their inputs
+            self.steps = {key: kept for key, kept in self.steps.items() if kept.version == self.buffers.version}
             step = self._static_inputs(input_ids, span)
             self.steps[(batch, span)] = step
         self._fill(step, input_ids, length, attention_mask, position_ids)
@@ -265,13 +268,57 @@ def _graph_generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return type(model).generate(model, *args, **kwargs)
 
 
+_WRAPPERS: dict[type, dict[str, Any]] = {}
+
+
+def _wrappers_for(cls: type) -> dict[str, Any]:
+    """forward / generate wrappers for one model class, carrying the class methods' signatures.
+
+    generate() inspects forward's signature to decide what to pass (position_ids, logits_to_keep): a bare
+    (*args, **kwargs) would make it drop them, which costs a full-vocabulary head over the whole prompt.
+    """
+    if cls not in _WRAPPERS:
+        _WRAPPERS[cls] = {name: _signed(function, getattr(cls, name))
+                          for name, function in (("forward", _graph_forward), ("generate", _graph_generate))}
+    return _WRAPPERS[cls]
+
+
+def _signed(function: Any, like: Any) -> Any:
+    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return function(model, *args, **kwargs)
+    return functools.wraps(like)(wrapper)
+
+
 def install_graph_decode(model: nn.Module) -> GraphDecoder:
     """Give a fused-forward model a GraphDecoder: generate() then decodes through graph replays on CUDA."""
     decoder = GraphDecoder(model)
     model._ipex_llm_tf_graph_decoder = decoder
-    model.forward = types.MethodType(_graph_forward, model)
-    model.generate = types.MethodType(_graph_generate, model)
+    for name, wrapper in _wrappers_for(type(model)).items():
+        setattr(model, name, types.MethodType(wrapper, model))
     return decoder
+
+
+_WANTED_FLAG = "_ipex_llm_tf_graph_decode"
+
+
+def want_graph_decode(model: nn.Module) -> None:
+    """Mark a fused-forward model for graph decoding, installed whenever it sits on a device that can capture."""
+    setattr(model, _WANTED_FLAG, True)
+    sync_graph_decode(model)
+
+
+def sync_graph_decode(model: nn.Module) -> None:
+    """Install or remove the GraphDecoder to match the model's device (call after every move).
+
+    Off CUDA the wrappers would only add a Python hop to every forward, so they are not there at all.
+    """
+    if not getattr(model, _WANTED_FLAG, False):
+        return
+    on_capturing_device = graphs_supported(next(model.parameters()).device)
+    if on_capturing_device and graph_decoder(model) is None:
+        install_graph_decode(model)
+    elif not on_capturing_device:
+        uninstall_graph_decode(model, keep_wanted=True)
 
 
 def graph_decoder(model: nn.Module) -> "GraphDecoder | None":
@@ -279,12 +326,15 @@ def graph_decoder(model: nn.Module) -> "GraphDecoder | None":
     return getattr(model, "_ipex_llm_tf_graph_decoder", None)
 
 
-def uninstall_graph_decode(model: nn.Module) -> None:
-    """Take the GraphDecoder off a model (steps that span devices or ranks cannot be captured); frees its storage."""
+def uninstall_graph_decode(model: nn.Module, keep_wanted: bool = False) -> None:
+    """Take the GraphDecoder off a model, for good unless keep_wanted (steps spanning devices or ranks can't be
+    captured); frees its storage."""
+    if not keep_wanted:
+        model.__dict__.pop(_WANTED_FLAG, None)
     if graph_decoder(model) is None:
         return
-    for name, function in (("forward", _graph_forward), ("generate", _graph_generate)):
+    for name, wrapper in _wrappers_for(type(model)).items():
         bound = model.__dict__.get(name)
-        if getattr(bound, "__func__", None) is function:
+        if getattr(bound, "__func__", None) is wrapper:
             del model.__dict__[name]
     del model._ipex_llm_tf_graph_decoder

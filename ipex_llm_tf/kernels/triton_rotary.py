@@ -1,0 +1,55 @@
+"""Rotary position embedding (transformers' rotate_half pairing) as one Triton kernel; reference: rotary_reference.
+
+x [batch, heads, seq, head_dim] may be any strided view (the q / k slices of a merged projection are); the output
+is contiguous. Each product and the sum round to x's dtype as the reference's three eager ops do, so results match
+it exactly. Plain tl ops: runs on CUDA, XPU and the interpreter.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, seq, sxb, sxh, sxs, scb, scs, half,
+                   BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    pos = tl.program_id(0)                 # batch * seq + s
+    b = (pos // seq).to(tl.int64)
+    s = (pos % seq).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    inside = (h < heads) & (d < half)
+    src = x_ptr + b * sxb + h * sxh + s * sxs + d
+    x1 = tl.load(src, mask=inside, other=0.0)
+    x2 = tl.load(src + half, mask=inside, other=0.0)
+    trig = b * scb + s * scs + d
+    on_d = d < half
+    c1, c2 = tl.load(cos_ptr + trig, mask=on_d, other=0.0), tl.load(cos_ptr + trig + half, mask=on_d, other=0.0)
+    s1, s2 = tl.load(sin_ptr + trig, mask=on_d, other=0.0), tl.load(sin_ptr + trig + half, mask=on_d, other=0.0)
+    dt = x1.dtype
+    # out = x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2 | x1]
+    y1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
+    y2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+    dst = out_ptr + ((b * heads + h) * seq + s) * (2 * half) + d
+    tl.store(dst, y1.to(dt), mask=inside)
+    tl.store(dst + half, y2.to(dt), mask=inside)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE for x [batch, heads, seq, head_dim] from cos/sin [batch or 1, seq, head_dim]; contiguous output."""
+    batch, heads, seq, dim = x.shape
+    if dim % 2:
+        raise ValueError(f"rotary needs an even head_dim, got {dim}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = cos.to(x.dtype).expand(batch, seq, dim), sin.to(x.dtype).expand(batch, seq, dim)
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty((batch, heads, seq, dim), dtype=x.dtype, device=x.device)
+    block_h = min(16, triton.next_power_of_2(heads))
+    if out.numel():
+        _rotary_kernel[(batch * seq, triton.cdiv(heads, block_h))](
+            x, cos, sin, out, heads, seq, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
+            dim // 2, BLOCK_D=triton.next_power_of_2(dim // 2), BLOCK_H=block_h)
+    return out

@@ -1,0 +1,78 @@
+"""Fused Triton ops (RMSNorm, rotary, SiLU-and-mul) against their PyTorch references, on a CUDA or XPU device.
+
+Tolerances, relative to the largest reference value: rotary and RMSNorm round where the reference rounds, so they
+agree to one unit in the last place of the dtype (rsqrt may differ in its last bit); SiLU-and-mul likewise, the
+sigmoid being computed by a different exp. Skipped without a GPU (or run with TRITON_INTERPRET=1 on the CPU).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif hasattr(torch, "xpu") and torch.xpu.is_available():
+    DEVICE = "xpu"
+else:
+    DEVICE = "cpu" if INTERPRET else None
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None, reason="needs a CUDA or XPU device")]
+triton = pytest.importorskip("triton")
+
+from ipex_llm_tf.kernels.reference import rms_norm_reference, rotary_reference, silu_and_mul_reference  # noqa: E402
+from ipex_llm_tf.kernels.triton_rms_norm import rms_norm  # noqa: E402
+from ipex_llm_tf.kernels.triton_rotary import rotary  # noqa: E402
+from ipex_llm_tf.kernels.triton_silu_mul import silu_and_mul  # noqa: E402
+
+ULP = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -22}
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, ulps: float = 2) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype
+    error = ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6)).item()
+    assert error <= ulps * ULP[dtype], f"relative error {error:.3e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (3, 7, 576), (5, 128), (2, 4, 9, 100)])
+def test_rms_norm(dtype: torch.dtype, shape: tuple) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=gen) * 3).to(DEVICE, dtype)
+    w = torch.rand(shape[-1], generator=gen).add(0.5).to(DEVICE, dtype)
+    _close(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6), dtype)
+
+
+def test_rms_norm_strided_rows_and_float32_weight() -> None:
+    x = torch.randn(6, 2 * 64, device=DEVICE, dtype=torch.float16)[:, :64]
+    w = torch.rand(64, device=DEVICE) + 0.5
+    _close(rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,width", [(1, 2 * 11008), (9, 2 * 1536), (4, 2 * 100)])
+def test_silu_and_mul(dtype: torch.dtype, rows: int, width: int) -> None:
+    x = (torch.randn(rows, width, generator=torch.Generator().manual_seed(1)) * 4).to(DEVICE, dtype)
+    _close(silu_and_mul(x), silu_and_mul_reference(x), dtype, ulps=4)
+
+
+def test_silu_and_mul_rejects_odd_width() -> None:
+    with pytest.raises(ValueError, match="even"):
+        silu_and_mul(torch.zeros(2, 5, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,heads,seq,dim", [(1, 32, 1, 128), (2, 9, 7, 64), (3, 5, 4, 80)])
+def test_rotary_on_strided_views(dtype: torch.dtype, batch: int, heads: int, seq: int, dim: int) -> None:
+    gen = torch.Generator().manual_seed(2)
+    # the query slice of a merged q/k/v projection, transposed to [batch, heads, seq, dim] as FusedAttention does
+    qkv = torch.randn(batch, seq, heads + 4, dim, generator=gen).to(DEVICE, dtype)
+    x = qkv[:, :, :heads].transpose(1, 2)
+    angles = torch.rand(batch, seq, dim // 2, generator=gen) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(DEVICE, dtype), torch.cat([angles.sin()] * 2, -1).to(DEVICE, dtype)
+    _close(rotary(x, cos, sin), rotary_reference(x, cos, sin), dtype, ulps=1)
+    # cos/sin shared by the batch (batch dim 1)
+    _close(rotary(x, cos[:1], sin[:1]), rotary_reference(x, cos[:1].expand_as(cos), sin[:1].expand_as(sin)), dtype,
+           ulps=1)
