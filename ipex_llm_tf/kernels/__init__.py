@@ -162,6 +162,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return triton_rms_norm(x, weight, eps)
     if backend == "ipex" and ipex_ops.rms_norm_applies(x, weight):
         return ipex_ops.rms_norm(x, weight, eps)
+    if x.dtype == weight.dtype == torch.float32 and requested_backend() != "torch":
+        # all-float32, the reference's cast between normalising and scaling is a no-op, so torch's one fused op
+        # computes the same products (~4 us less per call on the CPU, 61 calls per SmolLM2 token)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 

@@ -263,11 +263,15 @@ class FusedAttention(SeparateProjectionKeys):
         batch, q_len, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states).view(batch, q_len, -1, self.head_dim)
         query, key, value = qkv.split([self.num_heads, self.num_key_value_heads, self.num_key_value_heads], dim=2)
+        cos, sin = position_embeddings
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
-        cos, sin = position_embeddings
-        query = apply_rotary(query.transpose(1, 2), cos, sin)
-        key = apply_rotary(key.transpose(1, 2), cos, sin)
+            query = apply_rotary(query.transpose(1, 2), cos, sin)
+            key = apply_rotary(key.transpose(1, 2), cos, sin)
+        else:
+            # q and k heads sit side by side in the merged projection: rotate them as one tensor, half the ops
+            query_key = apply_rotary(qkv[:, :, :self.num_heads + self.num_key_value_heads].transpose(1, 2), cos, sin)
+            query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=1)
         value = value.transpose(1, 2)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
