@@ -181,6 +181,10 @@ class GraphDecoder:
         if step is None or step.version != self.buffers.version:
             # graphs recorded over storage that has since moved can never replay again: free them and their inputs
             self.steps = {key: kept for key, kept in self.steps.items() if kept.version == self.buffers.version}
+            if not self.steps:
+                # the dropped graphs held the only references to their memory pool; capturing into a pool whose
+                # last graph is gone trips the allocator, so the next capture starts a new pool
+                self.pool = None
             step = self._static_inputs(input_ids, span)
             self.steps[(batch, span)] = step
         self._fill(step, input_ids, length, attention_mask, position_ids)
