@@ -59,6 +59,7 @@ def worker(checkpoint: str, device: str, steps: int, out: str) -> None:
     from transformers.cache_utils import DynamicCache
 
     from ipex_llm_tf.distributed import load_low_bit_tp
+    from ipex_llm_tf.models.graph_decode import CACHE_KWARG  # "cache" or "past_key_values", by transformers version
     world = int(os.environ["WORLD_SIZE"])
     if device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -70,21 +71,21 @@ def worker(checkpoint: str, device: str, steps: int, out: str) -> None:
     with torch.inference_mode():
         for _ in range(2):  # warm-up: kernels, packed layouts, communicators
             cache = DynamicCache()
-            out_ = model(input_ids=ids, cache=cache, use_cache=True)
-            model(input_ids=out_.logits[:, -1:].argmax(-1), cache=out_.cache, use_cache=True)
+            out_ = model(input_ids=ids, use_cache=True, **{CACHE_KWARG: cache})
+            model(input_ids=out_.logits[:, -1:].argmax(-1), use_cache=True, **{CACHE_KWARG: getattr(out_, CACHE_KWARG)})
         if target.type != "cpu":
             getattr(torch, target.type).reset_peak_memory_stats(target)
-        out_ = model(input_ids=ids, cache=DynamicCache(), use_cache=True)
-        cache, token = out_.cache, out_.logits[:, -1:].argmax(-1)
+        out_ = model(input_ids=ids, use_cache=True, **{CACHE_KWARG: DynamicCache()})
+        cache, token = getattr(out_, CACHE_KWARG), out_.logits[:, -1:].argmax(-1)
         for _ in range(steps):
             sync()
             dist.barrier()
             start = time.perf_counter()
-            out_ = model(input_ids=token, cache=cache, use_cache=True)
+            out_ = model(input_ids=token, use_cache=True, **{CACHE_KWARG: cache})
             token = out_.logits[:, -1:].argmax(-1)  # the greedy pick needs the logits: a full step
             sync()
             samples.append((time.perf_counter() - start) * 1e3)
-            cache = out_.cache
+            cache = getattr(out_, CACHE_KWARG)
     peak = (getattr(torch, target.type).max_memory_allocated(target) / 2**20 if target.type != "cpu"
             else peak_rss_mib())
     peaks = [None] * world
