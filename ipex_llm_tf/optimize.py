@@ -200,10 +200,9 @@ def read_field(directory: Path) -> dict:
     return field
 
 
-def fill_low_bit(model: nn.Module, directory: Path, field: dict, dtype: "torch.dtype | None" = None) -> nn.Module:
-    """Convert a meta skeleton as the field says and stream the saved packed tensors into it."""
-    keep = list(field.get("modules_to_not_convert", []))
-    convert(model, field["low_bit"], keep)
+def convert_as_saved(model: nn.Module, field: dict, dtype: "torch.dtype | None" = None) -> None:
+    """Turn a meta skeleton's layers into the low-bit modules a checkpoint's field records (formats, embedding)."""
+    convert(model, field["low_bit"], list(field.get("modules_to_not_convert", [])))
     for name, low_bit in field.get("layer_formats", {}).items():
         layer = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
@@ -215,6 +214,11 @@ def fill_low_bit(model: nn.Module, directory: Path, field: dict, dtype: "torch.d
                                  padding_idx=old.padding_idx, device="meta")
         packed.output_dtype = dtype or old.weight.dtype
         model.set_input_embeddings(packed)
+
+
+def fill_low_bit(model: nn.Module, directory: Path, field: dict, dtype: "torch.dtype | None" = None) -> nn.Module:
+    """Convert a meta skeleton as the field says and stream the saved packed tensors into it."""
+    convert_as_saved(model, field, dtype)
     files = safetensors_files(directory)
     filler = SkeletonFiller(model, dtype, str(directory))
     filler.feed_all(iter_tensors(files), count_tensors(files), desc=f"Loading {field['low_bit']}")

@@ -8,11 +8,10 @@ import torch
 import transformers
 from torch import nn
 
-from ..convert import convert
 from ..hub import resolve_checkpoint_dir
 from ..loading import SkeletonFiller
-from ..low_bit_linear import LowBitEmbedding, LowBitLinear
-from ..optimize import finalize, read_field
+from ..low_bit_linear import LowBitLinear
+from ..optimize import convert_as_saved, finalize, read_field
 from ..serialization import (
     TensorSlice,
     count_tensors,
@@ -27,22 +26,6 @@ from .tensor_parallel import ModelShape, TensorParallelError, parallelize
 COLUMN_LAYERS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("mlp", "gate_proj"),
                  ("mlp", "up_proj"))
 ROW_LAYERS = (("self_attn", "o_proj"), ("mlp", "down_proj"))
-
-
-def _convert_as_saved(model: nn.Module, field: dict, dtype: torch.dtype | None) -> None:
-    """Turn a meta skeleton's layers into the low-bit modules the checkpoint's field records (as fill_low_bit does)."""
-    convert(model, field["low_bit"], list(field.get("modules_to_not_convert", [])))
-    for name, low_bit in field.get("layer_formats", {}).items():
-        layer = model.get_submodule(name)
-        parent_name, _, child = name.rpartition(".")
-        model.get_submodule(parent_name).register_module(child, LowBitLinear(
-            layer.in_features, layer.out_features, low_bit, bias=layer.bias is not None, device="meta", name=name))
-    if field.get("embedding_format"):
-        old = model.get_input_embeddings()
-        packed = LowBitEmbedding(old.num_embeddings, old.embedding_dim, field["embedding_format"],
-                                 padding_idx=old.padding_idx, device="meta")
-        packed.output_dtype = dtype or old.weight.dtype
-        model.set_input_embeddings(packed)
 
 
 def _local_layer(layer: nn.Module, out_features: int, in_features: int) -> nn.Module:
@@ -146,7 +129,7 @@ def load_low_bit_tp(pretrained_model_name_or_path: str | Path, device: str | Non
     config = transformers.AutoConfig.from_pretrained(directory)
     ModelShape.from_config(config).check(world_size)
     model = auto_class._skeleton(config, dtype, {})
-    _convert_as_saved(model, field, dtype)
+    convert_as_saved(model, field, dtype)
     selector = ShardSelector(model, rank, world_size)
     files = safetensors_files(directory)
     selector.check_layout(files)
