@@ -42,7 +42,8 @@ from ipex_llm_tf.distributed.sharding import (
     row_part_slices,
     row_shard_parts,
 )
-from ipex_llm_tf.distributed.tp_loading import ShardSelector, _convert_as_saved
+from ipex_llm_tf.distributed.tp_loading import ShardSelector
+from ipex_llm_tf.optimize import convert_as_saved
 from ipex_llm_tf.loading import parameters_on_meta
 
 # Ranks compute in exact float32 (IPEX_LLM_TF_BACKEND=torch); only the order of the row-parallel sums differs from
@@ -171,7 +172,7 @@ def _sharded_skeleton(path: Path, world_size: int, rank: int = 0) -> ShardSelect
     config = transformers.AutoConfig.from_pretrained(path)
     with parameters_on_meta():
         model = transformers.AutoModelForCausalLM.from_config(config)
-    _convert_as_saved(model, field, None)
+    convert_as_saved(model, field, None)
     return ShardSelector(model, rank, world_size)
 
 
