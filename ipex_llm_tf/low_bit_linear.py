@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .formats import LowBitFormat, Parts, get_format
-from .kernels import PackedCache, low_bit_linear
+from .kernels import PackedCache, low_bit_linear, ops
 
 
 class PackedWeight(nn.Module):
@@ -106,6 +106,9 @@ class LowBitLinear(PackedWeight):
         """x [..., in_features] -> [..., out_features] in x's dtype."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"LowBitLinear expected input with last dim {self.in_features}, got {tuple(x.shape)}")
+        if torch.compiler.is_compiling():
+            return ops.low_bit_linear_op(x, [self._buffers[name] for name in self._part_names],
+                                         ",".join(self._part_names), self.fmt.name, self.out_features, self.bias)
         return low_bit_linear(x, self.fmt, self.parts, self.bias, self.out_features, self._packed_cache)
 
     def extra_repr(self) -> str:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..kernels import ops
 from ..low_bit_linear import LowBitLinear
 
 SlidingWindowRule = Callable[[Any, int], "int | None"]
@@ -51,6 +52,8 @@ class FusedRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Normalise over the last dim."""
+        if torch.compiler.is_compiling():
+            return ops.rms_norm_op(hidden_states, self.weight, self.variance_epsilon)
         return kernels.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
@@ -193,7 +196,8 @@ class FusedGatedMLP(SeparateProjectionKeys):
         """[..., hidden] -> [..., hidden]."""
         gate_up = self.gate_up_proj(x)
         if self.silu:
-            return self.down_proj(kernels.silu_and_mul(gate_up))
+            act = ops.silu_and_mul_op if torch.compiler.is_compiling() else kernels.silu_and_mul
+            return self.down_proj(act(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
 
@@ -208,6 +212,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE for x [batch, heads, seq, head_dim] from cos/sin [batch, seq, head_dim]."""
+    if torch.compiler.is_compiling():
+        return ops.rotary_op(x, cos, sin)
     return kernels.rotary(x, cos, sin)
 
 
