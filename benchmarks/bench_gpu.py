@@ -49,6 +49,21 @@ def build(device: str, tiny: bool) -> torch.nn.Module:
     return model.eval()
 
 
+def measure_batches(name: str, model, device: str, new_tokens: int, bits: float, batches: list[int],
+                    **generate_kwargs) -> list[dict]:
+    """next-token latency and tokens/s (all rows) at each batch size: 32-token prompts, after a warm-up run."""
+    rows = []
+    for batch in batches:
+        ids = torch.randint(100, 30000, (batch, 32), device=device, generator=torch.Generator(device).manual_seed(1))
+        time_generate(model, ids, 1 + new_tokens, **generate_kwargs)
+        first = min(time_generate(model, ids, 1, **generate_kwargs) for _ in range(2))
+        full = min(time_generate(model, ids, 1 + new_tokens, **generate_kwargs) for _ in range(2))
+        next_ms = (full - first) / new_tokens * 1e3
+        rows.append({"system": f"{name} (batch {batch})", "bits/weight": bits, "next_token_ms": round(next_ms, 2),
+                     "tok_s": round(batch * 1e3 / next_ms, 1)})
+    return rows
+
+
 def measure(name: str, model, device: str, new_tokens: int, bits: float, **generate_kwargs) -> dict:
     ids = torch.randint(100, 30000, (1, 32), device=device, generator=torch.Generator(device).manual_seed(0))
     warm = time_generate(model, ids, 1 + new_tokens, **generate_kwargs)
@@ -82,6 +97,7 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=["sym_int4", "asym_int4", "sym_int8", "nf4", "fp8_e4m3"])
     parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS))
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batches", type=int, nargs="*", default=[4, 16], help="extra batch sizes (tokens/s rows)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, for a smoke test")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -92,6 +108,7 @@ def main() -> None:
         try:
             model = make(build(device, args.tiny))
             rows.append(measure(label, model, device, args.new_tokens, bits, **generate_kwargs))
+            rows += measure_batches(label, model, device, args.new_tokens, bits, args.batches, **generate_kwargs)
         except Exception as err:  # a peer that cannot run here is reported, not fatal
             rows.append({"system": label, "bits/weight": bits, "note": f"{type(err).__name__}: {err}"[:120]})
         model = None
@@ -107,6 +124,7 @@ def main() -> None:
         _free(device)
         row = measure(f"ours {fmt}", model, device, args.new_tokens, ipex_llm_tf.get_format(fmt).bits_per_weight)
         rows.append({**row, "quantize_s": round(quantize_s, 1)})
+        rows += measure_batches(f"ours {fmt}", model, device, args.new_tokens, row["bits/weight"], args.batches)
         print(f"  {fmt} done", file=sys.stderr, flush=True)
         model = None
         _free(device)
