@@ -33,11 +33,18 @@ AUTO_IPEX_OPS: dict[str, frozenset[str]] = {"cpu": frozenset({"rms_norm"})}
 CPU_GEMM_MIN_ROWS = 48
 
 
+_PARSED_BACKENDS: dict[str, str] = {}
+
+
 def requested_backend() -> str:
     """The backend named by IPEX_LLM_TF_BACKEND (default "auto"); ValueError for an unknown name."""
-    name = os.environ.get("IPEX_LLM_TF_BACKEND", "auto").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"IPEX_LLM_TF_BACKEND={name!r} is not a backend; use one of {', '.join(BACKENDS)}")
+    raw = os.environ.get("IPEX_LLM_TF_BACKEND", "auto")
+    name = _PARSED_BACKENDS.get(raw)  # asked once per op and matmul: parse each distinct value once
+    if name is None:
+        name = raw.strip().lower() or "auto"
+        if name not in BACKENDS:
+            raise ValueError(f"IPEX_LLM_TF_BACKEND={name!r} is not a backend; use one of {', '.join(BACKENDS)}")
+        _PARSED_BACKENDS[raw] = name
     return name
 
 
