@@ -10,6 +10,12 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every matmul and op on the exact float32 reference, for tests that compare logic rather than kernels."""
+    monkeypatch.setenv("IPEX_LLM_TF_BACKEND", "torch")
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| in float64."""
     expected = expected.double()

@@ -22,9 +22,7 @@ from model_factories import tiny_model
 LOGIT_ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("IPEX_LLM_TF_BACKEND", "torch")
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 @pytest.fixture(scope="module")

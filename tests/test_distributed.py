@@ -66,9 +66,7 @@ CASES = [("llama-sym_int4", "llama-sym_int4", "load", True), ("mistral-fp8", "mi
          ("llama-sym_int4-in-memory", "llama-sym_int4", "parallelize", True)]
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("IPEX_LLM_TF_BACKEND", "torch")
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 @pytest.fixture(scope="module")

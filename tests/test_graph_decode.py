@@ -26,9 +26,7 @@ def _generate(model, ids, mask, new_tokens, cache, **kwargs):
     return out.sequences, torch.stack(out.scores)
 
 
-@pytest.fixture(autouse=True)
-def reference_matmuls(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("IPEX_LLM_TF_BACKEND", "torch")
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
