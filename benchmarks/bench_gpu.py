@@ -73,8 +73,8 @@ def measure(name: str, model, device: str, new_tokens: int, bits: float, **gener
     next_ms = (full - first) / new_tokens * 1e3
     long_ids = torch.randint(100, 30000, (1, 1024), device=device)
     first_1024 = min(time_generate(model, long_ids, 1, **generate_kwargs) for _ in range(3))
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    if device in ("cuda", "xpu"):
+        getattr(torch, device).reset_peak_memory_stats()
     time_generate(model, torch.randint(100, 30000, (1, 1984), device=device), 64, **generate_kwargs)
     row = {"system": name, "bits/weight": bits, "warmup_ms": round(warm * 1e3, 1),
            "first_token_ms": round(first * 1e3, 2), "next_token_ms": round(next_ms, 2),
@@ -88,8 +88,8 @@ def measure(name: str, model, device: str, new_tokens: int, bits: float, **gener
 
 def _free(device: str) -> None:
     gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    if device in ("cuda", "xpu"):
+        getattr(torch, device).empty_cache()
 
 
 def main() -> None:
@@ -130,7 +130,7 @@ def main() -> None:
         _free(device)
     print_table(rows, ["system", "bits/weight", "next_token_ms", "tok_s", "first_token_ms", "first_token_1024_ms",
                        "peak_gib_2k_ctx", "warmup_ms", "graph_captures", "quantize_s", "note"])
-    gpu = torch.cuda.get_device_name() if device == "cuda" else device
+    gpu = getattr(torch, device).get_device_name() if device in ("cuda", "xpu") else device
     print(f"wrote {write_json('bench_gpu', {'gpu': gpu, 'rows': rows}, args.json)}")
 
 

@@ -71,5 +71,7 @@ def to_int4pack(model: nn.Module) -> nn.Module:
             if type(child) is nn.Linear and child.in_features % INT4_GROUP == 0:
                 setattr(module, child_name, Int4PackLinear(child))
                 del child
-    torch.cuda.empty_cache()
+    device = next(model.parameters()).device
+    if device.type in ("cuda", "xpu"):
+        getattr(torch, device.type).empty_cache()
     return model
