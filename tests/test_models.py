@@ -16,6 +16,7 @@ from ipex_llm_tf import LowBitLinear, convert
 from ipex_llm_tf.models import (is_optimized, optimize_architecture, register_architecture,
                                 supported_architectures)
 from ipex_llm_tf.models.common import ConcatProjections, FusedAttention, FusedGatedMLP, FusedRMSNorm
+from ipex_llm_tf.models.graph_decode import CACHE_KWARG
 from ipex_llm_tf.models.kv_cache import BlockKVCache, BlockKVLayer, Fp8BlockKVCache
 from model_factories import ARCHITECTURES, SLIDING_WINDOW, tiny_gpt2, tiny_model
 
@@ -56,11 +57,11 @@ def prompts(batch: int = 1, length: int = 12, seed: int = 1) -> torch.Tensor:
 def step_logits(model: nn.Module, ids: torch.Tensor, chunks: list[int]) -> list[torch.Tensor]:
     """Prefill ids[:, :chunks[0]], then feed the following chunks through the cache; the logits of each forward."""
     out = model(input_ids=ids[:, :chunks[0]], use_cache=True)
-    logits, cache, start = [out.logits], out.cache, chunks[0]
+    logits, cache, start = [out.logits], getattr(out, CACHE_KWARG), chunks[0]
     for size in chunks[1:]:
-        out = model(input_ids=ids[:, start:start + size], cache=cache, use_cache=True)
+        out = model(input_ids=ids[:, start:start + size], use_cache=True, **{CACHE_KWARG: cache})
         logits.append(out.logits)
-        cache, start = out.cache, start + size
+        cache, start = getattr(out, CACHE_KWARG), start + size
     return logits
 
 
@@ -343,9 +344,10 @@ def test_block_cache_generates_exactly_what_the_dynamic_cache_does(arch: str) ->
     ids = prompts(batch=2, length=9)
     expected = generate(reference, ids, do_sample=False)
     for model in (reference, fused):
-        assert torch.equal(generate(model, ids, do_sample=False, cache=BlockKVCache(block_size=8)), expected)
+        assert torch.equal(generate(model, ids, do_sample=False, **{CACHE_KWARG: BlockKVCache(block_size=8)}), expected)
     beams = generate(reference, ids, num_beams=2, do_sample=False)
-    assert torch.equal(generate(fused, ids, num_beams=2, do_sample=False, cache=BlockKVCache(block_size=8)), beams)
+    block_cache = {CACHE_KWARG: BlockKVCache(block_size=8)}
+    assert torch.equal(generate(fused, ids, num_beams=2, do_sample=False, **block_cache), beams)
 
 
 def test_fp8_cache_stays_close_to_full_precision() -> None:
@@ -353,10 +355,11 @@ def test_fp8_cache_stays_close_to_full_precision() -> None:
     ids = prompts(batch=2, length=sum(CHUNKS))
     expected = step_logits(fused, ids, CHUNKS)
     with torch.no_grad():
-        out = fused(input_ids=ids[:, :CHUNKS[0]], cache=(cache := Fp8BlockKVCache(block_size=8)), use_cache=True)
+        cache = Fp8BlockKVCache(block_size=8)
+        out = fused(input_ids=ids[:, :CHUNKS[0]], use_cache=True, **{CACHE_KWARG: cache})
         actual, start = [out.logits], CHUNKS[0]
         for size in CHUNKS[1:]:
-            actual.append(fused(input_ids=ids[:, start:start + size], cache=cache, use_cache=True).logits)
+            actual.append(fused(input_ids=ids[:, start:start + size], use_cache=True, **{CACHE_KWARG: cache}).logits)
             start += size
     assert cache.layers[0].keys.dtype == torch.float8_e4m3fn
     errors = [relative_error(a, e) for a, e in zip(actual, expected)]
@@ -364,7 +367,7 @@ def test_fp8_cache_stays_close_to_full_precision() -> None:
     # which this deliberately sharp-attention toy model amplifies to a few percent (transformers' per-tensor-scale
     # Fp8QuantizedLayer measures 6-10% on the same steps)
     assert errors[0] == 0 and max(errors) < 0.15, errors
-    assert generate(fused, ids, do_sample=False, cache=Fp8BlockKVCache()).shape == (2, ids.shape[1] + 20)
+    assert generate(fused, ids, do_sample=False, **{CACHE_KWARG: Fp8BlockKVCache()}).shape == (2, ids.shape[1] + 20)
 
 
 @pytest.mark.parametrize("low_bit", [None, "sym_int4", "mixed"])
