@@ -51,3 +51,16 @@ def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
     config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128,
                                      bos_token_id=1, eos_token_id=None, pad_token_id=0)
     return transformers.GPT2LMHeadModel(config).eval()
+
+
+@torch.no_grad()
+def step_logits(model: torch.nn.Module, ids: torch.Tensor, chunks: list[int]) -> list[torch.Tensor]:
+    """Prefill ids[:, :chunks[0]], then feed the following chunks through the cache; the logits of each forward."""
+    from ipex_llm_tf.models.graph_decode import CACHE_KWARG  # the installed transformers' name for the cache
+    out = model(input_ids=ids[:, :chunks[0]], use_cache=True)
+    logits, cache, start = [out.logits], getattr(out, CACHE_KWARG), chunks[0]
+    for size in chunks[1:]:
+        out = model(input_ids=ids[:, start:start + size], use_cache=True, **{CACHE_KWARG: cache})
+        logits.append(out.logits)
+        cache, start = getattr(out, CACHE_KWARG), start + size
+    return logits

@@ -5,7 +5,6 @@ error.
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 import subprocess
 import sys
@@ -13,9 +12,8 @@ import textwrap
 
 import pytest
 import torch
-import transformers
 from conftest import relative_error
-from model_factories import tiny_model
+from model_factories import step_logits, tiny_model
 
 from ipex_llm_tf import kernels
 from ipex_llm_tf.kernels import ipex_ops
@@ -106,26 +104,10 @@ def test_silu_and_mul_matches_reference(ipex_backend: None, dtype: torch.dtype) 
     assert actual.dtype == expected.dtype and relative_error(actual, expected) <= 2 * TOLERANCE[dtype]
 
 
-# The Cache keyword and output field are `cache` from transformers 5.24 on and `past_key_values` before; the ipex lane
-# runs transformers < 5.24 (ipex 2.8 imports a module 5.24 removed), so these steps name whichever the model takes
-CACHE_KEY = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters \
-    else "past_key_values"
 # Prefill 12 tokens (longer than the sliding window of 8), a 3-token chunk through the cache, then decode steps
 CHUNKS = [12, 3] + [1] * 6
 MODEL_CASES = [("llama", {}), ("mistral", {}), ("qwen2", {}), ("qwen3", {}),
                ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1})]
-
-
-@torch.no_grad()
-def step_logits(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
-    """Logits of the prefill and of every later chunk fed through the cache."""
-    out = model(input_ids=ids[:, :CHUNKS[0]], use_cache=True)
-    logits, cache, start = [out.logits], getattr(out, CACHE_KEY), CHUNKS[0]
-    for size in CHUNKS[1:]:
-        out = model(input_ids=ids[:, start:start + size], use_cache=True, **{CACHE_KEY: cache})
-        logits.append(out.logits)
-        cache, start = getattr(out, CACHE_KEY), start + size
-    return logits
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
@@ -137,7 +119,7 @@ def test_fused_model_on_ipex_matches_transformers(ipex_backend: None, arch: str,
     fused = copy.deepcopy(reference)
     assert optimize_architecture(fused) is True
     ids = torch.randint(2, 128, (2, sum(CHUNKS)), generator=torch.Generator().manual_seed(1))
-    for step, (actual, expected) in enumerate(zip(step_logits(fused, ids), step_logits(reference, ids))):
+    for step, (actual, expected) in enumerate(zip(step_logits(fused, ids, CHUNKS), step_logits(reference, ids, CHUNKS))):
         assert (actual - expected).abs().max() <= 1e-4, f"step {step}"
 
 
@@ -149,9 +131,9 @@ def test_bf16_model_on_ipex_is_as_close_to_fp32_as_transformers_bf16(ipex_backen
     fused = copy.deepcopy(reference)
     assert optimize_architecture(fused) is True
     ids = torch.randint(2, 128, (2, sum(CHUNKS)), generator=torch.Generator().manual_seed(2))
-    truth = step_logits(truth_model, ids)
-    ours = max(relative_error(a, t) for a, t in zip(step_logits(fused, ids), truth))
-    theirs = max(relative_error(a, t) for a, t in zip(step_logits(reference, ids), truth))
+    truth = step_logits(truth_model, ids, CHUNKS)
+    ours = max(relative_error(a, t) for a, t in zip(step_logits(fused, ids, CHUNKS), truth))
+    theirs = max(relative_error(a, t) for a, t in zip(step_logits(reference, ids, CHUNKS), truth))
     assert ours <= 1.5 * theirs
 
 

@@ -18,7 +18,7 @@ from ipex_llm_tf.models import (is_optimized, optimize_architecture, register_ar
 from ipex_llm_tf.models.common import ConcatProjections, FusedAttention, FusedGatedMLP, FusedRMSNorm
 from ipex_llm_tf.models.graph_decode import CACHE_KWARG
 from ipex_llm_tf.models.kv_cache import BlockKVCache, BlockKVLayer, Fp8BlockKVCache
-from model_factories import ARCHITECTURES, SLIDING_WINDOW, tiny_gpt2, tiny_model
+from model_factories import ARCHITECTURES, SLIDING_WINDOW, step_logits, tiny_gpt2, tiny_model
 
 ATOL = 1e-4
 # (arch, config overrides): the four architectures, plus Qwen2 with its per-layer sliding window switched on
@@ -51,18 +51,6 @@ def patched_copy(model: nn.Module, attn_implementation: str | None = None) -> nn
 def prompts(batch: int = 1, length: int = 12, seed: int = 1) -> torch.Tensor:
     """Random prompts, longer than the sliding window used for Mistral."""
     return torch.randint(2, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def step_logits(model: nn.Module, ids: torch.Tensor, chunks: list[int]) -> list[torch.Tensor]:
-    """Prefill ids[:, :chunks[0]], then feed the following chunks through the cache; the logits of each forward."""
-    out = model(input_ids=ids[:, :chunks[0]], use_cache=True)
-    logits, cache, start = [out.logits], getattr(out, CACHE_KWARG), chunks[0]
-    for size in chunks[1:]:
-        out = model(input_ids=ids[:, start:start + size], use_cache=True, **{CACHE_KWARG: cache})
-        logits.append(out.logits)
-        cache, start = getattr(out, CACHE_KWARG), start + size
-    return logits
 
 
 def assert_steps_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
