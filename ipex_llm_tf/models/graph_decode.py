@@ -173,8 +173,7 @@ class GraphDecoder:
              position_ids: torch.Tensor | None) -> torch.Tensor:
         """Logits [batch, 1, vocab] of one token, its keys and values written into the cache."""
         length = cache.get_seq_length()
-        cache.layers[0]._reserve(length + 1)  # grows every layer's storage alike via the shared buffers
-        for layer in cache.layers[1:]:
+        for layer in cache.layers:  # room for this token; regrowing storage bumps buffers.version
             layer._reserve(length + 1)
         batch, span = input_ids.shape[0], -(-(length + 1) // SPAN_BLOCK) * SPAN_BLOCK
         step = self.steps.get((batch, span))
