@@ -204,12 +204,6 @@ class FusedGatedMLP(SeparateProjectionKeys):
 
 # -- attention --------------------------------------------------------------------------------------------------------
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """[x1 | x2] -> [-x2 | x1] along the last dim: the pairing transformers' RoPE tables are laid out for."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE for x [batch, heads, seq, head_dim] from cos/sin [batch, seq, head_dim]."""
     if torch.compiler.is_compiling():
