@@ -132,12 +132,14 @@ def finalize(model: nn.Module, low_bit: "str | None", modules_to_not_convert: li
     """Common tail of every low-bit entry point: cpu embedding, fused forwards, metadata, instance methods."""
     if cpu_embedding:
         _apply_cpu_embedding(model)
+    fp8_cache = quantized_kv_cache_requested(quantize_kv_cache) and hasattr(model, "generate")
     if optimize_model:
         from .models import optimize_architecture
-        if optimize_architecture(model) and graph_decode_requested() and hasattr(model, "lm_head"):
+        # graph steps write an fp16/bf16 storage of their own: an fp8 cache, when asked for, decodes eagerly
+        if optimize_architecture(model) and graph_decode_requested() and hasattr(model, "lm_head") and not fp8_cache:
             from .models.graph_decode import want_graph_decode
             want_graph_decode(model)
-    if quantized_kv_cache_requested(quantize_kv_cache) and hasattr(model, "generate"):
+    if fp8_cache:
         model.generate = types.MethodType(_generate_with_fp8_cache, model)
     _record(model, low_bit, modules_to_not_convert, cpu_embedding)
     model.eval()

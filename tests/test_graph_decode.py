@@ -108,3 +108,9 @@ def test_sliding_window_mask_in_static_step() -> None:
     want, _ = _generate(model, ids, torch.ones_like(ids), 3 * SLIDING_WINDOW, DynamicCache())
     got, _ = _generate(model, ids, torch.ones_like(ids), 3 * SLIDING_WINDOW, decoder.new_cache())
     assert torch.equal(got, want)
+
+
+def test_fp8_kv_cache_request_keeps_its_generate() -> None:
+    model = ipex_llm_tf.optimize_model(tiny_model("llama"), low_bit="sym_int4", quantize_kv_cache=True)
+    assert not getattr(model, "_ipex_llm_tf_graph_decode", False), "a later move to CUDA must not replace it"
+    assert model.generate.__func__.__name__ == "_generate_with_fp8_cache"
