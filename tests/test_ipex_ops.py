@@ -177,6 +177,7 @@ def test_ipex_is_not_imported_with_the_package() -> None:
 def test_choosing_ipex_without_it_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ipex_ops, "installed", lambda: False)
     monkeypatch.setenv("IPEX_LLM_TF_BACKEND", "ipex")
+    monkeypatch.setattr(kernels, "_OP_BACKENDS", {})  # choices made under the real ipex_ops are cached
     x, weight = torch.randn(2, 8), torch.ones(8)
     for call in (lambda: kernels.rms_norm(x, weight, 1e-6), lambda: kernels.backend_for(torch.device("cpu"))):
         with pytest.raises(ipex_ops.IpexUnavailableError, match="intel-extension-for-pytorch.*not installed"):
@@ -196,6 +197,7 @@ def test_auto_falls_back_when_an_installed_ipex_does_not_import(monkeypatch: pyt
     monkeypatch.setattr(ipex_ops, "installed", lambda: True)
     monkeypatch.setattr(ipex_ops, "functional", broken)
     monkeypatch.setattr(kernels, "_ipex_broken", [])
+    monkeypatch.setattr(kernels, "_OP_BACKENDS", {})  # choices made under the real ipex_ops are cached
     x, weight = torch.randn(2, 8), torch.rand(8)
     assert torch.equal(kernels.rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6))
     assert kernels.op_backend("rms_norm", x.device) == "torch"
@@ -207,6 +209,7 @@ def test_auto_uses_ipex_only_for_ops_it_measured_faster(monkeypatch: pytest.Monk
     monkeypatch.setattr(ipex_ops, "installed", lambda: True)
     monkeypatch.setattr(ipex_ops, "functional", lambda: None)
     monkeypatch.setattr(kernels, "_ipex_broken", [])
+    monkeypatch.setattr(kernels, "_OP_BACKENDS", {})  # choices made under the real ipex_ops are cached
     cpu = torch.device("cpu")
     chosen = {op for op in ipex_ops.OPS if kernels.op_backend(op, cpu) == "ipex"}
     assert chosen == set(kernels.AUTO_IPEX_OPS["cpu"])

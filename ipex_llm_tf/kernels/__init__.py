@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import LowBitFormat, Parts
-from . import cpu_int4, ipex_ops
+from . import cpu_int4, ipex_ops, torch_fast
 from .reference import linear_reference, rms_norm_reference, rotary_reference, silu_and_mul_reference
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "ipex")
@@ -33,15 +33,27 @@ AUTO_IPEX_OPS: dict[str, frozenset[str]] = {"cpu": frozenset({"rms_norm"})}
 CPU_GEMM_MIN_ROWS = 48
 
 
-_PARSED_BACKENDS: dict[str, str] = {}
+_PARSED_BACKENDS: dict[object, str] = {}
+
+# os.environ.get encodes the key and decodes the value on every call (~2 us), and the backend is asked ~300 times per
+# decoded token: read the mapping os.environ keeps in sync instead, where this Python has one
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("IPEX_LLM_TF_BACKEND") if hasattr(os.environ, "encodekey") else None
+
+
+def _raw_backend() -> object:
+    if _ENV_DATA is not None and _ENV_KEY is not None:
+        return _ENV_DATA.get(_ENV_KEY)
+    return os.environ.get("IPEX_LLM_TF_BACKEND")
 
 
 def requested_backend() -> str:
     """The backend named by IPEX_LLM_TF_BACKEND (default "auto"); ValueError for an unknown name."""
-    raw = os.environ.get("IPEX_LLM_TF_BACKEND", "auto")
+    raw = _raw_backend()
     name = _PARSED_BACKENDS.get(raw)  # asked once per op and matmul: parse each distinct value once
     if name is None:
-        name = raw.strip().lower() or "auto"
+        text = os.environ.get("IPEX_LLM_TF_BACKEND", "auto")
+        name = text.strip().lower() or "auto"
         if name not in BACKENDS:
             raise ValueError(f"IPEX_LLM_TF_BACKEND={name!r} is not a backend; use one of {', '.join(BACKENDS)}")
         _PARSED_BACKENDS[raw] = name
@@ -86,6 +98,7 @@ class PackedCache:
 
     def __init__(self) -> None:
         self.value = None
+        self.cpu_planes: list | None = None  # the value, when it is the CPU int4 kernel's planes (the fast path)
 
     def get(self, parts: Parts, build):
         """The cached value, building it on first use."""
@@ -95,7 +108,21 @@ class PackedCache:
 
     def invalidate(self) -> None:
         """Forget the derived layout; the next call rebuilds it from the stored tensors."""
-        self.value = None
+        self.value = self.cpu_planes = None
+
+
+def cpu_int4_fits(x: torch.Tensor, planes: list) -> bool:
+    """Whether the packed int4 kernel (not dequantize + GEMM) should run x on the CPU under the requested backend."""
+    return (x.is_floating_point() and (x.numel() // x.shape[-1]) * len(planes) < CPU_GEMM_MIN_ROWS
+            and requested_backend() in ("auto", "cpu"))
+
+
+def cpu_int4_linear(x: torch.Tensor, planes: list, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """y = x @ W.T + b on the CPU through already packed int4 planes, in x's dtype (see cpu_int4_fits)."""
+    y = cpu_int4.matmul_planes(x.reshape(-1, x.shape[-1]), planes, out_features).to(x.dtype)
+    if bias is not None:
+        y = y.add_(bias.to(y.dtype))
+    return y.view(*x.shape[:-1], out_features)
 
 
 def linear_cpu(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.Tensor | None,
@@ -104,6 +131,7 @@ def linear_cpu(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.T
     n_planes = 1 if fmt.name in ("sym_int4", "asym_int4") else 2  # as cpu_int4.pack_planes splits the codes
     if x2d.shape[0] * n_planes < CPU_GEMM_MIN_ROWS and cpu_int4.supports(fmt, out_features):
         planes = cache.get(parts, lambda: cpu_int4.pack_planes(fmt, parts))
+        cache.cpu_planes = planes
         y = cpu_int4.matmul_planes(x2d, planes, out_features)
     else:
         compute = torch.bfloat16 if x2d.dtype in (torch.float32, torch.bfloat16) else x2d.dtype
@@ -147,9 +175,20 @@ def _ipex_loads() -> bool:
     return True
 
 
+_OP_BACKENDS: dict[tuple[object, str, str], str] = {}
+
+
 def op_backend(op: str, device: torch.device) -> str:
     """"triton", "ipex" or "torch": who runs the fused-model op `op` (one of ipex_ops.OPS) on `device` (README says why).
     """
+    key = (_raw_backend(), op, device.type)
+    chosen = _OP_BACKENDS.get(key)  # asked ~90 times per decoded token: decide once per setting, op and device
+    if chosen is None:
+        chosen = _OP_BACKENDS[key] = _choose_op_backend(op, device)
+    return chosen
+
+
+def _choose_op_backend(op: str, device: torch.device) -> str:
     name = requested_backend()
     if name == "ipex":
         ipex_ops.require()
@@ -169,11 +208,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return triton_rms_norm(x, weight, eps)
     if backend == "ipex" and ipex_ops.rms_norm_applies(x, weight):
         return ipex_ops.rms_norm(x, weight, eps)
-    if x.dtype == weight.dtype == torch.float32 and requested_backend() != "torch":
-        # all-float32, the reference's cast between normalising and scaling is a no-op, so torch's one fused op
-        # computes the same products (~4 us less per call on the CPU, 61 calls per SmolLM2 token)
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return rms_norm_reference(x, weight, eps)
+    if requested_backend() == "torch":
+        return rms_norm_reference(x, weight, eps)
+    return torch_fast.rms_norm(x, weight, eps)  # equal to the reference, fewer ops
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -184,7 +221,9 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         return triton_rotary(x, cos, sin)
     if backend == "ipex" and ipex_ops.rotary_applies(x, cos, sin):
         return ipex_ops.rotary(x, cos, sin)
-    return rotary_reference(x, cos, sin)
+    if requested_backend() == "torch":
+        return rotary_reference(x, cos, sin)
+    return torch_fast.rotary(x, cos, sin)  # equal to the reference, fewer ops
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""The CPU decode fast paths: torch_fast ops equal the reference bit for bit; LowBitLinear's shortcut equals dispatch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ipex_llm_tf import kernels
+from ipex_llm_tf.kernels import torch_fast
+from ipex_llm_tf.kernels.reference import rms_norm_reference, rotary_reference
+from ipex_llm_tf.low_bit_linear import LowBitLinear
+
+
+@pytest.mark.parametrize("shape", [(1, 12, 1, 64), (2, 4, 7, 32), (1, 3, 5, 6), (3, 2, 1, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_equals_reference_bit_for_bit(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    batch, _, seq, dim = shape
+    x = torch.randn(shape, dtype=dtype)
+    cos, sin = torch.randn(batch, seq, dim, dtype=dtype), torch.randn(batch, seq, dim, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(torch_fast.rotary(x, cos, sin), rotary_reference(x, cos, sin))
+        # a second tensor of new values must not reuse the first one's signed sin
+        sin2 = torch.randn_like(sin)
+        assert torch.equal(torch_fast.rotary(x, cos, sin2), rotary_reference(x, cos, sin2))
+
+
+def test_rotary_keeps_autograd_working() -> None:
+    x = torch.randn(1, 2, 3, 8, requires_grad=True)
+    cos, sin = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    torch_fast.rotary(x, cos, sin).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_equals_reference_bit_for_bit(dtype: torch.dtype) -> None:
+    x, weight = torch.randn(3, 5, 96, dtype=dtype), torch.rand(96, dtype=dtype)
+    assert torch.equal(torch_fast.rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6))
+
+
+@pytest.mark.parametrize("fmt", ["asym_int4", "sym_int8"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_shortcut_equals_general_dispatch(fmt: str, bias: bool) -> None:
+    linear = torch.nn.Linear(64, 48, bias=bias)
+    layer = LowBitLinear.from_linear(linear, fmt)
+    x = torch.randn(2, 3, 64)
+    first = layer(x)  # builds the int4 planes through the general path
+    assert layer._packed_cache.cpu_planes is not None
+    again = layer(x)  # the shortcut
+    assert again.shape == (2, 3, 48) and again.dtype == x.dtype
+    assert torch.equal(first, again)
+
+
+def test_cpu_shortcut_follows_a_backend_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = LowBitLinear.from_linear(torch.nn.Linear(64, 32), "sym_int4")
+    x = torch.randn(1, 64)
+    layer(x)
+    monkeypatch.setenv("IPEX_LLM_TF_BACKEND", "torch")
+    exact = torch.nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
+    assert torch.equal(layer(x), exact)  # the float32 reference, not the bf16 int4 kernel
+    monkeypatch.setenv("IPEX_LLM_TF_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="not a backend"):
+        layer(x)
+
+
+def test_cpu_shortcut_leaves_prefill_sized_inputs_to_the_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = LowBitLinear.from_linear(torch.nn.Linear(64, 32, bias=False), "sym_int4")
+    layer(torch.randn(1, 64))
+    calls = []
+    real = kernels.cpu_int4_linear
+    monkeypatch.setattr("ipex_llm_tf.low_bit_linear.cpu_int4_linear", lambda *a: calls.append(1) or real(*a))
+    layer(torch.randn(kernels.CPU_GEMM_MIN_ROWS, 64))
+    assert not calls
+    layer(torch.randn(2, 64))
+    assert calls
