@@ -81,8 +81,9 @@ def test_beam_search_reorders_storage_in_place() -> None:
 
 def test_graph_decode_follows_the_device_and_env_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     model = ipex_llm_tf.optimize_model(tiny_model("llama"), low_bit="sym_int4")
-    assert graph_decoder(model) is None, "off CUDA no wrapper may sit in front of forward()"
-    assert "forward" not in model.__dict__ and model._ipex_llm_tf_graph_decode
+    assert graph_decoder(model) is None, "off CUDA no graph decoder, and generate() is the class's own"
+    assert "generate" not in model.__dict__ and model._ipex_llm_tf_graph_decode
+    assert "forward" in model.__dict__  # the wrapper that serves CPU steps through eager_step
     monkeypatch.setattr("ipex_llm_tf.models.graph_decode.graphs_supported", lambda device: True)
     model.to("cpu")  # with capture pretended possible, a move installs it ...
     decoder = graph_decoder(model)
@@ -93,7 +94,7 @@ def test_graph_decode_follows_the_device_and_env_turns_it_off(monkeypatch: pytes
         model.generate(ids, max_new_tokens=3, pad_token_id=0)
     assert decoder.buffers.storage == {}, "no graph cache where graphs cannot be captured"
     model.to("cpu")  # ... and a move to where it is not possible removes it again
-    assert graph_decoder(model) is None and "forward" not in model.__dict__
+    assert graph_decoder(model) is None and "generate" not in model.__dict__
     monkeypatch.setenv("IPEX_LLM_TF_GRAPH_DECODE", "0")
     assert not getattr(ipex_llm_tf.optimize_model(tiny_model("llama"), low_bit="sym_int4"),
                        "_ipex_llm_tf_graph_decode", False)

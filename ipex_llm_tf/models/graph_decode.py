@@ -25,6 +25,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import eager_step
 from .kv_cache import BlockKVLayer
 
 SPAN_BLOCK = 256
@@ -254,11 +255,14 @@ class GraphDecoder:
 
 
 def _graph_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """forward() that serves one-token steps over a GraphKVCache from the decoder, and all else as before."""
-    decoder: GraphDecoder = model._ipex_llm_tf_graph_decoder
+    """forward() that serves one-token steps from graph replays (CUDA) or eager_step (CPU), and all else as before."""
+    decoder: "GraphDecoder | None" = getattr(model, "_ipex_llm_tf_graph_decoder", None)
     cache = kwargs.get(CACHE_KWARG)
-    if not args and decoder.can_replay(kwargs.get("input_ids"), cache, kwargs):
+    if not args and decoder is not None and decoder.can_replay(kwargs.get("input_ids"), cache, kwargs):
         logits = decoder.step(kwargs["input_ids"], cache, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
+    if not args and eager_step.can_step(model, kwargs.get("input_ids"), cache, kwargs):
+        logits = eager_step.step(model, kwargs["input_ids"], cache, kwargs.get("position_ids"))
         return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
     return type(model).forward(model, *args, **kwargs)
 
@@ -313,7 +317,7 @@ def want_graph_decode(model: nn.Module) -> None:
 def sync_graph_decode(model: nn.Module) -> None:
     """Install or remove the GraphDecoder to match the model's device (call after every move).
 
-    Off CUDA the wrappers would only add a Python hop to every forward, so they are not there at all.
+    Off CUDA only the forward() wrapper stays, for eager_step's one-token steps; generate() is the class's own.
     """
     if not getattr(model, _WANTED_FLAG, False):
         return
@@ -322,6 +326,7 @@ def sync_graph_decode(model: nn.Module) -> None:
         install_graph_decode(model)
     elif not on_capturing_device:
         uninstall_graph_decode(model, keep_wanted=True)
+        model.forward = types.MethodType(_wrappers_for(type(model))["forward"], model)
 
 
 def graph_decoder(model: nn.Module) -> "GraphDecoder | None":
@@ -334,10 +339,8 @@ def uninstall_graph_decode(model: nn.Module, keep_wanted: bool = False) -> None:
     captured); frees its storage."""
     if not keep_wanted:
         model.__dict__.pop(_WANTED_FLAG, None)
-    if graph_decoder(model) is None:
-        return
     for name, wrapper in _wrappers_for(type(model)).items():
         bound = model.__dict__.get(name)
         if getattr(bound, "__func__", None) is wrapper:
             del model.__dict__[name]
-    del model._ipex_llm_tf_graph_decoder
+    model.__dict__.pop("_ipex_llm_tf_graph_decoder", None)
