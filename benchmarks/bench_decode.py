@@ -3,7 +3,8 @@
     python benchmarks/bench_decode.py [--threads 2] [--new-tokens 128] [--json PATH]
 
 Rows (each in its own process): transformers fp32 eager on the dequantized GGUF, ours asym_int4 (the GGUF's Q4_1
-blocks, lossless), ours sym_int4 and sym_int8 (re-quantized), and llama.cpp on the same GGUF when llama-cpp-python
+blocks, lossless), ours sym_int4 (float32 head, transformers' default), sym_int4 with mixed_precision=True (head and
+tied embedding in sym_int8, as llama.cpp keeps them) and sym_int8 (re-quantized), and llama.cpp on the same GGUF when llama-cpp-python
 is installed. Prompt: the fixed 33-token sentence of ../shared/anchors/results-cpu.md, greedy, EOS masked.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ from common import make_smollm2, peak_rss_mib, print_table, write_json  # noqa: 
 
 PROMPT = ("The old lighthouse keeper climbed the narrow stairs every evening to light the lamp. One stormy night in "
           "November, he noticed a small boat drifting toward the rocks, so he")
-CASES = ("transformers fp32", "transformers bf16", "ours asym_int4 (GGUF, lossless)", "ours sym_int4", "ours sym_int8", "llama.cpp Q4_1")
+CASES = ("transformers fp32", "transformers bf16", "ours asym_int4 (GGUF, lossless)", "ours sym_int4",
+         "ours sym_int4 mixed_precision", "ours sym_int8", "llama.cpp Q4_1")
 
 
 def _hf_timings(model, ids, long_ids, new_tokens: int) -> dict:
@@ -76,8 +78,9 @@ def run_case(case: str, source: Path, new_tokens: int, threads: int) -> dict:
             model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
         elif case.startswith("ours asym_int4"):
             model, _ = ipex_llm_tf.AutoModelForCausalLM.from_gguf(find_default_gguf())
-        else:
-            model = ipex_llm_tf.AutoModelForCausalLM.from_pretrained(source, load_in_low_bit=case.split()[-1],
+        else:  # "ours <format>[ mixed_precision]": mixed_precision puts lm_head (tied to the embedding) in sym_int8
+            model = ipex_llm_tf.AutoModelForCausalLM.from_pretrained(source, load_in_low_bit=case.split()[1],
+                                                                     mixed_precision=case.endswith("mixed_precision"),
                                                                      dtype=torch.float32)
         timings = _hf_timings(model, ids, long_ids, new_tokens)
     return {**timings, "peak_rss_mib": round(peak_rss_mib(), 1), "prompt_tokens": int(ids.shape[1])}

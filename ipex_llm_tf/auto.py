@@ -12,7 +12,7 @@ import torch
 import transformers
 from torch import nn
 
-from .convert import convert, resolve_modules_to_not_convert
+from .convert import check_mixed_precision, convert, quantize_head, resolve_modules_to_not_convert
 from .formats import get_format
 from .hub import resolve_checkpoint_dir
 from .loading import SkeletonFiller, parameters_on_meta
@@ -76,14 +76,20 @@ class _LowBitAutoModel:
                         load_in_4bit: bool = False, load_in_low_bit: "str | None" = None,
                         modules_to_not_convert: "list[str] | None" = None, cpu_embedding: bool = False,
                         optimize_model: bool = True, quantize_kv_cache: "bool | None" = None,
-                        **kwargs) -> nn.Module:
+                        mixed_precision: bool = False, **kwargs) -> nn.Module:
         """transformers' from_pretrained, quantizing Linear layers while the checkpoint streams in.
 
         quantize_kv_cache=True (or IPEX_LLM_TF_QUANTIZE_KV_CACHE=1) makes generate() keep keys/values in fp8.
+        mixed_precision=True (as in IPEX-LLM) quantizes lm_head, and the embedding tied to it, to sym_int8.
         """
         low_bit = resolve_low_bit(load_in_4bit, load_in_low_bit)
+        if mixed_precision:
+            if low_bit is None:
+                raise ValueError("mixed_precision=True needs load_in_4bit=True or load_in_low_bit")
+            check_mixed_precision(low_bit, modules_to_not_convert)
         if kwargs.get("gguf_file"):
             gguf = Path(pretrained_model_name_or_path) / kwargs.pop("gguf_file")
+            # a GGUF keeps its own head (llama.cpp writes it in 8 or 6 bits), so mixed_precision has nothing to add
             return cls.from_gguf(gguf, low_bit=low_bit, modules_to_not_convert=modules_to_not_convert,
                                  cpu_embedding=cpu_embedding, optimize_model=optimize_model,
                                  quantize_kv_cache=quantize_kv_cache, **kwargs)[0]
@@ -102,7 +108,7 @@ class _LowBitAutoModel:
         if model_args:
             raise TypeError("positional model arguments are not supported with low-bit loading")
         return cls._quantize_on_load(pretrained_model_name_or_path, config, low_bit, modules_to_not_convert,
-                                     cpu_embedding, optimize_model, kwargs, quantize_kv_cache)
+                                     cpu_embedding, optimize_model, kwargs, quantize_kv_cache, mixed_precision)
 
     @classmethod
     def _split_kwargs(cls, kwargs: dict) -> tuple[dict, dict, "torch.dtype | None", "tuple | None"]:
@@ -125,7 +131,8 @@ class _LowBitAutoModel:
 
     @classmethod
     def _quantize_on_load(cls, path, config, low_bit: str, modules_to_not_convert, cpu_embedding: bool,
-                          optimize_model: bool, kwargs: dict, quantize_kv_cache: "bool | None" = None) -> nn.Module:
+                          optimize_model: bool, kwargs: dict, quantize_kv_cache: "bool | None" = None,
+                          mixed_precision: bool = False) -> nn.Module:
         hub, model_kwargs, dtype, placement = cls._split_kwargs(kwargs)
         directory = resolve_checkpoint_dir(path, **{k: hub[k] for k in ("revision", "cache_dir", "token",
                                                                             "local_files_only") if k in hub})
@@ -135,6 +142,8 @@ class _LowBitAutoModel:
         keep = resolve_modules_to_not_convert(modules_to_not_convert)
         model = cls._skeleton(config, dtype, model_kwargs)
         convert(model, low_bit, keep)
+        if mixed_precision:
+            quantize_head(model)
         filler = SkeletonFiller(model, dtype, str(directory))
         filler.feed_all(iter_tensors(files), count_tensors(files), desc=f"Quantizing to {low_bit}")
         filler.finish()

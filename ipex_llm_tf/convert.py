@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .formats import FormatError, LowBitFormat, get_format
-from .low_bit_linear import LowBitLinear
+from .low_bit_linear import LowBitEmbedding, LowBitLinear
 
 logger = logging.getLogger("ipex_llm_tf")
 
 DEFAULT_MODULES_TO_NOT_CONVERT = ("lm_head",)
+# mixed_precision=True (IPEX-LLM's option of that name): the output head in 8 bits, as llama.cpp keeps it in 4-bit files
+MIXED_PRECISION_HEAD = "sym_int8"
 
 
 @dataclass
@@ -79,3 +81,54 @@ def convert(model: nn.Module, low_bit: "str | LowBitFormat",
             report.converted.append(name)
     logger.info("%s", report)
     return report
+
+
+def check_mixed_precision(low_bit: "str | LowBitFormat", modules_to_not_convert: "list[str] | None") -> None:
+    """ValueError where mixed_precision=True contradicts the other arguments."""
+    fmt = get_format(low_bit)
+    if fmt.name in ("fp16", "bf16"):
+        raise ValueError(f"mixed_precision=True puts the output head in {MIXED_PRECISION_HEAD}, below the "
+                         f"{fmt.name} of the rest of the model; drop mixed_precision or pick a lower-bit format")
+    if modules_to_not_convert is not None and matches_module("lm_head", list(modules_to_not_convert)):
+        raise ValueError("mixed_precision=True quantizes lm_head to sym_int8, but modules_to_not_convert keeps it in "
+                         "full precision; use one or the other")
+
+
+def quantize_head(model: nn.Module, low_bit: str = MIXED_PRECISION_HEAD) -> bool:
+    """Put the output head (and the input embedding tied to it, sharing one packed table) in `low_bit`, in place.
+
+    Works on loaded models and on meta skeletons (a loader then fills the new modules). False, with a log line, when
+    there is no full-precision head or its shape does not fit the format.
+    """
+    get_out, get_in = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if type(head) is not nn.Linear:
+        logger.info("mixed_precision: no full-precision nn.Linear output head to quantize (%s)", type(head).__name__)
+        return False
+    fmt = get_format(low_bit)
+    try:
+        fmt.check_shape(head.out_features, head.in_features, where="lm_head")
+    except FormatError as err:
+        warnings.warn(f"mixed_precision: keeping the output head in full precision: {err}", stacklevel=2)
+        return False
+    embedding = get_in() if callable(get_in) else None
+    tied = (getattr(getattr(model, "config", None), "tie_word_embeddings", False) and type(embedding) is nn.Embedding
+            and tuple(embedding.weight.shape) == tuple(head.weight.shape))
+    on_meta = head.weight.device.type == "meta"
+    if tied:
+        packed = LowBitEmbedding(embedding.num_embeddings, embedding.embedding_dim, fmt,
+                                 padding_idx=embedding.padding_idx, device="meta", name="embed_tokens")
+        packed.output_dtype = embedding.weight.dtype
+        new_head = LowBitLinear(head.in_features, head.out_features, fmt, bias=head.bias is not None, device="meta",
+                                name="lm_head")
+        if not on_meta:
+            packed.load_parts(fmt.quantize(embedding.weight.detach()))
+            new_head.load_parts(packed.parts, bias=head.bias)  # one set of buffers serves lookup and head
+        model.set_input_embeddings(packed)
+    elif on_meta:
+        new_head = LowBitLinear(head.in_features, head.out_features, fmt, bias=head.bias is not None, device="meta",
+                                dtype=None if head.bias is None else head.bias.dtype, name="lm_head")
+    else:
+        new_head = LowBitLinear.from_linear(head, fmt, name="lm_head")
+    model.set_output_embeddings(new_head)
+    return True

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .convert import convert, resolve_modules_to_not_convert
+from .convert import check_mixed_precision, convert, quantize_head, resolve_modules_to_not_convert
 from .devices import check_device, CPUEmbedding, move_model
 from .formats import get_format
 from .loading import SkeletonFiller, parameters_on_meta
@@ -148,13 +148,21 @@ def finalize(model: nn.Module, low_bit: "str | None", modules_to_not_convert: li
 
 def optimize_model(model: nn.Module, low_bit: str = "sym_int4", optimize_llm: bool = True,
                    modules_to_not_convert: "list[str] | None" = None, cpu_embedding: bool = False,
-                   device: "str | torch.device | None" = None, quantize_kv_cache: "bool | None" = None) -> nn.Module:
-    """Quantize a loaded PyTorch / transformers model in place to `low_bit` and apply fused forwards."""
+                   device: "str | torch.device | None" = None, quantize_kv_cache: "bool | None" = None,
+                   mixed_precision: bool = False) -> nn.Module:
+    """Quantize a loaded PyTorch / transformers model in place to `low_bit` and apply fused forwards.
+
+    mixed_precision=True (as in IPEX-LLM) quantizes lm_head, and the embedding tied to it, to sym_int8.
+    """
     get_format(low_bit)
+    if mixed_precision:
+        check_mixed_precision(low_bit, modules_to_not_convert)
     keep = resolve_modules_to_not_convert(modules_to_not_convert)
     if device is not None:
         check_device(device)
     convert(model, low_bit, keep)  # logs what it converted and what it kept
+    if mixed_precision:
+        quantize_head(model)
     model = finalize(model, get_format(low_bit).name, keep, cpu_embedding, optimize_llm, quantize_kv_cache)
     return model.to(device) if device is not None else model
 

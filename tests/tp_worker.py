@@ -20,7 +20,7 @@ NEW_TOKENS = 6
 
 def greedy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Tokens and the logits of every step (prefill, then decode through the cache) of a greedy generate()."""
-    out = model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+    out = model.generate(torch.tensor(PROMPT, device=model.device), max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
                          return_dict_in_generate=True)
     return {"tokens": out.sequences.cpu(), "logits": torch.stack([s.float().cpu() for s in out.logits])}
 
@@ -34,8 +34,10 @@ def run_case(case: dict) -> dict:
         load_low_bit_tp,
         parallelize,
     )
+    os.environ["IPEX_LLM_TF_BACKEND"] = case.get("backend", "torch")  # torch: exact float32, only the split differs
     if case["mode"] == "load":
-        model = load_low_bit_tp(case["path"], device="cpu", optimize_model=case["optimize"], timeout_s=60)
+        model = load_low_bit_tp(case["path"], device=case.get("device", "cpu"), optimize_model=case["optimize"],
+                                timeout_s=60)
     else:
         model = AutoModelForCausalLM.load_low_bit(case["path"], optimize_model=case["optimize"])
         parallelize(model, init_tensor_parallel("cpu", timeout_s=60))
@@ -52,7 +54,6 @@ def run_case(case: dict) -> dict:
 
 def main(spec_path: str, out_dir: str) -> None:
     """torchrun entry: run every case of the spec; rank 0 writes the results."""
-    os.environ["IPEX_LLM_TF_BACKEND"] = "torch"  # exact float32: differences come from the split alone
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     for case in json.loads(Path(spec_path).read_text()):
