@@ -40,6 +40,22 @@ ONE_BITS = 0x3F800000  # float32 1.0, passed to gemv_words_kernel as one_bits
 
 
 @triton.jit
+def fp8_bytes_to_float(q, E5M2: tl.constexpr, NATIVE: tl.constexpr, TY: tl.constexpr):
+    """fp8 codes q as TY: q is float8 when NATIVE, else its uint8 bytes (then e4m3 comes out 2**-8 too small)."""
+    if NATIVE:
+        w = q.to(TY)
+    else:
+        # the byte's bits placed as an fp16 bit pattern: exact for e5m2, e4m3 lands 8 binary exponents low
+        q16 = q.to(tl.int16)
+        if E5M2:
+            h = q16 << 8
+        else:
+            h = ((q16 & 0x80) << 8) | ((q16 & 0x7F) << 7)
+        w = h.to(tl.float16, bitcast=True).to(TY)
+    return w
+
+
+@triton.jit
 def _code_floats(words, qh, one, P: tl.constexpr, KIND: tl.constexpr, tab_ptr):
     """Float of code P of every word: 1 + q / 2**bits for integer kinds, the table value for CB4.
 
@@ -295,15 +311,7 @@ def gemv_fp8_kernel(
             xk = tl.load(x_row + k).to(tl.float32)
         else:
             xk = tl.load(x_row + k, mask=kmask, other=0.0).to(tl.float32)
-        if NATIVE:
-            w = q.to(tl.float32)
-        else:
-            q16 = q.to(tl.int16)
-            if E5M2:
-                h = q16 << 8
-            else:
-                h = ((q16 & 0x80) << 8) | ((q16 & 0x7F) << 7)
-            w = h.to(tl.float16, bitcast=True).to(tl.float32)
+        w = fp8_bytes_to_float(q, E5M2, NATIVE, tl.float32)
         if not EVEN:
             w = tl.where(kmask[None, :], w, 0.0)  # masked lanes hold garbage (possibly NaN codes)
         acc += w * xk[None, :]

@@ -294,6 +294,13 @@ def _finish_split(y32: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dty
     return y32.to(dtype)
 
 
+def _split_output(x: torch.Tensor, n: int, split: int) -> torch.Tensor:
+    """The [M, N] output of a launch: x's dtype, or zeroed float32 for split-K programs to add into."""
+    if split == 1:
+        return torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype)
+    return torch.zeros((x.shape[0], n), device=x.device, dtype=torch.float32)
+
+
 def _split_steps(total: int, step: int, split: int) -> tuple[int, int, bool]:
     """(steps per split, splits, even) for `total` units walked `step` at a time in about `split` parts; even means
     every step is full (no masks needed)."""
@@ -309,10 +316,7 @@ def gemv_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
     m = x.shape[0]
     kw = ops.words_per_row
     per_split, split, even = _split_steps(kw, cfg.block_w, cfg.split_k)
-    if split == 1:
-        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    else:
-        y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    y = _split_output(x, n, split)
     G.gemv_words_kernel[(m, triton.cdiv(n, cfg.block_n), split)](
         x, ops.words, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
         m, n, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
@@ -325,10 +329,7 @@ def gemv_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
 def gemv_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: int, cfg: GemvConfig) -> torch.Tensor:
     m, k = x.shape
     per_split, split, even = _split_steps(k, cfg.block_w, cfg.split_k)
-    if split == 1:
-        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    else:
-        y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    y = _split_output(x, n, split)
     G.gemv_fp8_kernel[(m, triton.cdiv(n, cfg.block_n), split)](
         x, ops.qweight, ops.scales, ops.scales if bias is None else bias, y,
         m, n, k, x.stride(0), y.stride(0), per_split,
@@ -344,10 +345,7 @@ def matmul_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None
     kb = ops.blocks_per_row
     nb = max(1, cfg.block_k // 32)
     per_split, split, even = _split_steps(kb, nb, cfg.split_k)
-    if split == 1:
-        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    else:
-        y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    y = _split_output(x, n, split)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     MM.matmul_blocks_kernel[grid](
         x, ops.codes, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
@@ -362,10 +360,7 @@ def matmul_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: 
                cfg: MatmulConfig) -> torch.Tensor:
     m, k = x.shape
     per_split, split, even = _split_steps(k, cfg.block_k, cfg.split_k)
-    if split == 1:
-        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    else:
-        y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    y = _split_output(x, n, split)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     MM.matmul_fp8_kernel[grid](
         x, ops.qweight, ops.scales, ops.scales if bias is None else bias, y,

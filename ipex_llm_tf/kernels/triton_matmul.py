@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv import CB4, Q4_ASYM, Q4_SYM, Q5_ASYM, Q5_SYM, Q8_SYM
+from .triton_gemv import CB4, Q4_ASYM, Q4_SYM, Q5_ASYM, Q5_SYM, Q8_SYM, fp8_bytes_to_float
 
 
 @triton.jit
@@ -82,14 +82,22 @@ def block_values(w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, rows, blk, bmask, KB,
 
 
 @triton.jit
-def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of a program, in grouped order: GROUP_M row tiles share each weight tile in L2."""
+def _tile_offsets(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(offs_m, offs_n, xm, rows) of program pid's output tile, xm and rows clamped in range, as int64.
+
+    Tiles go in grouped order: GROUP_M row tiles share each weight tile in L2."""
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     width = GROUP_M * grid_n
     first_m = (pid // width) * GROUP_M
     size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    return first_m + (pid % width) % size_m, (pid % width) // size_m
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    xm = tl.minimum(offs_m, M - 1).to(tl.int64)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    return offs_m, offs_n, xm, rows
 
 
 @triton.jit(do_not_specialize=["M", "N", "steps_per_split"])
@@ -105,12 +113,7 @@ def matmul_blocks_kernel(
     Split pid_k covers 32-weight blocks [pid_k, pid_k + 1) * steps_per_split * NB."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    xm = tl.minimum(offs_m, M - 1).to(tl.int64)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    offs_m, offs_n, xm, rows = _tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     u = tl.arange(0, NB * 16)
     xcol = (u // 16) * 32 + (u % 16)           # column of x under element u of a first-half slice
     x_rows = x_ptr + xm[:, None] * stride_xm
@@ -163,12 +166,7 @@ def matmul_fp8_kernel(
     """y = (x @ w.T) * scale[n] (+ bias) for fp8 weights [N, K] with a float32 scale per row."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    xm = tl.minimum(offs_m, M - 1).to(tl.int64)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    offs_m, offs_n, xm, rows = _tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_rows = x_ptr + xm[:, None] * stride_xm
     w_rows = w_ptr + rows[:, None] * K
     dot_ty = x_ptr.dtype.element_ty
@@ -183,15 +181,7 @@ def matmul_fp8_kernel(
             kmask = k < K
             q = tl.load(w_rows + k[None, :], mask=kmask[None, :])
             xt = tl.load(x_rows + k[None, :], mask=kmask[None, :], other=0.0)
-        if NATIVE:
-            w = q.to(dot_ty)
-        else:
-            q16 = q.to(tl.int16)
-            if E5M2:
-                h = q16 << 8
-            else:
-                h = ((q16 & 0x80) << 8) | ((q16 & 0x7F) << 7)
-            w = h.to(tl.float16, bitcast=True).to(dot_ty)
+        w = fp8_bytes_to_float(q, E5M2, NATIVE, dot_ty)
         if not EVEN:
             w = tl.where(kmask[None, :], w, 0.0)  # masked lanes hold garbage (possibly NaN codes)
         acc = tl.dot(xt, tl.trans(w), acc)
@@ -230,16 +220,8 @@ def dequant_fp8_kernel(w_ptr, s_ptr, out_ptr, N, K, E5M2: tl.constexpr, NATIVE: 
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
     mask = (offs_n[:, None] < N) & (k[None, :] < K)
     q = tl.load(w_ptr + rows[:, None] * K + k[None, :], mask=mask)
-    if NATIVE:
-        w = q.to(tl.float32)
-    else:
-        q16 = q.to(tl.int16)
-        if E5M2:
-            h = q16 << 8
-        else:
-            h = ((q16 & 0x80) << 8) | ((q16 & 0x7F) << 7)
-        w = h.to(tl.float16, bitcast=True).to(tl.float32)
-        if not E5M2:
-            w = w * 256.0
+    w = fp8_bytes_to_float(q, E5M2, NATIVE, tl.float32)
+    if not NATIVE and not E5M2:
+        w = w * 256.0
     w = w * tl.load(s_ptr + rows)[:, None]
     tl.store(out_ptr + rows[:, None] * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)

@@ -114,23 +114,16 @@ def test_configs(fmt_name: str) -> None:
     bias = torch.randn(n, device=DEVICE).to(torch.float16)
     fp8 = fmt_name.startswith("fp8")
     ops = TL.fp8_operands(fmt, parts) if fp8 else TL.block_operands(fmt, parts)
-    for m in (1, 3):
-        x = torch.randn(m, k, device=DEVICE).to(torch.float16)
-        ref = F.linear(x.float(), w_ref, bias.float())
-        for cfg in GEMV_CONFIGS:
-            y = TL.gemv_fp8(x, ops, bias, n, cfg) if fp8 else TL.gemv_blocks(x, ops, bias, n, cfg)
-            _check(y, ref, torch.float16, f"{fmt_name} gemv {cfg} M={m}")
-    for m in (16, 40):
-        x = torch.randn(m, k, device=DEVICE).to(torch.float16)
-        ref = F.linear(x.float(), w_ref, bias.float())
-        for cfg in MM_CONFIGS:
-            y = TL.matmul_fp8(x, ops, bias, n, cfg) if fp8 else TL.matmul_blocks(x, ops, bias, n, cfg)
-            _check(y, ref, torch.float16, f"{fmt_name} matmul {cfg} M={m}")
-    if not fp8:
-        ref = F.linear(x.float(), w_ref, bias.float())
-        _check(TL.dequant_matmul_blocks(x, ops, bias, n), ref, torch.float16, f"{fmt_name} dequant+matmul")
-    else:
-        _check(TL.dequant_matmul_fp8(x, ops, bias, n), ref, torch.float16, f"{fmt_name} dequant+matmul")
+    paths = [("gemv", (1, 3), GEMV_CONFIGS, TL.gemv_fp8 if fp8 else TL.gemv_blocks),
+             ("matmul", (16, 40), MM_CONFIGS, TL.matmul_fp8 if fp8 else TL.matmul_blocks)]
+    for path, rows, configs, launch in paths:
+        for m in rows:
+            x = torch.randn(m, k, device=DEVICE).to(torch.float16)
+            ref = F.linear(x.float(), w_ref, bias.float())
+            for cfg in configs:
+                _check(launch(x, ops, bias, n, cfg), ref, torch.float16, f"{fmt_name} {path} {cfg} M={m}")
+    dequant_matmul = TL.dequant_matmul_fp8 if fp8 else TL.dequant_matmul_blocks
+    _check(dequant_matmul(x, ops, bias, n), ref, torch.float16, f"{fmt_name} dequant+matmul")  # x, ref: M=40
 
 
 @pytest.mark.parametrize("fmt_name", FUSED)
