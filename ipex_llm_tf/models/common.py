@@ -5,12 +5,14 @@ capture) and swaps only the layers' children for modules with the same call sign
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import kernels
 from ..kernels import ops
@@ -221,6 +223,19 @@ def sliding_causal_mask(q_len: int, kv_len: int, window: int | None, device: tor
     return allowed
 
 
+# PyTorch 2.11 on an H100 picks cuDNN attention for one-query steps, and cuDNN builds an execution plan for every new
+# key length: ~1.8 ms of host time per call, ~60 ms per 7B token, whenever the step is not replayed from a CUDA graph
+# (tensor-parallel ranks, IPEX_LLM_TF_GRAPH_DECODE=0). The other kernels need no per-length plan.
+_DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def decode_attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
+    """The SDPA backends for a one-query attention call on `device`: all but cuDNN on CUDA, torch's choice elsewhere."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return sdpa_kernel(_DECODE_SDPA_BACKENDS)
+
+
 def native_gqa_ok(mask: torch.Tensor | None, device: torch.device) -> bool:
     """Whether SDPA should read grouped KV heads itself (enable_gqa) rather than get them repeated."""
     # CUDA's flash/efficient kernels take grouped heads only without a mask; with one, enable_gqa drops to the math
@@ -280,16 +295,18 @@ class FusedAttention(SeparateProjectionKeys):
         if groups > 1 and q_len == 1 and (mask is None or mask.shape[1] == 1):
             # One query per head: a KV head's group of queries becomes its query sequence, so no KV head is repeated
             # and any SDPA kernel applies, mask or not
-            out = F.scaled_dot_product_attention(
-                query.reshape(batch, self.num_key_value_heads, groups, self.head_dim), key, value, attn_mask=mask,
-                dropout_p=self.attention_dropout if self.training else 0.0, scale=self.scaling)
+            with decode_attention_backends(key.device):
+                out = F.scaled_dot_product_attention(
+                    query.reshape(batch, self.num_key_value_heads, groups, self.head_dim), key, value,
+                    attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0, scale=self.scaling)
             return self.o_proj(out.reshape(batch, q_len, self.num_heads * self.head_dim)), None
         native_gqa = groups > 1 and native_gqa_ok(mask, key.device)
         if groups > 1 and not native_gqa:
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0,
-            is_causal=is_causal, scale=self.scaling, enable_gqa=native_gqa)
+        with decode_attention_backends(key.device) if q_len == 1 else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0,
+                is_causal=is_causal, scale=self.scaling, enable_gqa=native_gqa)
         out = out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
         return self.o_proj(out), None
 
