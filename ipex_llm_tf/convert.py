@@ -122,7 +122,7 @@ def quantize_head(model: nn.Module, low_bit: str = MIXED_PRECISION_HEAD) -> bool
         new_head = LowBitLinear(head.in_features, head.out_features, fmt, bias=head.bias is not None, device="meta",
                                 name="lm_head")
         if not on_meta:
-            packed.load_parts(fmt.quantize(embedding.weight.detach()))
+            packed.load_parts(fmt.quantize_in_row_chunks(embedding.weight.detach()))
             new_head.load_parts(packed.parts, bias=head.bias)  # one set of buffers serves lookup and head
         model.set_input_embeddings(packed)
     elif on_meta:

@@ -116,7 +116,7 @@ class SkeletonFiller:
                 raise CheckpointError(f"{where}.weight has shape {tuple(tensor.shape)} but config.json implies "
                                       f"{(module._rows, module._cols)}; the config does not match.")
             module.fmt.check_weight(tensor, where=module_path)
-            module.load_parts(module.fmt.quantize(tensor))
+            module.load_parts(module.fmt.quantize_in_row_chunks(tensor))
             return
         parts = self.pending.setdefault(module_path, {})
         parts[attr] = tensor

@@ -93,7 +93,7 @@ class LowBitLinear(PackedWeight):
         fmt.check_weight(weight, where=name or "Linear")
         layer = cls(linear.in_features, linear.out_features, fmt, bias=linear.bias is not None,
                     device="meta", dtype=linear.bias.dtype if linear.bias is not None else None, name=name)
-        layer.load_parts(fmt.quantize(weight), bias=linear.bias)
+        layer.load_parts(fmt.quantize_in_row_chunks(weight), bias=linear.bias)
         return layer
 
     def load_parts(self, parts: Parts, bias: torch.Tensor | None = None) -> None:

@@ -63,3 +63,14 @@ def test_contradicting_arguments_are_refused(tmp_path: Path) -> None:
     tiny_model("llama").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="needs load_in_4bit"):
         AutoModelForCausalLM.from_pretrained(tmp_path, mixed_precision=True)
+
+
+@pytest.mark.parametrize("low_bit", ["sym_int4", "asym_int5", "sym_int8", "nf4", "fp8_e4m3", "fp6"])
+def test_quantizing_in_row_bands_gives_the_same_bytes(low_bit: str) -> None:
+    from ipex_llm_tf.formats import get_format
+    fmt = get_format(low_bit)
+    weight = torch.randn(1000, 256)
+    whole, banded = fmt.quantize(weight), fmt.quantize_in_row_chunks(weight, max_elements=256 * 96)
+    assert whole.keys() == banded.keys()
+    for name in whole:
+        assert torch.equal(whole[name].view(torch.uint8), banded[name].view(torch.uint8)), name

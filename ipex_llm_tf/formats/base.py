@@ -39,6 +39,20 @@ class LowBitFormat:
         """Rebuild the [out, in] weight in `dtype` from the packed tensors."""
         raise NotImplementedError
 
+    def quantize_in_row_chunks(self, weight: torch.Tensor, max_elements: int = 1 << 22) -> Parts:
+        """quantize(), a band of rows at a time: the same tensors, with float temporaries bounded by max_elements.
+
+        Quantizing a 49152 x 576 vocabulary table at once holds several float32 copies of it (~0.5 GB); every format
+        works per row (its parts have one row per output feature), so bands give identical bytes.
+        """
+        rows = max(1, max_elements // max(1, weight.shape[-1])) if weight.dim() == 2 else 0
+        row_wise = all(shape[0] == weight.shape[0] for shape, _ in self.part_specs(*weight.shape).values()) \
+            if weight.dim() == 2 and weight.shape[-1] % self.block_size == 0 and weight.shape[0] > 0 else False
+        if not row_wise or weight.shape[0] <= rows:
+            return self.quantize(weight)
+        bands = [self.quantize(weight[start:start + rows]) for start in range(0, weight.shape[0], rows)]
+        return {name: torch.cat([band[name] for band in bands]) for name in bands[0]}
+
     def to_gguf_blocks(self, parts: Parts) -> torch.Tensor:
         """GGUF block bytes [out, in / block_size * type_size] (uint8) of the packed tensors."""
         raise NotImplementedError(f"format {self.name!r} has no GGUF counterpart")
