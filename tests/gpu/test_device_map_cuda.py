@@ -20,24 +20,27 @@ from ipex_llm_tf.distributed import memory_report  # noqa: E402
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                                 reason="needs 2 CUDA GPUs")
 
-# The single-GPU reference replays CUDA graphs and the spread model runs eagerly: the same Triton kernels on the same
-# float32 inputs, so only launch configurations tuned per process may differ in reduction order
+# Spread over GPUs: the same Triton kernels on the same float32 inputs as the single-GPU reference, so only reduction
+# order may differ. With CPU offload both models run the exact float32 reference (IPEX_LLM_TF_BACKEND=torch): the
+# CPU's int4 kernel takes bf16 activations, which can flip a near-tie in greedy tokens on a random tiny model.
 LOGIT_ATOL = 1e-4
 
 
 @pytest.mark.parametrize("placement", ["auto", "offload"])
-def test_layers_spread_over_two_gpus(tmp_path: Path, placement: str) -> None:
+def test_layers_spread_over_two_gpus(tmp_path: Path, placement: str, monkeypatch: pytest.MonkeyPatch) -> None:
     optimize_model(tiny_model("llama"), low_bit="sym_int4").save_low_bit(tmp_path)
     if placement == "auto":
         model = AutoModelForCausalLM.load_low_bit(tmp_path, device_map="auto")
         assert set(model.hf_device_map.values()) == {"cuda:0", "cuda:1"}
     else:  # budgets too small for the whole model: fill GPU 0, then GPU 1, the rest on the CPU
+        monkeypatch.setenv("IPEX_LLM_TF_BACKEND", "torch")
         model = AutoModelForCausalLM.load_low_bit(tmp_path, device_map="sequential",
                                                   max_memory={0: "40KiB", 1: "40KiB", "cpu": "1GiB"})
         assert {"cuda:0", "cpu"} <= set(model.hf_device_map.values())
     single = tp_worker.greedy(AutoModelForCausalLM.load_low_bit(tmp_path).to("cuda:0"))
     spread = tp_worker.greedy(model)
     assert torch.equal(spread["tokens"], single["tokens"])
-    assert (spread["logits"] - single["logits"]).abs().max().item() <= LOGIT_ATOL
+    err = (spread["logits"] - single["logits"]).abs().max().item()
+    assert err <= LOGIT_ATOL, f"max |logit diff| {err:.3g}"
     report = memory_report(model)
     assert all(report[device]["weights_mib"] > 0 for device in set(model.hf_device_map.values()))
