@@ -80,3 +80,20 @@ def test_env_switch_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IPEX_LLM_TF_GRAPH_DECODE", "0")
     model = ipex_llm_tf.optimize_model(tiny_model("llama"), low_bit="sym_int4")
     assert "forward" not in model.__dict__
+
+
+def test_a_static_cache_keeps_transformers_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a static cache returns its whole preallocated length; only transformers' mask makes attending to it right
+    from transformers import DynamicCache, StaticCache
+    from ipex_llm_tf.models.graph_decode import CACHE_KWARG
+    model = ipex_llm_tf.optimize_model(tiny_model("llama"), low_bit="sym_int8")
+    ids = torch.randint(2, 128, (1, 12), generator=torch.Generator().manual_seed(5))
+    logits = {}
+    for name, cache in (("static", StaticCache(config=model.config, max_cache_len=32)), ("dynamic", DynamicCache())):
+        with torch.no_grad():
+            model(input_ids=ids[:, :6], use_cache=True, **{CACHE_KWARG: cache})
+            assert eager_step.can_step(model, ids[:, 6:7], cache, {}) == (name == "dynamic")
+            logits[name] = [model(input_ids=ids[:, i:i + 1], use_cache=True, **{CACHE_KWARG: cache}).logits
+                            for i in range(6, 12)]
+    for got, want in zip(logits["static"], logits["dynamic"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules import module as nn_module
+from transformers.cache_utils import DynamicLayer
 
 _UNSUPPORTED = ("inputs_embeds", "labels", "output_attentions", "output_hidden_states")
 
@@ -27,11 +28,20 @@ def _has_hooks(model: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
+def _returns_valid_keys_only(cache: Any) -> bool:
+    # With no mask the step attends to every key the cache returns: dynamic layers (and our block layers) return the
+    # filled ones; static layers return their whole preallocated length, which only transformers' mask makes right
+    from .graph_decode import GraphKVCache  # its layers return a padded span too; imported here to avoid a cycle
+    layers = getattr(cache, "layers", None)
+    return (bool(layers) and not isinstance(cache, GraphKVCache)
+            and all(isinstance(layer, DynamicLayer) for layer in layers))
+
+
 def can_step(model: nn.Module, input_ids: "torch.Tensor | None", cache: Any, kwargs: dict) -> bool:
     """Whether this forward call is a plain CPU one-token step that step() computes exactly as transformers does."""
     if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1 or not input_ids.is_cpu:
         return False
-    if cache is None or not hasattr(cache, "update") or kwargs.get("use_cache") is False:
+    if cache is None or not _returns_valid_keys_only(cache) or kwargs.get("use_cache") is False:
         return False
     if kwargs.get("return_dict") is False or any(kwargs.get(name) not in (None, False) for name in _UNSUPPORTED):
         return False
