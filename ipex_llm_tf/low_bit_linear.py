@@ -1,11 +1,17 @@
 """LowBitLinear and LowBitEmbedding: modules whose weight lives as a low-bit format's packed tensors (plain buffers)."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from .formats import LowBitFormat, Parts, get_format
 from .kernels import PackedCache, cpu_int4_fits, cpu_int4_linear, low_bit_linear, ops
+
+
+# per conversion function of one .to() / .cuda() / _apply() call: id(source tensor) -> (source, moved tensor)
+_MOVED: "weakref.WeakKeyDictionary[object, dict[int, tuple[torch.Tensor, torch.Tensor]]]" = weakref.WeakKeyDictionary()
 
 
 class PackedWeight(nn.Module):
@@ -55,13 +61,25 @@ class PackedWeight(nn.Module):
         self._forget_derived()
 
     def _apply(self, fn, recurse: bool = True):
-        # model.to(dtype) / .half() must move packed tensors but never re-cast them: their dtype is the format
-        packed = {name: self._buffers[name] for name in self._part_names}
-        super()._apply(fn, recurse)
+        # model.to(dtype) / .half() must move packed tensors but never re-cast them: their dtype is the format.
+        # Packed tensors shared between modules (a tied embedding and head) must stay shared: nn.Module.to() calls
+        # every module's _apply with one `fn`, so the tensors already moved under that fn are looked up, not copied.
+        try:
+            moved = _MOVED.setdefault(fn, {})
+        except TypeError:  # a conversion callable that takes no weak reference: sharing is not tracked for it
+            moved = {}
+        packed = {name: self._buffers.pop(name) for name in self._part_names}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, before in packed.items():
+                self._buffers[name] = before
         for name, before in packed.items():
-            after = self._buffers[name]
-            if after.dtype != before.dtype:
-                self._buffers[name] = before.to(after.device)
+            if id(before) not in moved:
+                after = fn(before)
+                # the source stays referenced while fn lives, so its id cannot be reused by a new tensor meanwhile
+                moved[id(before)] = (before, after if after.dtype == before.dtype else before.to(after.device))
+            self._buffers[name] = moved[id(before)][1]
         self._forget_derived()
         return self
 

@@ -74,3 +74,16 @@ def test_quantizing_in_row_bands_gives_the_same_bytes(low_bit: str) -> None:
     assert whole.keys() == banded.keys()
     for name in whole:
         assert torch.equal(whole[name].view(torch.uint8), banded[name].view(torch.uint8)), name
+
+
+def test_a_move_keeps_the_tied_table_shared() -> None:
+    model = ipex_llm_tf.optimize_model(tiny_model("llama", tie_word_embeddings=True), low_bit="sym_int4",
+                                       mixed_precision=True)
+    # what .to("cuda") does to every module, with a copy standing in for the device transfer
+    model._apply(lambda tensor: tensor.clone())
+    assert model.lm_head.qweight is model.get_input_embeddings().qweight, "a move must not duplicate the table"
+    assert model.lm_head.scales is model.get_input_embeddings().scales
+    model.half()
+    assert model.lm_head.qweight.dtype == torch.int8 and model.lm_head.qweight is model.get_input_embeddings().qweight
+    with torch.no_grad():
+        model.float()(IDS)
