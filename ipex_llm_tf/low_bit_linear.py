@@ -164,3 +164,29 @@ class LowBitEmbedding(PackedWeight):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, low_bit={self.fmt.name}"
+
+
+class CPULowBitEmbedding(LowBitEmbedding):
+    """cpu_embedding=True for a packed table: it and its lookup stay on the CPU; outputs go where the model moved."""
+
+    output_device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def from_embedding(cls, embedding: LowBitEmbedding) -> "CPULowBitEmbedding":
+        """Give the table its own CPU copy of the packed tensors (a tied head keeps the originals and moves)."""
+        new = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.fmt, padding_idx=embedding.padding_idx,
+                  device="meta")
+        new.load_parts({name: part.detach().to("cpu").clone() for name, part in embedding.parts.items()})
+        new.output_dtype = embedding.output_dtype
+        return new
+
+    def _apply(self, fn, recurse: bool = True):
+        probe = fn(torch.empty(0, dtype=self.output_dtype))
+        self.output_device = probe.device
+        if probe.is_floating_point():
+            self.output_dtype = probe.dtype
+        return self
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[...] token ids (any device) -> [..., embedding_dim] vectors on the model's device."""
+        return super().forward(input_ids).to(self.output_device)

@@ -17,7 +17,7 @@ from .convert import check_mixed_precision, convert, quantize_head, resolve_modu
 from .devices import check_device, CPUEmbedding, move_model
 from .formats import get_format
 from .loading import SkeletonFiller, parameters_on_meta
-from .low_bit_linear import LowBitEmbedding, LowBitLinear
+from .low_bit_linear import CPULowBitEmbedding, LowBitEmbedding, LowBitLinear
 from .serialization import (CONFIG_FIELD, FORMAT_VERSION, CheckpointError, check_quantization_field,
                             count_tensors, iter_tensors, quantization_field, safetensors_files, write_checkpoint)
 
@@ -104,6 +104,8 @@ def _apply_cpu_embedding(model: nn.Module) -> None:
     embedding = get()
     if isinstance(embedding, nn.Embedding) and not isinstance(embedding, CPUEmbedding):
         set_(CPUEmbedding.from_embedding(embedding))
+    elif isinstance(embedding, LowBitEmbedding) and not isinstance(embedding, CPULowBitEmbedding):
+        set_(CPULowBitEmbedding.from_embedding(embedding))  # a GGUF's or mixed_precision's packed table
 
 
 def quantized_kv_cache_requested(quantize_kv_cache: "bool | None") -> bool:

@@ -87,3 +87,23 @@ def test_a_move_keeps_the_tied_table_shared() -> None:
     assert model.lm_head.qweight.dtype == torch.int8 and model.lm_head.qweight is model.get_input_embeddings().qweight
     with torch.no_grad():
         model.float()(IDS)
+
+
+def test_cpu_embedding_keeps_a_packed_table_on_the_cpu(tmp_path: Path) -> None:
+    from ipex_llm_tf.low_bit_linear import CPULowBitEmbedding
+    tiny_model("llama", tie_word_embeddings=True).save_pretrained(tmp_path / "src")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "src", load_in_low_bit="sym_int4", mixed_precision=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src", load_in_low_bit="sym_int4", mixed_precision=True,
+                                                 cpu_embedding=True)
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, CPULowBitEmbedding) and embedding.qweight is not model.lm_head.qweight
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, plain(IDS).logits)
+    model.save_low_bit(tmp_path / "low")
+    again = AutoModelForCausalLM.load_low_bit(tmp_path / "low")
+    assert isinstance(again.get_input_embeddings(), CPULowBitEmbedding)
+    with torch.no_grad():
+        assert torch.equal(again(IDS).logits, plain(IDS).logits)
+    model.to("meta")  # stands in for an accelerator: everything moves except the table
+    assert embedding.qweight.device.type == "cpu" and model.lm_head.qweight.device.type == "meta"
+    assert embedding(torch.tensor([[1, 2]])).device.type == "meta"
