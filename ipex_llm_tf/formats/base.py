@@ -91,3 +91,16 @@ class LowBitFormat:
 
     def __repr__(self) -> str:
         return f"<format {self.name}: {self.bits_per_weight:g} bits/weight, block {self.block_size}>"
+
+
+class DtypeFormat(LowBitFormat):
+    """A format whose elements are one torch dtype (fp16 / bf16, fp8): registered once per dtype, no blocks."""
+
+    block_size = 1
+    version = 1
+    gguf_type = None
+
+    def __init__(self, name: str, dtype: torch.dtype, description: str) -> None:
+        self.name = name
+        self.dtype = dtype
+        self.description = description

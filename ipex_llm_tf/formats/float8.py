@@ -4,25 +4,20 @@ from __future__ import annotations
 import torch
 
 from . import register_format
-from .base import LowBitFormat, PartSpecs, Parts
+from .base import DtypeFormat, PartSpecs, Parts
 from .codebooks import chunk_rows, cpu_fast_path, empty_output
 
 
-class Float8Format(LowBitFormat):
+class Float8Format(DtypeFormat):
     """Per-output-channel absmax scaling into a torch float8 dtype, saturating at the dtype's max."""
 
-    block_size = 1
     # Storage is 8 bits plus 32/in_features for the row scale; that depends on the shape, so the
     # table reports the element cost only (the description says so).
     bits_per_weight = 8.0
-    version = 1
-    gguf_type = None
 
     def __init__(self, name: str, dtype: torch.dtype, description: str) -> None:
-        self.name = name
-        self.dtype = dtype
+        super().__init__(name, dtype, description)
         self.max_value = float(torch.finfo(dtype).max)
-        self.description = description
 
     def part_specs(self, out_features: int, in_features: int) -> PartSpecs:
         """qweight [N, K] in the float8 dtype and scales float32 [N, 1]."""

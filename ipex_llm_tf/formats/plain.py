@@ -4,22 +4,14 @@ from __future__ import annotations
 import torch
 
 from . import register_format
-from .base import LowBitFormat, PartSpecs, Parts
+from .base import DtypeFormat, PartSpecs, Parts
 from .codebooks import chunk_rows, cpu_fast_path, empty_output
 
 
-class PlainFormat(LowBitFormat):
+class PlainFormat(DtypeFormat):
     """The weight stored as one tensor of a 16-bit float dtype."""
 
-    block_size = 1
     bits_per_weight = 16.0
-    version = 1
-    gguf_type = None
-
-    def __init__(self, name: str, dtype: torch.dtype, description: str) -> None:
-        self.name = name
-        self.dtype = dtype
-        self.description = description
 
     def part_specs(self, out_features: int, in_features: int) -> PartSpecs:
         """weight [N, K] in this format's dtype."""
