@@ -1,7 +1,7 @@
 """GPU decode, Llama-2-7B shape with random weights: ours per format and the peers, all in one run, one table.
 
     python benchmarks/bench_gpu.py [--formats sym_int4 sym_int8 ...] [--peers fp16 fp16-compile int4-compile]
-                                   [--new-tokens 128] [--json PATH]
+                                   [--batches 4 16] [--mixed-precision] [--new-tokens 128] [--json PATH]
 
 Batch 1, 32-token prompt, greedy with EOS masked. next-token ms = (T(generate 1+N) - T(generate 1)) / N, after two
 warm-up runs at those lengths (compiles and graph captures happen there; warmup_ms is the first of them).
@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="*", default=[4, 16], help="extra batch sizes (tokens/s rows)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, for a smoke test")
+    parser.add_argument("--mixed-precision", action="store_true",
+                        help="our rows with mixed_precision=True (lm_head in sym_int8)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = ipex_llm_tf.devices.best_device()
@@ -118,13 +120,14 @@ def main() -> None:
     for fmt in args.formats:
         model = build(device, args.tiny)
         start = time.perf_counter()
-        model = ipex_llm_tf.optimize_model(model, low_bit=fmt)
+        model = ipex_llm_tf.optimize_model(model, low_bit=fmt, mixed_precision=args.mixed_precision)
         synchronize(device)
         quantize_s = time.perf_counter() - start
         _free(device)
-        row = measure(f"ours {fmt}", model, device, args.new_tokens, ipex_llm_tf.get_format(fmt).bits_per_weight)
+        label = f"ours {fmt}" + (" mixed_precision" if args.mixed_precision else "")
+        row = measure(label, model, device, args.new_tokens, ipex_llm_tf.get_format(fmt).bits_per_weight)
         rows.append({**row, "quantize_s": round(quantize_s, 1)})
-        rows += measure_batches(f"ours {fmt}", model, device, args.new_tokens, row["bits/weight"], args.batches)
+        rows += measure_batches(label, model, device, args.new_tokens, row["bits/weight"], args.batches)
         print(f"  {fmt} done", file=sys.stderr, flush=True)
         model = None
         _free(device)
