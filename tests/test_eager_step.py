@@ -97,3 +97,16 @@ def test_a_static_cache_keeps_transformers_path(monkeypatch: pytest.MonkeyPatch)
                             for i in range(6, 12)]
     for got, want in zip(logits["static"], logits["dynamic"]):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_fp8_kv_cache_steps_eagerly_with_the_same_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = ipex_llm_tf.optimize_model(tiny_model("qwen3"), low_bit="sym_int8", quantize_kv_cache=True)
+    ids = torch.randint(2, 128, (1, 9), generator=torch.Generator().manual_seed(6))
+    taken = []
+    real_step = eager_step.step
+    monkeypatch.setattr(eager_step, "step", lambda *a: taken.append(type(a[2]).__name__) or real_step(*a))
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        monkeypatch.setattr(eager_step, "can_step", lambda *a: False)
+        want = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert taken == ["Fp8BlockKVCache"] * 9 and torch.equal(got, want)

@@ -326,7 +326,12 @@ def sync_graph_decode(model: nn.Module) -> None:
         install_graph_decode(model)
     elif not on_capturing_device:
         uninstall_graph_decode(model, keep_wanted=True)
-        model.forward = types.MethodType(_wrappers_for(type(model))["forward"], model)
+        install_step_forward(model)
+
+
+def install_step_forward(model: nn.Module) -> None:
+    """Only the forward() wrapper: CPU one-token steps through eager_step, everything else as the class does it."""
+    model.forward = types.MethodType(_wrappers_for(type(model))["forward"], model)
 
 
 def graph_decoder(model: nn.Module) -> "GraphDecoder | None":
