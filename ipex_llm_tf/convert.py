@@ -115,20 +115,18 @@ def quantize_head(model: nn.Module, low_bit: str = MIXED_PRECISION_HEAD) -> bool
     tied = (getattr(getattr(model, "config", None), "tie_word_embeddings", False) and type(embedding) is nn.Embedding
             and tuple(embedding.weight.shape) == tuple(head.weight.shape))
     on_meta = head.weight.device.type == "meta"
-    if tied:
-        packed = LowBitEmbedding(embedding.num_embeddings, embedding.embedding_dim, fmt,
-                                 padding_idx=embedding.padding_idx, device="meta", name="embed_tokens")
-        packed.output_dtype = embedding.weight.dtype
-        new_head = LowBitLinear(head.in_features, head.out_features, fmt, bias=head.bias is not None, device="meta",
-                                name="lm_head")
-        if not on_meta:
-            packed.load_parts(fmt.quantize_in_row_chunks(embedding.weight.detach()))
-            new_head.load_parts(packed.parts, bias=head.bias)  # one set of buffers serves lookup and head
-        model.set_input_embeddings(packed)
-    elif on_meta:
+    if tied or on_meta:  # filled below from the embedding's table, or later by a loader
         new_head = LowBitLinear(head.in_features, head.out_features, fmt, bias=head.bias is not None, device="meta",
                                 dtype=None if head.bias is None else head.bias.dtype, name="lm_head")
     else:
         new_head = LowBitLinear.from_linear(head, fmt, name="lm_head")
+    if tied:
+        packed = LowBitEmbedding(embedding.num_embeddings, embedding.embedding_dim, fmt,
+                                 padding_idx=embedding.padding_idx, device="meta", name="embed_tokens")
+        packed.output_dtype = embedding.weight.dtype
+        if not on_meta:
+            packed.load_parts(fmt.quantize_in_row_chunks(embedding.weight.detach()))
+            new_head.load_parts(packed.parts, bias=head.bias)  # one set of buffers serves lookup and head
+        model.set_input_embeddings(packed)
     model.set_output_embeddings(new_head)
     return True

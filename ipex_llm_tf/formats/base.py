@@ -45,9 +45,10 @@ class LowBitFormat:
         Quantizing a 49152 x 576 vocabulary table at once holds several float32 copies of it (~0.5 GB); every format
         works per row (its parts have one row per output feature), so bands give identical bytes.
         """
-        rows = max(1, max_elements // max(1, weight.shape[-1])) if weight.dim() == 2 else 0
-        row_wise = all(shape[0] == weight.shape[0] for shape, _ in self.part_specs(*weight.shape).values()) \
-            if weight.dim() == 2 and weight.shape[-1] % self.block_size == 0 and weight.shape[0] > 0 else False
+        if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0 or weight.shape[1] % self.block_size:
+            return self.quantize(weight)  # which says what is wrong with the weight
+        rows = max(1, max_elements // weight.shape[1])
+        row_wise = all(shape[0] == weight.shape[0] for shape, _ in self.part_specs(*weight.shape).values())
         if not row_wise or weight.shape[0] <= rows:
             return self.quantize(weight)
         bands = [self.quantize(weight[start:start + rows]) for start in range(0, weight.shape[0], rows)]

@@ -132,11 +132,9 @@ def linear_cpu(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.T
     if x2d.shape[0] * n_planes < CPU_GEMM_MIN_ROWS and cpu_int4.supports(fmt, out_features):
         planes = cache.get(parts, lambda: cpu_int4.pack_planes(fmt, parts))
         cache.cpu_planes = planes
-        y = cpu_int4.matmul_planes(x2d, planes, out_features)
-    else:
-        compute = torch.bfloat16 if x2d.dtype in (torch.float32, torch.bfloat16) else x2d.dtype
-        y = F.linear(x2d.to(compute), fmt.dequantize(parts, dtype=compute))
-    y = y.to(x2d.dtype)
+        return cpu_int4_linear(x2d, planes, bias, out_features)
+    compute = torch.bfloat16 if x2d.dtype in (torch.float32, torch.bfloat16) else x2d.dtype
+    y = F.linear(x2d.to(compute), fmt.dequantize(parts, dtype=compute)).to(x2d.dtype)
     return y if bias is None else y.add_(bias.to(y.dtype))
 
 

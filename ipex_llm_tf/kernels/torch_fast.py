@@ -2,7 +2,7 @@
 
 On the CPU a decode step is bound by per-op overhead (~1.5-3 us per call, ~90 of these ops per SmolLM2 token), not by
 arithmetic, so the number of ops is what these save. The reference stays the obvious formula every kernel is tested
-against; tests/test_kernels_torch_fast.py checks these against it with torch.equal.
+against; tests/test_torch_fast.py checks these against it with torch.equal.
 """
 from __future__ import annotations
 

@@ -229,9 +229,9 @@ def sliding_causal_mask(q_len: int, kv_len: int, window: int | None, device: tor
 _DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def decode_attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
-    """The SDPA backends for a one-query attention call on `device`: all but cuDNN on CUDA, torch's choice elsewhere."""
-    if device.type != "cuda" or torch.compiler.is_compiling():
+def decode_attention_backends(device: torch.device, q_len: int) -> contextlib.AbstractContextManager:
+    """The SDPA backends for an attention call: all but cuDNN for one query on CUDA, torch's choice otherwise."""
+    if q_len != 1 or device.type != "cuda" or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return sdpa_kernel(_DECODE_SDPA_BACKENDS)
 
@@ -295,7 +295,7 @@ class FusedAttention(SeparateProjectionKeys):
         if groups > 1 and q_len == 1 and (mask is None or mask.shape[1] == 1):
             # One query per head: a KV head's group of queries becomes its query sequence, so no KV head is repeated
             # and any SDPA kernel applies, mask or not
-            with decode_attention_backends(key.device):
+            with decode_attention_backends(key.device, q_len):
                 out = F.scaled_dot_product_attention(
                     query.reshape(batch, self.num_key_value_heads, groups, self.head_dim), key, value,
                     attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0, scale=self.scaling)
@@ -303,7 +303,7 @@ class FusedAttention(SeparateProjectionKeys):
         native_gqa = groups > 1 and native_gqa_ok(mask, key.device)
         if groups > 1 and not native_gqa:
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        with decode_attention_backends(key.device) if q_len == 1 else contextlib.nullcontext():
+        with decode_attention_backends(key.device, q_len):
             out = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0,
                 is_causal=is_causal, scale=self.scaling, enable_gqa=native_gqa)

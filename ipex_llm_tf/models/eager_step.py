@@ -23,8 +23,8 @@ def _has_hooks(model: nn.Module) -> bool:
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
     base = model.base_model
-    modules = [base] + [m for layer in base.layers for m in (layer, layer.input_layernorm, layer.self_attn,
-                                                              layer.post_attention_layernorm, layer.mlp, base.norm)]
+    modules = [base, base.norm] + [m for layer in base.layers for m in (layer, layer.input_layernorm, layer.self_attn,
+                                                                         layer.post_attention_layernorm, layer.mlp)]
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
