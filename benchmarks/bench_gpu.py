@@ -1,7 +1,7 @@
 """GPU decode, Llama-2-7B shape with random weights: ours per format and the peers, all in one run, one table.
 
     python benchmarks/bench_gpu.py [--formats sym_int4 sym_int8 ...] [--peers fp16 fp16-compile int4-compile]
-                                   [--batches 4 16] [--mixed-precision] [--new-tokens 128] [--json PATH]
+                                   [--batches 4 16] [--mixed-precision] [--fp8-kv] [--new-tokens 128] [--json PATH]
 
 Batch 1, 32-token prompt, greedy with EOS masked. next-token ms = (T(generate 1+N) - T(generate 1)) / N, after two
 warm-up runs at those lengths (compiles and graph captures happen there; warmup_ms is the first of them).
@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, for a smoke test")
     parser.add_argument("--mixed-precision", action="store_true",
                         help="our rows with mixed_precision=True (lm_head in sym_int8)")
+    parser.add_argument("--fp8-kv", action="store_true",
+                        help="our rows with quantize_kv_cache=True (float8 keys and values in the graph storage)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = ipex_llm_tf.devices.best_device()
@@ -120,11 +122,12 @@ def main() -> None:
     for fmt in args.formats:
         model = build(device, args.tiny)
         start = time.perf_counter()
-        model = ipex_llm_tf.optimize_model(model, low_bit=fmt, mixed_precision=args.mixed_precision)
+        model = ipex_llm_tf.optimize_model(model, low_bit=fmt, mixed_precision=args.mixed_precision,
+                                           quantize_kv_cache=args.fp8_kv)
         synchronize(device)
         quantize_s = time.perf_counter() - start
         _free(device)
-        label = f"ours {fmt}" + (" mixed_precision" if args.mixed_precision else "")
+        label = f"ours {fmt}" + (" mixed_precision" if args.mixed_precision else "") + (" fp8 KV" if args.fp8_kv else "")
         row = measure(label, model, device, args.new_tokens, ipex_llm_tf.get_format(fmt).bits_per_weight)
         rows.append({**row, "quantize_s": round(quantize_s, 1)})
         rows += measure_batches(label, model, device, args.new_tokens, row["bits/weight"], args.batches)

@@ -137,13 +137,12 @@ def finalize(model: nn.Module, low_bit: "str | None", modules_to_not_convert: li
     fp8_cache = quantized_kv_cache_requested(quantize_kv_cache) and hasattr(model, "generate")
     if optimize_model:
         from .models import optimize_architecture
-        # graph steps write an fp16/bf16 storage of their own: an fp8 cache, when asked for, decodes eagerly
+        # generate() of a graph-decoding model brings the fp8 cache itself: float8 graph storage on CUDA (sm_89+),
+        # the eager Fp8BlockKVCache elsewhere
         if optimize_architecture(model) and graph_decode_requested() and hasattr(model, "lm_head"):
-            from .models.graph_decode import install_step_forward, want_graph_decode
-            if fp8_cache:
-                install_step_forward(model)  # CPU steps over the fp8 cache still skip transformers' wrappers
-            else:
-                want_graph_decode(model)
+            from .models.graph_decode import want_graph_decode
+            want_graph_decode(model, fp8_kv=fp8_cache)
+            fp8_cache = False
     if fp8_cache:
         model.generate = types.MethodType(_generate_with_fp8_cache, model)
     _record(model, low_bit, modules_to_not_convert, cpu_embedding)

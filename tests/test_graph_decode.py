@@ -15,6 +15,7 @@ from transformers import DynamicCache
 
 import ipex_llm_tf
 from ipex_llm_tf.models.graph_decode import CACHE_KWARG, SPAN_BLOCK, GraphKVCache, graph_decoder, install_graph_decode
+from ipex_llm_tf.models.kv_cache import Fp8BlockKVCache
 from model_factories import ARCHITECTURES, SLIDING_WINDOW, tiny_model
 
 
@@ -111,7 +112,27 @@ def test_sliding_window_mask_in_static_step() -> None:
     assert torch.equal(got, want)
 
 
-def test_fp8_kv_cache_request_keeps_its_generate() -> None:
-    model = ipex_llm_tf.optimize_model(tiny_model("llama"), low_bit="sym_int4", quantize_kv_cache=True)
-    assert not getattr(model, "_ipex_llm_tf_graph_decode", False), "a later move to CUDA must not replace it"
-    assert model.generate.__func__.__name__ == "_generate_with_fp8_cache"
+def test_fp8_kv_cache_in_the_graph_storage() -> None:
+    """quantize_kv_cache=True: off CUDA generate() brings the eager Fp8BlockKVCache; the graph step (run eagerly
+    here) keeps float8 codes and per-vector scales in its storage, and its logits stay within float8 rounding."""
+    model = ipex_llm_tf.optimize_model(tiny_model("llama"), low_bit="sym_int8", quantize_kv_cache=True,
+                                       modules_to_not_convert=["lm_head"])
+    ids = torch.randint(2, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True)
+    assert isinstance(out[CACHE_KWARG], Fp8BlockKVCache)
+    decoder = install_graph_decode(model)
+    assert decoder.fp8
+    got, scores = _generate(model, ids, mask, 8, decoder.new_cache())
+    planes = decoder.buffers.storage[0]
+    assert planes["keys"].dtype == torch.float8_e4m3fn and planes["values_scale"].dtype == torch.float32
+    # every step's logits against a float forward (no cache) over the same tokens: within float8 rounding, which
+    # on this tiny random model moves logits by 4-8% of the largest, for the eager Fp8BlockKVCache as well
+    with torch.inference_mode():
+        full = model(got, attention_mask=torch.cat([mask, torch.ones_like(got[:, 9:])], dim=1)).logits
+    want = full[:, 8:-1].transpose(0, 1)
+    assert (scores[0] - want[0]).abs().max() <= 1e-5 * want.abs().max(), "the prompt attends to itself unrounded"
+    assert (scores - want).abs().max() <= 0.1 * want.abs().max()

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from ..formats import LowBitFormat, Parts
 from . import cpu_int4, ipex_ops, torch_fast
-from .reference import linear_reference, rms_norm_reference, rotary_reference, silu_and_mul_reference
+from .reference import (decode_attention_reference, linear_reference, quantize_kv_vectors, rms_norm_reference,
+                        rotary_reference, silu_and_mul_reference)
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "ipex")
 
@@ -211,6 +212,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch_fast.rms_norm(x, weight, eps)  # equal to the reference, fewer ops
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x), residual + x): one kernel with Triton, else the add and then rms_norm."""
+    if op_backend("rms_norm", x.device) == "triton":
+        from .triton_rms_norm import add_rms_norm as triton_add_rms_norm
+        return triton_add_rms_norm(x, residual, weight, eps)
+    summed = residual + x
+    return rms_norm(summed, weight, eps), summed
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE (rotate_half layout) for x [batch, heads, seq, head_dim] from cos/sin [batch, seq, head_dim]."""
     backend = op_backend("rotary", x.device)
@@ -233,6 +244,40 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if backend == "ipex":
         return ipex_ops.silu_mul(gate_up)
     return silu_and_mul_reference(gate_up)
+
+
+def decode_attention_applies(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether decode_attention runs a fused kernel for these queries and this (4-D, boolean) mask."""
+    if q.shape[2] != 1 or torch.compiler.is_compiling() or op_backend("decode_attention", q.device) != "triton":
+        return False
+    return mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: torch.Tensor | None,
+                     scale: float, kv_scales: "tuple[torch.Tensor, torch.Tensor] | None" = None) -> torch.Tensor:
+    """One-query attention [B, H, 1, D] over k, v [B, H_kv, S, D] (float8 codes with kv_scales, or floats), keys
+    masked by key_ok [B, S]: Triton on GPUs, SDPA elsewhere."""
+    if op_backend("decode_attention", q.device) == "triton":
+        from .triton_decode_attention import decode_attention as triton_decode_attention
+        return triton_decode_attention(q, k, v, key_ok, scale, kv_scales)
+    return decode_attention_reference(q, k, v, key_ok, scale, kv_scales)
+
+
+def write_kv_slot(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  slot: torch.Tensor, scales: "tuple[torch.Tensor, torch.Tensor] | None" = None) -> None:
+    """keys[:, :, slot] = key, values[:, :, slot] = value (one token; slot a 1-element device tensor); with scales
+    the planes hold float8 codes and `scales` their per-vector scale planes (quantize_kv_vectors)."""
+    if op_backend("kv_write", key.device) == "triton":
+        from .triton_kv_write import write_kv_slot as triton_write_kv_slot
+        return triton_write_kv_slot(key, value, keys, values, slot, scales)
+    if scales is None:
+        keys.index_copy_(2, slot, key)
+        values.index_copy_(2, slot, value)
+        return
+    for states, codes_plane, scale_plane in ((key, keys, scales[0]), (value, values, scales[1])):
+        codes, scale = quantize_kv_vectors(states, codes_plane.dtype)
+        codes_plane.view(torch.uint8).index_copy_(2, slot, codes.view(torch.uint8))  # no float8 index_copy on CPU
+        scale_plane.index_copy_(2, slot, scale)
 
 
 def describe_op_backends(device: torch.device) -> list[str]:

@@ -32,3 +32,26 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: torch.Tensor | None,
+                               scale: float, kv_scales: "tuple[torch.Tensor, torch.Tensor] | None" = None
+                               ) -> torch.Tensor:
+    """softmax(q k^T * scale) v for q [B, H, 1, D] over k, v [B, H_kv, S, D], keys masked by key_ok [B, S] (bool);
+    float8 k, v are codes times their kv_scales ([B, H_kv, S, 1] each)."""
+    if kv_scales is not None:
+        k, v = (k.float() * kv_scales[0]).to(q.dtype), (v.float() * kv_scales[1]).to(q.dtype)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    mask = None if key_ok is None else key_ok.bool()[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def quantize_kv_vectors(states: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of keys or values [..., D] in float8 with one float32 scale per vector (max |x| / fp8 max)."""
+    fp8_max = torch.finfo(dtype).max
+    # clamp_min: an all-zero vector would otherwise give a zero scale and 0/0 codes
+    scale = states.abs().amax(dim=-1, keepdim=True).float().clamp_min(torch.finfo(torch.float32).tiny) / fp8_max
+    return (states.float() / scale).to(dtype), scale

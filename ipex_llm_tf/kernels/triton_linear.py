@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -71,6 +71,15 @@ class BlockOperands:
     blocks_per_row: int
     plans: dict = field(default_factory=dict)  # (rows, dtype) -> (launcher, config), filled on first use
 
+    def row_band(self, start: int, rows: int) -> "BlockOperands":
+        """The operands of output rows [start, start + rows) (views)."""
+        end = start + rows
+        scales = self.scales[start:end]
+        # unused operands alias the scales or words (block_operands); the codebook table has no rows
+        return replace(self, words=self.words[start:end], codes=self.codes[start:end], scales=scales,
+                       mins=scales if self.mins is self.scales else self.mins[start:end], qh=self.qh[start:end],
+                       table=self.table if self.kind == G.CB4.value else scales, plans={})
+
 
 @dataclass
 class Fp8Operands:
@@ -80,6 +89,11 @@ class Fp8Operands:
     native: bool
     in_features: int
     plans: dict = field(default_factory=dict)
+
+    def row_band(self, start: int, rows: int) -> "Fp8Operands":
+        """The operands of output rows [start, start + rows) (views)."""
+        return replace(self, qweight=self.qweight[start:start + rows], scales=self.scales[start:start + rows],
+                       plans={})
 
 
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -383,10 +397,29 @@ def dequantize_blocks(ops: BlockOperands, n: int, dtype: torch.dtype, block_n: i
     return out
 
 
+# Prefill dequantizes a weight into a temporary in the activation dtype; a larger weight goes in bands of output rows,
+# so that temporary (180 MB for a 7B gate_up projection in fp16) does not set the model's peak memory
+DEQUANT_BAND_BYTES = 32 << 20
+
+
+def _in_bands(x: torch.Tensor, ops: "BlockOperands | Fp8Operands", bias: torch.Tensor | None, n: int,
+              dequantize: Callable) -> torch.Tensor:
+    """x @ W.T + bias with W dequantized (by `dequantize(row_operands, rows)`) a band of rows at a time."""
+    band = max(64, DEQUANT_BAND_BYTES // (ops.in_features * x.element_size()) // 64 * 64)
+    b = None if bias is None else bias.to(x.dtype)
+    if n <= band:
+        return F.linear(x, dequantize(ops, n), b)
+    y = torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype)
+    for start in range(0, n, band):
+        rows = min(band, n - start)
+        y[:, start:start + rows] = F.linear(x, dequantize(ops.row_band(start, rows), rows),
+                                            None if b is None else b[start:start + rows])
+    return y
+
+
 def dequant_matmul_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-    """Prefill fallback: dequantize to a temporary in x's dtype, then torch's matmul."""
-    w = dequantize_blocks(ops, n, x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    """Prefill fallback: dequantize to a temporary in x's dtype (in bands of rows), then torch's matmul."""
+    return _in_bands(x, ops, bias, n, lambda o, rows: dequantize_blocks(o, rows, x.dtype))
 
 
 def dequantize_fp8(ops: Fp8Operands, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -402,7 +435,7 @@ def dequant_matmul_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | N
     """Prefill fallback for fp8: the scaled weight in x's dtype (as the format dequantizes it), then torch's matmul.
 
     The scale must be applied before the matmul: codes times activations summed in fp16 can exceed its range."""
-    return F.linear(x, dequantize_fp8(ops, n, x.dtype), None if bias is None else bias.to(x.dtype))
+    return _in_bands(x, ops, bias, n, lambda o, rows: dequantize_fp8(o, rows, x.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 Numerics follow transformers' Llama: the statistics in float32, the normalised row rounded to the input dtype, then
 multiplied by the weight in the result dtype, so outputs match the reference bit for bit up to rsqrt rounding.
+add_rms_norm also adds a residual first (rounded to the dtype, as the eager `residual + x` is) and returns that sum
+too: a decoder layer's residual add and the next norm in one pass instead of two kernels.
 Plain tl ops only, so the source runs on CUDA, Intel XPU and the Triton interpreter alike.
 """
 from __future__ import annotations
@@ -13,11 +15,14 @@ import triton.language as tl
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_row_stride, out_row_stride, eps,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, res_ptr=None, sum_ptr=None, res_row_stride=0):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < n_cols
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=inside, other=0.0)
+    if res_ptr is not None:
+        x = tl.load(res_ptr + row * res_row_stride + cols, mask=inside, other=0.0) + x
+        tl.store(sum_ptr + row * n_cols + cols, x, mask=inside)
     xf = x.to(tl.float32)
     variance = tl.sum(xf * xf, axis=0) / n_cols
     normed = (xf * tl.math.rsqrt(variance + eps)).to(x.dtype)
@@ -37,3 +42,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, n, rows.stride(0), out.stride(0), eps,
                                            BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8)
     return out.view(*x.shape[:-1], n)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x), residual + x) for x and residual of one shape and dtype, in one kernel."""
+    if x.shape != residual.shape or x.dtype != residual.dtype:
+        raise ValueError(f"add_rms_norm needs x and residual alike, got {tuple(x.shape)} {x.dtype} and "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    n = x.shape[-1]
+    rows, res = x.reshape(-1, n), residual.reshape(-1, n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    if res.stride(-1) != 1:
+        res = res.contiguous()
+    out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    summed = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    if rows.shape[0]:
+        _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, n, rows.stride(0), out.stride(0), eps,
+                                           BLOCK=triton.next_power_of_2(n), res_ptr=res, sum_ptr=summed,
+                                           res_row_stride=res.stride(0), num_warps=4 if n <= 4096 else 8)
+    return out.view(*x.shape[:-1], n), summed.view(x.shape)

@@ -58,6 +58,10 @@ class FusedRMSNorm(nn.Module):
             return ops.rms_norm_op(hidden_states, self.weight, self.variance_epsilon)
         return kernels.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalise(residual + x), residual + x): a residual add and this norm as one kernel where one exists."""
+        return kernels.add_rms_norm(x, residual, self.weight, self.variance_epsilon)
+
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
@@ -288,9 +292,22 @@ class FusedAttention(SeparateProjectionKeys):
             query_key = apply_rotary(qkv[:, :, :self.num_heads + self.num_key_value_heads].transpose(1, 2), cos, sin)
             query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=1)
         value = value.transpose(1, 2)
+        kv_scales = None
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+            if key.dtype == torch.float8_e4m3fn:  # a graph step's fp8 storage: codes, with scales beside them
+                kv_scales = cache.kv_scales(self.layer_idx)
+        no_dropout = not self.training or self.attention_dropout == 0.0
+        if kv_scales is not None and (attention_mask is None or not no_dropout
+                                      or not kernels.decode_attention_applies(query, attention_mask)):
+            # only decode_attention reads float8: anything else gets the dequantized span
+            key, value = ((plane.float() * scales).to(query.dtype) for plane, scales in zip((key, value), kv_scales))
+            kv_scales = None
         mask, is_causal, key, value = self._mask_for(attention_mask, q_len, key, value)
+        if no_dropout and kernels.decode_attention_applies(query, mask):
+            out = kernels.decode_attention(query, key, value, None if mask is None else mask[:, 0, 0, :], self.scaling,
+                                           kv_scales)
+            return self.o_proj(out.reshape(batch, q_len, self.num_heads * self.head_dim)), None
         groups = self.num_key_value_groups
         if groups > 1 and q_len == 1 and (mask is None or mask.shape[1] == 1):
             # One query per head: a KV head's group of queries becomes its query sequence, so no KV head is repeated

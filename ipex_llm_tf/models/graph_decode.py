@@ -25,8 +25,9 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .. import kernels
 from . import eager_step
-from .kv_cache import BlockKVLayer
+from .kv_cache import BlockKVLayer, Fp8BlockKVCache, Fp8BlockKVLayer
 
 SPAN_BLOCK = 256
 # transformers renamed `past_key_values` to `cache` in its 5.2x releases; speak whichever this version speaks
@@ -48,7 +49,7 @@ class GraphKVLayer(BlockKVLayer):
     def _reserve(self, tokens: int) -> None:
         if tokens <= self.capacity():
             return
-        planes = self.buffers.planes(self.layer_idx, self._planes["keys"], tokens)
+        planes = self.buffers.planes(self.layer_idx, self._planes, tokens)
         for name, plane in planes.items():
             plane[:, :, :self.length] = self._planes[name][:, :, :self.length]
         self._planes = planes
@@ -66,11 +67,16 @@ class GraphKVLayer(BlockKVLayer):
         self._refresh()
 
 
+class Fp8GraphKVLayer(GraphKVLayer, Fp8BlockKVLayer):
+    """A GraphKVLayer storing Fp8BlockKVLayer's float8 codes and per-vector scales (quantize_kv_cache=True)."""
+
+
 class GraphKVCache(Cache):
     """The KV cache generate() gets on a graph-decoding model; its storage belongs to the model's GraphDecoder."""
 
-    def __init__(self, buffers: "KVBuffers", num_layers: int) -> None:
-        super().__init__(layers=[GraphKVLayer(buffers, idx) for idx in range(num_layers)])
+    def __init__(self, buffers: "KVBuffers", num_layers: int, fp8: bool = False) -> None:
+        layer_class = Fp8GraphKVLayer if fp8 else GraphKVLayer
+        super().__init__(layers=[layer_class(buffers, idx) for idx in range(num_layers)])
         self.buffers = buffers
 
     def advance(self) -> None:
@@ -81,29 +87,28 @@ class GraphKVCache(Cache):
 
 
 class KVBuffers:
-    """Per-layer key/value storage [batch, kv_heads, capacity, head_dim], grown (and graphs dropped) only as needed."""
+    """Per-layer key/value storage [batch, kv_heads, capacity, ...], grown (and graphs dropped) only as needed."""
 
     def __init__(self) -> None:
         self.storage: dict[int, dict[str, torch.Tensor]] = {}
         self.version = 0      # bumped whenever storage moves: graphs recorded over the old storage are invalid
         self.detached = False
 
-    def planes(self, layer_idx: int, like: torch.Tensor, tokens: int) -> dict[str, torch.Tensor]:
-        """Storage for one layer with room for `tokens`, shaped and typed like `like` (an empty plane)."""
+    def planes(self, layer_idx: int, like: dict[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
+        """Storage for one layer with room for `tokens`: a plane shaped and typed like each (empty) plane of `like`."""
         held = self.storage.get(layer_idx)
-        shape = (like.shape[0], like.shape[1], tokens, like.shape[3])
-        if held is None or not _fits(held["keys"], like, tokens):
+        if held is None or held.keys() != like.keys() or not all(_fits(held[n], p, tokens) for n, p in like.items()):
             capacity = max(tokens, SPAN_BLOCK)
             capacity = 1 << (capacity - 1).bit_length()  # powers of two: a long generation regrows log2 times
             # zeros, not empty: masked slots still enter the products, and garbage NaNs would leak through them
-            held = {name: like.new_zeros(*shape[:2], capacity, shape[3]) for name in ("keys", "values")}
+            held = {name: plane.new_zeros(*plane.shape[:2], capacity, *plane.shape[3:]) for name, plane in like.items()}
             self.storage[layer_idx] = held
             self.version += 1
         return held
 
 
 def _fits(plane: torch.Tensor, like: torch.Tensor, tokens: int) -> bool:
-    return (plane.shape[:2] == like.shape[:2] and plane.shape[3] == like.shape[3] and plane.shape[2] >= tokens
+    return (plane.shape[:2] == like.shape[:2] and plane.shape[3:] == like.shape[3:] and plane.shape[2] >= tokens
             and plane.dtype == like.dtype and plane.device == like.device)
 
 
@@ -115,11 +120,18 @@ class _SpanView:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The span's keys and values (float8 codes for an fp8 cache: see kv_scales), this token's written in."""
         planes = self.storage[layer_idx]
         keys, values = planes["keys"][:, :, :self.span], planes["values"][:, :, :self.span]
-        keys.index_copy_(2, self.slot, key)
-        values.index_copy_(2, self.slot, value)
+        kernels.write_kv_slot(key, value, keys, values, self.slot, self.kv_scales(layer_idx))
         return keys, values
+
+    def kv_scales(self, layer_idx: int) -> "tuple[torch.Tensor, torch.Tensor] | None":
+        """The span's per-vector key and value scales of an fp8 cache, else None."""
+        planes = self.storage[layer_idx]
+        if "keys_scale" not in planes:
+            return None
+        return planes["keys_scale"][:, :, :self.span], planes["values_scale"][:, :, :self.span]
 
 
 @dataclass
@@ -149,6 +161,7 @@ class GraphDecoder:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.buffers = KVBuffers()
+        self.fp8 = bool(getattr(model, FP8_KV_FLAG, False))  # quantize_kv_cache=True: float8 storage
         self.steps: dict[tuple[int, int], _StepGraph] = {}
         self.pool = None
         self.stats = DecodeStats()
@@ -159,7 +172,19 @@ class GraphDecoder:
     def new_cache(self) -> GraphKVCache:
         """A cache for one generate() call, backed by this decoder's persistent storage."""
         self.buffers.detached = False
-        return GraphKVCache(self.buffers, self.model.config.num_hidden_layers)
+        return GraphKVCache(self.buffers, self.model.config.num_hidden_layers, self.fp8)
+
+    def serves(self, device: torch.device) -> bool:
+        """Whether generate() on `device` should bring this decoder's cache (graphs capture there, and an fp8
+        cache needs the Triton kernels that write and read float8 inside the graph)."""
+        if not graphs_supported(device):
+            return False
+        if not self.fp8:
+            return True
+        if kernels.op_backend("kv_write", device) != "triton":
+            return False
+        from ..kernels.triton_linear import fp8_native  # imports Triton: only asked on CUDA
+        return fp8_native(device)
 
     def can_replay(self, input_ids: torch.Tensor | None, cache: Any, kwargs: dict) -> bool:
         """Whether this forward call is a plain one-token step over a GraphKVCache that a graph can serve."""
@@ -232,11 +257,17 @@ class GraphDecoder:
             for window in self.windows:
                 masks[window] = masks[None] & (key_pos > step.slot - window)[None, None, None, :]
         view = _SpanView(self.buffers.storage, step.slot, span)
-        for layer in base.layers:
-            hidden = layer(hidden, attention_mask=masks[layer.self_attn.sliding_window], position_embeddings=cos_sin,
-                           position_ids=step.positions, use_cache=True, **{CACHE_KWARG: view})
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # older 5.x layers return tuples
-        return model.lm_head(base.norm(hidden))
+        # transformers' pre-norm residual blocks (LlamaDecoderLayer and its twins), with every residual add done by
+        # the kernel of the norm that follows it: the same roundings, half the kernels
+        layers = base.layers
+        residual, normed = hidden, layers[0].input_layernorm(hidden)
+        for i, layer in enumerate(layers):
+            attended = layer.self_attn(normed, position_embeddings=cos_sin, cache=view,
+                                       attention_mask=masks[layer.self_attn.sliding_window])[0]
+            normed, residual = layer.post_attention_layernorm.add_forward(attended, residual)
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else base.norm
+            normed, residual = following.add_forward(layer.mlp(normed), residual)
+        return model.lm_head(normed)
 
     def _capture(self, step: _StepGraph, span: int) -> None:
         start = time.perf_counter()
@@ -270,8 +301,12 @@ def _graph_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
 def _graph_generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """generate() that brings a GraphKVCache on CUDA unless the caller passed a cache or turned caching off."""
     caller_cache = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-    if not caller_cache and kwargs.get("use_cache", True) and graphs_supported(model.device):
-        kwargs[CACHE_KWARG] = model._ipex_llm_tf_graph_decoder.new_cache()
+    decoder = graph_decoder(model)
+    if not caller_cache and kwargs.get("use_cache", True):
+        if decoder is not None and decoder.serves(model.device):
+            kwargs[CACHE_KWARG] = decoder.new_cache()
+        elif getattr(model, FP8_KV_FLAG, False):
+            kwargs[CACHE_KWARG] = Fp8BlockKVCache()
     return type(model).generate(model, *args, **kwargs)
 
 
@@ -308,9 +343,14 @@ def install_graph_decode(model: nn.Module) -> GraphDecoder:
 _WANTED_FLAG = "_ipex_llm_tf_graph_decode"
 
 
-def want_graph_decode(model: nn.Module) -> None:
-    """Mark a fused-forward model for graph decoding, installed whenever it sits on a device that can capture."""
+FP8_KV_FLAG = "_ipex_llm_tf_fp8_kv"
+
+
+def want_graph_decode(model: nn.Module, fp8_kv: bool = False) -> None:
+    """Mark a fused-forward model for graph decoding, installed whenever it sits on a device that can capture;
+    fp8_kv: its generate() keeps keys and values in float8 (in the graph storage where it can, else eagerly)."""
     setattr(model, _WANTED_FLAG, True)
+    setattr(model, FP8_KV_FLAG, fp8_kv)
     sync_graph_decode(model)
 
 
@@ -327,6 +367,8 @@ def sync_graph_decode(model: nn.Module) -> None:
     elif not on_capturing_device:
         uninstall_graph_decode(model, keep_wanted=True)
         install_step_forward(model)
+        if getattr(model, FP8_KV_FLAG, False):  # generate() still brings the (eager) fp8 cache
+            model.generate = types.MethodType(_wrappers_for(type(model))["generate"], model)
 
 
 def install_step_forward(model: nn.Module) -> None:

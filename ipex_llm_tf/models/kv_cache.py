@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ..kernels.reference import quantize_kv_vectors
+
 DEFAULT_BLOCK_SIZE = 256
 
 
@@ -141,10 +143,8 @@ class Fp8BlockKVLayer(BlockKVLayer):
     fp8_dtype = torch.float8_e4m3fn
 
     def _encode(self, kind: str, states: torch.Tensor) -> dict[str, torch.Tensor]:
-        fp8_max = torch.finfo(self.fp8_dtype).max
-        # clamp_min: an all-zero vector would otherwise give a zero scale and 0/0 codes
-        scale = states.abs().amax(dim=-1, keepdim=True).float().clamp_min(torch.finfo(torch.float32).tiny) / fp8_max
-        return {kind: (states.float() / scale).to(self.fp8_dtype), f"{kind}_scale": scale}
+        codes, scale = quantize_kv_vectors(states, self.fp8_dtype)
+        return {kind: codes, f"{kind}_scale": scale}
 
     def _decode(self, kind: str, length: int) -> torch.Tensor:
         codes = self._planes[kind][:, :, :length]

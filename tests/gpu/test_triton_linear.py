@@ -126,6 +126,23 @@ def test_configs(fmt_name: str) -> None:
     _check(dequant_matmul(x, ops, bias, n), ref, torch.float16, f"{fmt_name} dequant+matmul")  # x, ref: M=40
 
 
+@pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int5", "nf4", "fp8_e4m3"])
+def test_dequantize_matmul_in_bands(fmt_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weight over DEQUANT_BAND_BYTES is dequantized a band of rows at a time: the same result, bias included."""
+    n, k = 300, 192
+    fmt, parts, w_ref = _weight(fmt_name, n, k)
+    fp8 = fmt_name.startswith("fp8")
+    ops = TL.fp8_operands(fmt, parts) if fp8 else TL.block_operands(fmt, parts)
+    x = torch.randn(70, k, device=DEVICE).to(torch.float16)
+    bias = torch.randn(n, device=DEVICE).to(torch.float16)
+    dequant_matmul = TL.dequant_matmul_fp8 if fp8 else TL.dequant_matmul_blocks
+    whole = dequant_matmul(x, ops, bias, n)
+    monkeypatch.setattr(TL, "DEQUANT_BAND_BYTES", 64 * k * 2)  # bands of 64 rows: 4 full and one of 44
+    banded = dequant_matmul(x, ops, bias, n)
+    assert torch.equal(banded, whole)
+    _check(banded, F.linear(x.float(), w_ref, bias.float()), torch.float16, f"{fmt_name} banded")
+
+
 @pytest.mark.parametrize("fmt_name", FUSED)
 def test_dequantize_kernel_is_exact(fmt_name: str) -> None:
     n, k = 70, 4160

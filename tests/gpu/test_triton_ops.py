@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None, reason="needs 
 triton = pytest.importorskip("triton")
 
 from ipex_llm_tf.kernels.reference import rms_norm_reference, rotary_reference, silu_and_mul_reference  # noqa: E402
-from ipex_llm_tf.kernels.triton_rms_norm import rms_norm  # noqa: E402
+from ipex_llm_tf.kernels.triton_rms_norm import add_rms_norm, rms_norm  # noqa: E402
 from ipex_llm_tf.kernels.triton_rotary import rotary  # noqa: E402
 from ipex_llm_tf.kernels.triton_silu_mul import silu_and_mul  # noqa: E402
 
@@ -49,6 +49,26 @@ def test_rms_norm_strided_rows_and_float32_weight() -> None:
     x = torch.randn(6, 2 * 64, device=DEVICE, dtype=torch.float16)[:, :64]
     w = torch.rand(64, device=DEVICE) + 0.5
     _close(rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (3, 7, 576)])
+def test_add_rms_norm(dtype: torch.dtype, shape: tuple) -> None:
+    """The sum is exactly the eager `residual + x`; the norm is rms_norm of that sum."""
+    if INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("the interpreter rounds bfloat16 sums by truncation, the devices to nearest even")
+    gen = torch.Generator().manual_seed(2)
+    x, residual = ((torch.randn(shape, generator=gen) * 3).to(DEVICE, dtype) for _ in range(2))
+    w = torch.rand(shape[-1], generator=gen).add(0.5).to(DEVICE, dtype)
+    normed, summed = add_rms_norm(x, residual, w, 1e-6)
+    assert torch.equal(summed, residual + x)
+    _close(normed, rms_norm_reference(residual + x, w, 1e-6), dtype)
+
+
+def test_add_rms_norm_rejects_mismatched_inputs() -> None:
+    x = torch.randn(2, 64, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="x and residual alike"):
+        add_rms_norm(x, x.float(), torch.ones(64, device=DEVICE), 1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

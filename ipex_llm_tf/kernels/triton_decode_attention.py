@@ -1,0 +1,167 @@
+"""One-query (decode) attention as Triton kernels: the keys split over programs, then one pass combining the splits.
+
+Reference: decode_attention_reference (PyTorch's SDPA). q [batch, heads, 1, head_dim]; k, v [batch, kv_heads, keys,
+head_dim] with a unit last stride (the first `keys` slots of a preallocated cache are such views); key_ok [batch,
+keys] (True where a key may be attended) or None. Query head h reads KV head h // (heads / kv_heads). Scores,
+softmax and the weighted sum are float32; the output is q's dtype. k and v may instead be float8 e4m3 codes with a
+float32 scale per key and head (kv_scales, planes [batch, kv_heads, keys, 1], as models.kv_cache.Fp8BlockKVLayer
+stores them): the key's scale multiplies its score and the value's scale its softmax weight, so no dequantized copy
+of the cache is ever made.
+
+Why not SDPA: given a mask, PyTorch runs its memory-efficient kernel, which for a single query keeps one program per
+head walking every key (13.5 us per Llama-2-7B layer on an H100, ~12% of a graph-replayed token) and converts the
+boolean mask to an additive one first (two more kernels). Here each program covers a slice of the keys, so the
+device fills even at batch 1, and the mask is read as it is. Plain tl ops: CUDA, XPU and the interpreter.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_gemv import fp8_bytes_to_float
+from .triton_linear import fp8_native, sm_count
+
+BLOCK_S = 32  # keys per step of a program (host side)
+# running-max start: finite, so a split whose keys are all masked yields weight 0, not NaN
+_NO_SCORE = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _load_rows(base, s, stride, d, tile, FP8: tl.constexpr, NATIVE: tl.constexpr):
+    """Rows s of a [keys, D] plane as float32 (float8 codes as their e4m3 values, bit-decoded unless NATIVE)."""
+    x = tl.load(base + s[:, None].to(tl.int64) * stride + d[None, :], mask=tile)
+    if FP8:
+        x = fp8_bytes_to_float(x, False, NATIVE, tl.float32)
+        if not NATIVE:
+            x = x * 256.0  # the bit decoding leaves e4m3 2**-8 too small (fp8_bytes_to_float)
+    # masked lanes are undefined (a float8 NaN code would survive a zero softmax weight)
+    return tl.where(tile, x.to(tl.float32), 0.0)
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, ks_ptr, vs_ptr, part_ptr, ml_ptr, out_ptr,
+                  heads, groups, keys, keys_per_split, scale,
+                  sqb, sqh, skb, skh, sks, svb, svh, svs, sokb, sksb, sksh, skss, svsb, svsh, svss,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
+                  DIRECT: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr):
+    """Online softmax of query (batch, head) = program 0 over its split of the keys (program 1).
+
+    DIRECT (one split): write the normalised output; else the unnormalised sum, its running max and its weight.
+    """
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    kvh = ((bh % heads) // groups).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    on_d = d < D
+    q = tl.load(q_ptr + b * sqb + (bh % heads).to(tl.int64) * sqh + d, mask=on_d, other=0.0).to(tl.float32)
+    q = q * scale
+    k_base = k_ptr + b * skb + kvh * skh
+    v_base = v_ptr + b * svb + kvh * svh
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, keys)
+    m = tl.full([], _NO_SCORE, tl.float32)
+    weight = tl.zeros([], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(start, end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        valid = s < end
+        if HAS_MASK:
+            valid = valid & (tl.load(ok_ptr + b * sokb + s, mask=valid, other=0) != 0)
+        tile = valid[:, None] & on_d[None, :]
+        k = _load_rows(k_base, s, sks, d, tile, FP8, NATIVE)
+        v = _load_rows(v_base, s, svs, d, tile, FP8, NATIVE)  # issued before the scores need k: both in flight
+        scores = tl.sum(k * q[None, :], axis=1)
+        if FP8:
+            scores = scores * tl.load(ks_ptr + b * sksb + kvh * sksh + s * skss, mask=valid, other=0.0)
+        scores = tl.where(valid, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=0))
+        p = tl.exp(scores - m_new)
+        alpha = tl.exp(m - m_new)
+        weight = weight * alpha + tl.sum(p, axis=0)
+        if FP8:
+            p = p * tl.load(vs_ptr + b * svsb + kvh * svsh + s * svss, mask=valid, other=0.0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m = m_new
+    if DIRECT:
+        out = tl.where(weight > 0, acc / weight, 0.0)
+        tl.store(out_ptr + bh.to(tl.int64) * D + d, out.to(out_ptr.dtype.element_ty), mask=on_d)
+    else:
+        row = bh.to(tl.int64) * tl.num_programs(1) + split
+        tl.store(part_ptr + row * D + d, acc, mask=on_d)
+        tl.store(ml_ptr + row * 2, m)
+        tl.store(ml_ptr + row * 2 + 1, weight)
+
+
+@triton.jit
+def _combine_kernel(part_ptr, ml_ptr, out_ptr, splits,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """out[bh] = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) weight_i over the splits i of query bh."""
+    bh = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BLOCK_P)
+    d = tl.arange(0, BLOCK_D)
+    on_i = i < splits
+    rows = bh * splits + i
+    m = tl.load(ml_ptr + rows * 2, mask=on_i, other=_NO_SCORE)
+    weight = tl.load(ml_ptr + rows * 2 + 1, mask=on_i, other=0.0)
+    scale = tl.exp(m - tl.max(m, axis=0))
+    acc = tl.load(part_ptr + rows[:, None] * D + d[None, :], mask=on_i[:, None] & (d < D)[None, :], other=0.0)
+    total = tl.sum(weight * scale, axis=0)
+    out = tl.sum(acc * scale[:, None], axis=0)
+    out = tl.where(total > 0, out / total, 0.0)
+    tl.store(out_ptr + bh * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def _splits(programs: int, keys: int, device: torch.device) -> int:
+    """Key splits per query: about two programs per multiprocessor, at least BLOCK_S keys each."""
+    wanted = -(-2 * sm_count(device) // max(1, programs))
+    return max(1, min(wanted, -(-keys // BLOCK_S)))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: torch.Tensor | None,
+                     scale: float, kv_scales: "tuple[torch.Tensor, torch.Tensor] | None" = None) -> torch.Tensor:
+    """softmax(q k^T * scale, masked by key_ok) v for one query per head: [batch, heads, 1, head_dim]."""
+    batch, heads, q_len, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    if q_len != 1 or heads % kv_heads or k.shape != v.shape or k.shape[0] != batch or k.shape[3] != dim:
+        raise ValueError(f"decode_attention takes q [B, H, 1, D] and k, v [B, H_kv, S, D] with H_kv dividing H, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    fp8 = k.dtype == torch.float8_e4m3fn
+    if fp8 != (kv_scales is not None) or v.dtype != k.dtype:
+        raise ValueError(f"decode_attention reads float8 e4m3 keys and values with kv_scales, or neither; got "
+                         f"{k.dtype} / {v.dtype} keys / values and kv_scales={'given' if kv_scales else None}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty((batch, heads, 1, dim), device=q.device, dtype=q.dtype)
+    if out.numel() == 0:
+        return out
+    ok = key_ok
+    if ok is not None:
+        ok = ok.view(torch.uint8) if ok.dtype == torch.bool else ok
+        if ok.stride(-1) != 1:
+            ok = ok.contiguous()
+    native = fp8 and fp8_native(q.device)
+    if fp8 and not native:
+        k, v = k.view(torch.uint8), v.view(torch.uint8)
+    k_scales, v_scales = kv_scales if fp8 else (q, q)
+    splits = _splits(batch * heads, keys, q.device)
+    per_split = -(-keys // (splits * BLOCK_S)) * BLOCK_S
+    splits = -(-keys // per_split) if keys else 1
+    part = ml = out
+    if splits > 1:
+        part = torch.empty((batch * heads * splits, dim), device=q.device, dtype=torch.float32)
+        ml = torch.empty((batch * heads * splits, 2), device=q.device, dtype=torch.float32)
+    block_d = triton.next_power_of_2(dim)
+    _split_kernel[(batch * heads, splits)](
+        q, k, v, ok if ok is not None else q, k_scales, v_scales, part, ml, out,
+        heads, heads // kv_heads, keys, per_split, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        ok.stride(0) if ok is not None else 0, *(k_scales.stride()[:3] if fp8 else (0, 0, 0)),
+        *(v_scales.stride()[:3] if fp8 else (0, 0, 0)),
+        D=dim, BLOCK_D=block_d, BLOCK_S=BLOCK_S, HAS_MASK=ok is not None, DIRECT=splits == 1, FP8=fp8, NATIVE=native,
+        num_warps=4)
+    if splits > 1:
+        _combine_kernel[(batch * heads,)](part, ml, out, splits, D=dim, BLOCK_D=block_d,
+                                          BLOCK_P=triton.next_power_of_2(splits), num_warps=4)
+    return out

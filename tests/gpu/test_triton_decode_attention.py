@@ -1,0 +1,129 @@
+"""One-query decode attention (kernels.triton_decode_attention) against SDPA in float32; the decode step's KV write
+(kernels.triton_kv_write) against index_copy_.
+
+The kernel computes in float32 and rounds once, so it lies within a few units in the last place of the dtype of the
+float32 reference (relative to the largest output). Skipped without a GPU (or run with TRITON_INTERPRET=1 on the CPU).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif hasattr(torch, "xpu") and torch.xpu.is_available():
+    DEVICE = "xpu"
+else:
+    DEVICE = "cpu" if INTERPRET else None
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None, reason="needs a CUDA or XPU device")]
+triton = pytest.importorskip("triton")
+
+from ipex_llm_tf.kernels import triton_decode_attention as TDA  # noqa: E402
+from ipex_llm_tf.kernels.triton_kv_write import write_kv_slot  # noqa: E402
+from ipex_llm_tf.kernels.reference import decode_attention_reference, quantize_kv_vectors  # noqa: E402
+from ipex_llm_tf.kernels.triton_linear import fp8_native  # noqa: E402
+
+ULP = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -20}
+
+
+def _inputs(batch: int, heads: int, kv_heads: int, keys: int, dim: int, dtype: torch.dtype, capacity: int):
+    gen = torch.Generator().manual_seed(keys + heads)
+    q = torch.randn(batch, heads, 1, dim, generator=gen).to(DEVICE, dtype)
+    # a preallocated cache of `capacity` slots, of which the first `keys` are read: strided views, as in decoding
+    k = torch.randn(batch, kv_heads, capacity, dim, generator=gen).to(DEVICE, dtype)[:, :, :keys]
+    v = torch.randn(batch, kv_heads, capacity, dim, generator=gen).to(DEVICE, dtype)[:, :, :keys]
+    return q, k, v
+
+
+def _check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, ulps: float = 4) -> None:
+    assert got.shape == want.shape and got.dtype == dtype
+    error = ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+    assert error <= ulps * ULP[dtype], f"relative error {error:.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch,heads,kv_heads,keys,dim", [
+    (1, 32, 32, 256, 128),   # Llama-2-7B, one graph span: several key splits
+    (2, 8, 2, 37, 64),       # grouped KV heads, keys not a multiple of the key step
+    (3, 4, 1, 1, 80),        # one key, head_dim not a power of two
+    (1, 2, 2, 700, 128),     # few heads: many splits, the combine pass
+])
+def test_matches_sdpa(dtype: torch.dtype, batch: int, heads: int, kv_heads: int, keys: int, dim: int) -> None:
+    q, k, v = _inputs(batch, heads, kv_heads, keys, dim, dtype, keys + 5)
+    gen = torch.Generator().manual_seed(3)
+    key_ok = torch.rand(batch, keys, generator=gen).to(DEVICE) > 0.3
+    key_ok[:, -1] = True  # the token being decoded always sees itself
+    key_ok[0, :keys // 2] = False  # left padding of row 0
+    for mask in (key_ok, None):
+        want = decode_attention_reference(q.float(), k.float(), v.float(), mask, dim ** -0.5)
+        _check(TDA.decode_attention(q, k, v, mask, dim ** -0.5), want, dtype)
+
+
+def test_masked_split_and_broadcast_mask() -> None:
+    """A split whose keys are all masked adds nothing (no NaN); a [1, S] mask serves every batch row."""
+    q, k, v = _inputs(2, 4, 4, 300, 64, torch.float16, 300)
+    key_ok = torch.zeros(1, 300, dtype=torch.bool, device=DEVICE)
+    key_ok[:, 250:] = True
+    want = decode_attention_reference(q.float(), k.float(), v.float(), key_ok.expand(2, 300), 0.125)
+    _check(TDA.decode_attention(q, k, v, key_ok.expand(2, 300), 0.125), want, torch.float16)
+
+
+def test_rejects_bad_shapes() -> None:
+    q, k, v = _inputs(1, 6, 4, 8, 64, torch.float16, 8)
+    with pytest.raises(ValueError, match="H_kv dividing H"):
+        TDA.decode_attention(q, k, v, None, 0.125)
+    q, k, v = _inputs(1, 4, 4, 8, 64, torch.float16, 8)
+    with pytest.raises(ValueError, match=r"q \[B, H, 1, D\]"):
+        TDA.decode_attention(q.expand(1, 4, 2, 64), k, v, None, 0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_kv_write_matches_index_copy(dtype: torch.dtype) -> None:
+    keys, values = (torch.randn(2, 4, 40, 80, device=DEVICE).to(dtype) for _ in range(2))
+    want_k, want_v = keys.clone(), values.clone()
+    qkv = torch.randn(2, 1, 12, 80, device=DEVICE).to(dtype).transpose(1, 2)  # strided views, as in a step
+    key, value = qkv[:, 4:8], qkv[:, 8:]
+    slot = torch.tensor([17], device=DEVICE)
+    write_kv_slot(key, value, keys[:, :, :32], values[:, :, :32], slot)
+    want_k.index_copy_(2, slot, key)
+    want_v.index_copy_(2, slot, value)
+    assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+
+
+def test_kv_write_rejects_bad_shapes() -> None:
+    keys = torch.zeros(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="one-token key/value"):
+        write_kv_slot(keys[:, :, :2], keys[:, :, :2], keys, keys.clone(), torch.tensor([0], device=DEVICE))
+    with pytest.raises(ValueError, match="unit last stride"):
+        bad = torch.zeros(1, 2, 16, 8, device=DEVICE).transpose(2, 3)
+        write_kv_slot(keys[:, :, :1], keys[:, :, :1], bad, bad.clone(), torch.tensor([0], device=DEVICE))
+
+
+def test_float8_cache_matches_sdpa_over_dequantized() -> None:
+    """Float8 keys / values with per-vector scales: the same result as SDPA over the dequantized cache."""
+    q, k, v = _inputs(2, 8, 2, 300, 64, torch.float16, 310)
+    (kc, ks), (vc, vs) = quantize_kv_vectors(k), quantize_kv_vectors(v)
+    key_ok = torch.ones(2, 300, dtype=torch.bool, device=DEVICE)
+    key_ok[1, :40] = False
+    want = decode_attention_reference(q.float(), kc, vc, key_ok, 0.125, (ks, vs))
+    _check(TDA.decode_attention(q, kc, vc, key_ok, 0.125, (ks, vs)), want.float(), torch.float16)
+    with pytest.raises(ValueError, match="float8 e4m3 keys and values with kv_scales"):
+        TDA.decode_attention(q, kc, vc, key_ok, 0.125)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or not fp8_native(torch.device("cuda")),
+                    reason="quantizing in the kernel needs Triton's float8 conversion (CUDA sm_89+)")
+def test_kv_write_quantizes_like_the_fp8_cache() -> None:
+    keys, values = (torch.zeros(2, 4, 40, 64, device=DEVICE, dtype=torch.float8_e4m3fn) for _ in range(2))
+    scales = tuple(torch.zeros(2, 4, 40, 1, device=DEVICE) for _ in range(2))
+    key, value = (torch.randn(2, 4, 1, 64, device=DEVICE, dtype=torch.float16) * 3 for _ in range(2))
+    key[0, 0] = 0.0  # an all-zero vector: the clamped scale, zero codes
+    slot = torch.tensor([9], device=DEVICE)
+    write_kv_slot(key, value, keys, values, slot, scales)
+    for states, codes, scale in ((key, keys, scales[0]), (value, values, scales[1])):
+        want_codes, want_scale = quantize_kv_vectors(states)
+        assert torch.equal(codes[:, :, 9:10].view(torch.uint8), want_codes.view(torch.uint8))
+        assert torch.equal(scale[:, :, 9:10], want_scale)
