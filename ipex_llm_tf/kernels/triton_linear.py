@@ -5,7 +5,8 @@ Paths, by format and number of activation rows M:
   * block formats (sym_int4, asym_int4, sym_int5, asym_int5, sym_int8, nf4, fp4) and fp8 (e4m3, e5m2):
       M <= GEMV_MAX_ROWS  fused dequantize + GEMV (triton_gemv), one program per (row, BLOCK_N outputs, K split)
       M <= FUSED_MAX_ROWS fused dequantize-in-tile matmul with tl.dot (triton_matmul), split-K for small M
-                          (fp16 / bf16 activations; float32 ones take the next path)
+                          (fp16 / bf16 activations; float32 ones take the next path); autotuning also times the
+                          next path and, up to 8 rows, the GEMV against it (see _plan)
       larger M            dequantize once to a temporary in the activation dtype (a Triton kernel) and multiply
                           with torch (cuBLAS / oneDNN), which wins once the matmul is compute-bound
   * fp16 / bf16: torch's own F.linear on the stored weight
@@ -238,8 +239,9 @@ def _pick(key: tuple, candidates: list, run: Callable[[object], object], device:
 
 
 def tuned_configs() -> dict[tuple, object]:
-    """Every configuration chosen by autotuning so far (for benchmarks and debugging)."""
-    return dict(_TUNED)
+    """Every choice autotuning made so far (for benchmarks and debugging): a config, or a launcher's name."""
+    return {key: (choice[1] or choice[0].__name__) if isinstance(choice, tuple) else choice
+            for key, choice in _TUNED.items()}
 
 
 def _split_for(programs: int, steps: int, device: torch.device) -> int:
@@ -459,24 +461,36 @@ def _codebook_dequantize(fmt: CodebookFormat, parts: Parts, dtype: torch.dtype) 
 
 
 def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
-    """(launcher, config) for these activations: GEMV, fused matmul or dequantize + matmul; (plan, final)."""
+    """(launcher, config) for these activations: GEMV, fused matmul or dequantize + matmul; (plan, final).
+
+    Between GEMV_MAX_ROWS and the fused matmul's limit, autotuning times the fused matmul, dequantize + torch's
+    matmul and (up to 8 rows) the per-row GEMV, as any of them can win there: the codebook formats' table lookups
+    in the matmul tile are slow enough that dequantizing first wins, and is their choice without autotuning.
+    """
     m, k = x.shape
     device = x.device
     fp8 = isinstance(ops, Fp8Operands)
     kind = "fp8" if fp8 else ops.kind
     if m <= GEMV_MAX_ROWS:
         if fp8:
-            cands, launch = gemv_fp8_candidates(m, n, k, device), gemv_fp8
+            options = [(gemv_fp8, c) for c in gemv_fp8_candidates(m, n, k, device)]
         else:
-            cands, launch = gemv_candidates(m, n, ops.words_per_row, device), gemv_blocks
+            options = [(gemv_blocks, c) for c in gemv_candidates(m, n, ops.words_per_row, device)]
         key = ("gemv", kind, m, n, k, x.dtype)
     elif m <= (FUSED_MAX_ROWS_FP8 if fp8 else FUSED_MAX_ROWS) and x.dtype in (torch.float16, torch.bfloat16):
-        cands, launch = matmul_candidates(m, n, k, device), (matmul_fp8 if fp8 else matmul_blocks)
+        dequant = (dequant_matmul_fp8 if fp8 else dequant_matmul_blocks, None)
+        options = [(matmul_fp8 if fp8 else matmul_blocks, c) for c in matmul_candidates(m, n, k, device)]
+        options = [dequant] + options if kind == G.CB4.value else options + [dequant]
+        if m <= 8:
+            gemv = (gemv_fp8, gemv_fp8_candidates(m, n, k, device)[0]) if fp8 else \
+                (gemv_blocks, gemv_candidates(m, n, ops.words_per_row, device)[0])
+            options.append(gemv)
         key = ("mm", kind, _row_bucket(m), n, k, x.dtype)
     else:
         return (dequant_matmul_fp8 if fp8 else dequant_matmul_blocks, None), True
-    cfg = _pick(key, cands, lambda c: launch(x, ops, None, n, c), device)
-    return (launch, cfg), key in _TUNED or len(cands) == 1 or not autotune_enabled(device)
+    plan = _pick(key, options, lambda o: o[0](x, ops, None, n) if o[1] is None else o[0](x, ops, None, n, o[1]),
+                 device)
+    return plan, key in _TUNED or len(options) == 1 or not autotune_enabled(device)
 
 
 def linear(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.Tensor | None, out_features: int,

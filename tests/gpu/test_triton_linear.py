@@ -155,6 +155,17 @@ def test_dequantize_kernel_is_exact(fmt_name: str) -> None:
         assert torch.equal(w, w_ref.to(dtype)), f"{fmt_name} {dtype}"
 
 
+def test_small_batch_plans_without_autotuning() -> None:
+    """3..64 rows: the fused matmul for integer formats, dequantize + matmul for codebooks (slow table lookups in
+    the tile); a float32 batch always dequantizes (the tile kernels take fp16 / bf16)."""
+    for fmt_name, m, dtype, launcher in (("sym_int4", 16, torch.float16, TL.matmul_blocks),
+                                         ("nf4", 4, torch.float16, TL.dequant_matmul_blocks),
+                                         ("sym_int8", 5, torch.float32, TL.dequant_matmul_blocks)):
+        fmt, parts, _ = _weight(fmt_name, 64, 128)
+        (launch, _), final = TL._plan(torch.randn(m, 128, device=DEVICE).to(dtype), TL.block_operands(fmt, parts), 64)
+        assert launch is launcher and final, fmt_name
+
+
 def test_dispatch_through_low_bit_linear() -> None:
     """kernels.low_bit_linear sends CUDA/XPU tensors to triton_linear; leading dims and the cache work."""
     if DEVICE == "cpu":
