@@ -1,6 +1,8 @@
 """Shared fixtures: deterministic seeds and small helpers for tolerance checks."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -27,3 +29,15 @@ def sqnr_db(actual: torch.Tensor, expected: torch.Tensor) -> float:
     expected = expected.double()
     noise = (actual.double() - expected).pow(2).sum().clamp_min(1e-300)
     return float(10 * torch.log10(expected.pow(2).sum() / noise))
+
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_device() -> str | None:
+    """Where Triton kernel tests run: a CUDA or XPU device, the CPU under TRITON_INTERPRET=1, else None (skip)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return "xpu"
+    return "cpu" if TRITON_INTERPRET else None

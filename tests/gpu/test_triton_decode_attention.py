@@ -6,18 +6,12 @@ float32 reference (relative to the largest output). Skipped without a GPU (or ru
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif hasattr(torch, "xpu") and torch.xpu.is_available():
-    DEVICE = "xpu"
-else:
-    DEVICE = "cpu" if INTERPRET else None
+from conftest import TRITON_INTERPRET, triton_device
+
+INTERPRET, DEVICE = TRITON_INTERPRET, triton_device()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None, reason="needs a CUDA or XPU device")]
 triton = pytest.importorskip("triton")
 

@@ -8,26 +8,13 @@ error is the rounding of the output (and, for the tl.dot paths, of the dequantiz
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import relative_error
+from conftest import TRITON_INTERPRET, relative_error, triton_device
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _device() -> str | None:
-    if torch.cuda.is_available():
-        return "cuda"
-    if hasattr(torch, "xpu") and torch.xpu.is_available():
-        return "xpu"
-    return "cpu" if INTERPRET else None
-
-
-DEVICE = _device()
+INTERPRET, DEVICE = TRITON_INTERPRET, triton_device()
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(DEVICE is None, reason="needs a CUDA or XPU device (or TRITON_INTERPRET=1)")]
 triton = pytest.importorskip("triton")
