@@ -297,14 +297,15 @@ class FusedAttention(SeparateProjectionKeys):
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
             if key.dtype == torch.float8_e4m3fn:  # a graph step's fp8 storage: codes, with scales beside them
                 kv_scales = cache.kv_scales(self.layer_idx)
-        no_dropout = not self.training or self.attention_dropout == 0.0
-        if kv_scales is not None and (attention_mask is None or not no_dropout
-                                      or not kernels.decode_attention_applies(query, attention_mask)):
-            # only decode_attention reads float8: anything else gets the dequantized span
+        # (_mask_for keeps a one-query mask's kind and shape, so asking with the model's mask answers for its result)
+        fused_decode = (not self.training or self.attention_dropout == 0.0) and \
+            kernels.decode_attention_applies(query, attention_mask)
+        if kv_scales is not None and (attention_mask is None or not fused_decode):
+            # only decode_attention reads float8 (a graph step always brings its mask): others get the span dequantized
             key, value = ((plane.float() * scales).to(query.dtype) for plane, scales in zip((key, value), kv_scales))
             kv_scales = None
         mask, is_causal, key, value = self._mask_for(attention_mask, q_len, key, value)
-        if no_dropout and kernels.decode_attention_applies(query, mask):
+        if fused_decode:
             out = kernels.decode_attention(query, key, value, None if mask is None else mask[:, 0, 0, :], self.scaling,
                                            kv_scales)
             return self.o_proj(out.reshape(batch, q_len, self.num_heads * self.head_dim)), None
