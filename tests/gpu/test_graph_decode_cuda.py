@@ -3,7 +3,9 @@
 generate() on CUDA brings a GraphKVCache and replays one recorded graph per (batch, span) for one-token steps; the
 eager reference is the same patched model given a DynamicCache. Greedy tokens must be identical; per-step logits
 agree within 2e-2 relative (fp16: the graph step attends over the span's zero-padded slots, which changes the
-order SDPA sums in, not the values).
+order the attention kernel sums in, not the values). The models use transformers' default "sdpa" attention, whose
+boolean masks send eager one-query steps to the same Triton attention kernel as the graph step; with "eager"
+attention the eager steps get float masks and torch's SDPA, a different summation that can flip a near-tie token.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def _eager(model, ids, mask, new_tokens):
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("low_bit", ["sym_int4", "fp16"])
 def test_graph_decode_matches_eager(arch: str, low_bit: str) -> None:
-    model = ipex_llm_tf.optimize_model(tiny_model(arch).half(), low_bit=low_bit).to("cuda")
+    model = ipex_llm_tf.optimize_model(tiny_model(arch, attn_implementation="sdpa").half(), low_bit=low_bit).to("cuda")
     decoder = graph_decoder(model)
     assert decoder is not None
     ids = torch.randint(2, 128, (3, 12), generator=torch.Generator().manual_seed(1)).cuda()
@@ -54,7 +56,7 @@ def test_graph_decode_matches_eager(arch: str, low_bit: str) -> None:
 
 
 def test_graph_decode_crosses_spans_and_batch_sizes() -> None:
-    model = ipex_llm_tf.optimize_model(tiny_model("llama").half(), low_bit="sym_int4").to("cuda")
+    model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa").half(), low_bit="sym_int4").to("cuda")
     decoder = graph_decoder(model)
     prompt = SPAN_BLOCK - 8
     for batch in (1, 2):
@@ -66,7 +68,7 @@ def test_graph_decode_crosses_spans_and_batch_sizes() -> None:
 
 
 def test_graph_decode_beam_search_and_sampling() -> None:
-    model = ipex_llm_tf.optimize_model(tiny_model("qwen2").half(), low_bit="sym_int8").to("cuda")
+    model = ipex_llm_tf.optimize_model(tiny_model("qwen2", attn_implementation="sdpa").half(), low_bit="sym_int8").to("cuda")
     ids = torch.randint(2, 128, (1, 10), generator=torch.Generator().manual_seed(3)).cuda()
     kwargs = dict(max_new_tokens=16, num_beams=3, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
@@ -81,5 +83,5 @@ def test_graph_decode_beam_search_and_sampling() -> None:
 
 def test_graph_decode_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IPEX_LLM_TF_GRAPH_DECODE", "0")
-    model = ipex_llm_tf.optimize_model(copy.deepcopy(tiny_model("llama")), low_bit="sym_int4").to("cuda")
+    model = ipex_llm_tf.optimize_model(copy.deepcopy(tiny_model("llama", attn_implementation="sdpa")), low_bit="sym_int4").to("cuda")
     assert graph_decoder(model) is None
