@@ -54,4 +54,5 @@ def quantize_kv_vectors(states: torch.Tensor, dtype: torch.dtype = torch.float8_
     fp8_max = torch.finfo(dtype).max
     # clamp_min: an all-zero vector would otherwise give a zero scale and 0/0 codes
     scale = states.abs().amax(dim=-1, keepdim=True).float().clamp_min(torch.finfo(torch.float32).tiny) / fp8_max
-    return (states.float() / scale).to(dtype), scale
+    # one float32 copy of the states, divided in place (copy=True: float32 states must not be changed under the caller)
+    return states.to(torch.float32, copy=True).div_(scale).to(dtype), scale

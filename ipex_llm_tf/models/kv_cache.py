@@ -151,8 +151,9 @@ class Fp8BlockKVLayer(BlockKVLayer):
         return (codes.float() * self._planes[f"{kind}_scale"][:, :, :length]).to(self.dtype)
 
     def _states(self, kind: str, past: int, new: torch.Tensor) -> torch.Tensor:
-        # The step's own tokens are used unrounded, as they are at hand: a prompt attends to itself exactly
-        return torch.cat([self._decode(kind, past), new], dim=-2)
+        # The step's own tokens are used unrounded, as they are at hand: a prompt attends to itself exactly (and with
+        # no past, as is: a prefill's copy of its keys and values would only add to the peak)
+        return torch.cat([self._decode(kind, past), new], dim=-2) if past else new
 
 
 class BlockKVCache(Cache):
