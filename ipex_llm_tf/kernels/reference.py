@@ -40,7 +40,7 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """softmax(q k^T * scale) v for q [B, H, 1, D] over k, v [B, H_kv, S, D], keys masked by key_ok [B, S] (bool);
     float8 k, v are codes times their kv_scales ([B, H_kv, S, 1] each)."""
     if kv_scales is not None:
-        k, v = (k.float() * kv_scales[0]).to(q.dtype), (v.float() * kv_scales[1]).to(q.dtype)
+        k, v = dequantize_kv_vectors(k, kv_scales[0], q.dtype), dequantize_kv_vectors(v, kv_scales[1], q.dtype)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -56,3 +56,8 @@ def quantize_kv_vectors(states: torch.Tensor, dtype: torch.dtype = torch.float8_
     scale = states.abs().amax(dim=-1, keepdim=True).float().clamp_min(torch.finfo(torch.float32).tiny) / fp8_max
     # one float32 copy of the states, divided in place (copy=True: float32 states must not be changed under the caller)
     return states.to(torch.float32, copy=True).div_(scale).to(dtype), scale
+
+
+def dequantize_kv_vectors(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Keys or values from quantize_kv_vectors' codes and per-vector scales, in `dtype`."""
+    return (codes.float() * scales).to(dtype)

@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import kernels
 from ..kernels import ops
+from ..kernels.reference import dequantize_kv_vectors
 from ..low_bit_linear import LowBitLinear
 
 SlidingWindowRule = Callable[[Any, int], "int | None"]
@@ -302,7 +303,8 @@ class FusedAttention(SeparateProjectionKeys):
             kernels.decode_attention_applies(query, attention_mask)
         if kv_scales is not None and (attention_mask is None or not fused_decode):
             # only decode_attention reads float8 (a graph step always brings its mask): others get the span dequantized
-            key, value = ((plane.float() * scales).to(query.dtype) for plane, scales in zip((key, value), kv_scales))
+            key, value = (dequantize_kv_vectors(plane, scales, query.dtype)
+                          for plane, scales in zip((key, value), kv_scales))
             kv_scales = None
         mask, is_causal, key, value = self._mask_for(attention_mask, q_len, key, value)
         if fused_decode:

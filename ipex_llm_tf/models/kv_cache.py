@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ..kernels.reference import quantize_kv_vectors
+from ..kernels.reference import dequantize_kv_vectors, quantize_kv_vectors
 
 DEFAULT_BLOCK_SIZE = 256
 
@@ -148,7 +148,7 @@ class Fp8BlockKVLayer(BlockKVLayer):
 
     def _decode(self, kind: str, length: int) -> torch.Tensor:
         codes = self._planes[kind][:, :, :length]
-        return (codes.float() * self._planes[f"{kind}_scale"][:, :, :length]).to(self.dtype)
+        return dequantize_kv_vectors(codes, self._planes[f"{kind}_scale"][:, :, :length], self.dtype)
 
     def _states(self, kind: str, past: int, new: torch.Tensor) -> torch.Tensor:
         # The step's own tokens are used unrounded, as they are at hand: a prompt attends to itself exactly (and with
