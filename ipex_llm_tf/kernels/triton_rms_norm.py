@@ -31,17 +31,27 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_row_stride, out_row_stride
     tl.store(out_ptr + row * out_row_stride + cols, y, mask=inside)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * normalise(x) over the last dim, in promote(x.dtype, weight.dtype)."""
-    n = x.shape[-1]
-    rows = x.reshape(-1, n)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _launch(rows: torch.Tensor, weight: torch.Tensor, eps: float, res: torch.Tensor | None = None,
+            summed: torch.Tensor | None = None) -> torch.Tensor:
+    """The normalised rows (of res + rows, written to summed, when a residual is given), one program per row."""
+    n = rows.shape[-1]
+    out = torch.empty(rows.shape, dtype=torch.promote_types(rows.dtype, weight.dtype), device=rows.device)
     if rows.shape[0]:
         _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, n, rows.stride(0), out.stride(0), eps,
-                                           BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8)
-    return out.view(*x.shape[:-1], n)
+                                           BLOCK=triton.next_power_of_2(n), res_ptr=res, sum_ptr=summed,
+                                           res_row_stride=0 if res is None else res.stride(0),
+                                           num_warps=4 if n <= 4096 else 8)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * normalise(x) over the last dim, in promote(x.dtype, weight.dtype)."""
+    return _launch(_rows(x), weight, eps).view(x.shape)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -50,16 +60,6 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     if x.shape != residual.shape or x.dtype != residual.dtype:
         raise ValueError(f"add_rms_norm needs x and residual alike, got {tuple(x.shape)} {x.dtype} and "
                          f"{tuple(residual.shape)} {residual.dtype}")
-    n = x.shape[-1]
-    rows, res = x.reshape(-1, n), residual.reshape(-1, n)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    if res.stride(-1) != 1:
-        res = res.contiguous()
-    out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    rows = _rows(x)
     summed = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    if rows.shape[0]:
-        _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, n, rows.stride(0), out.stride(0), eps,
-                                           BLOCK=triton.next_power_of_2(n), res_ptr=res, sum_ptr=summed,
-                                           res_row_stride=res.stride(0), num_warps=4 if n <= 4096 else 8)
-    return out.view(*x.shape[:-1], n), summed.view(x.shape)
+    return _launch(rows, weight, eps, _rows(residual), summed).view(x.shape), summed.view(x.shape)
