@@ -1,7 +1,8 @@
 """GPU decode, Llama-2-7B shape with random weights: ours per format and the peers, all in one run, one table.
 
     python benchmarks/bench_gpu.py [--formats sym_int4 sym_int8 ...] [--peers fp16 fp16-compile int4-compile]
-                                   [--batches 4 16] [--mixed-precision] [--fp8-kv] [--new-tokens 128] [--json PATH]
+                                   [--batches 4 16] [--mixed-precision] [--fp8-kv] [--prefill-chunk 512]
+                                   [--new-tokens 128] [--json PATH]
 
 Batch 1, 32-token prompt, greedy with EOS masked. next-token ms = (T(generate 1+N) - T(generate 1)) / N, after two
 warm-up runs at those lengths (compiles and graph captures happen there; warmup_ms is the first of them).
@@ -103,6 +104,8 @@ def main() -> None:
                         help="our rows with mixed_precision=True (lm_head in sym_int8)")
     parser.add_argument("--fp8-kv", action="store_true",
                         help="our rows with quantize_kv_cache=True (float8 keys and values in the graph storage)")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="our rows prefill in chunks of this many tokens (generate's prefill_chunk_size)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = ipex_llm_tf.devices.best_device()
@@ -128,9 +131,15 @@ def main() -> None:
         quantize_s = time.perf_counter() - start
         _free(device)
         label = f"ours {fmt}" + (" mixed_precision" if args.mixed_precision else "") + (" fp8 KV" if args.fp8_kv else "")
-        row = measure(label, model, device, args.new_tokens, ipex_llm_tf.get_format(fmt).bits_per_weight)
+        ours_kwargs = {}
+        if args.prefill_chunk:
+            label += f" prefill chunks {args.prefill_chunk}"
+            ours_kwargs["prefill_chunk_size"] = args.prefill_chunk
+        row = measure(label, model, device, args.new_tokens, ipex_llm_tf.get_format(fmt).bits_per_weight,
+                      **ours_kwargs)
         rows.append({**row, "quantize_s": round(quantize_s, 1)})
-        rows += measure_batches(label, model, device, args.new_tokens, row["bits/weight"], args.batches)
+        rows += measure_batches(label, model, device, args.new_tokens, row["bits/weight"], args.batches,
+                                **ours_kwargs)
         print(f"  {fmt} done", file=sys.stderr, flush=True)
         model = None
         _free(device)

@@ -136,3 +136,31 @@ def test_fp8_kv_cache_in_the_graph_storage() -> None:
     want = full[:, 8:-1].transpose(0, 1)
     assert (scores[0] - want[0]).abs().max() <= 1e-5 * want.abs().max(), "the prompt attends to itself unrounded"
     assert (scores - want).abs().max() <= 0.1 * want.abs().max()
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp16-kv", "fp8-kv"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_chunked_prefill_into_the_graph_storage(arch, fp8) -> None:
+    """generate(prefill_chunk_size=...) (transformers' chunked prefill, which bounds prefill activations) writes a
+    left-padded prompt into the graph storage chunk by chunk: the same tokens as one prefill, and logits within 1e-5
+    of the largest. With float8 storage later chunks attend to the rounded keys of earlier ones, so the reference is
+    the eager Fp8BlockKVCache prefilled in the same chunks."""
+    model = ipex_llm_tf.optimize_model(tiny_model(arch, attn_implementation="sdpa"), low_bit="sym_int8",
+                                       modules_to_not_convert=["lm_head"], quantize_kv_cache=fp8)
+    decoder = install_graph_decode(model)
+    ids = torch.randint(2, 128, (2, 23), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    want, want_scores = _generate(model, ids, mask, 6, decoder.new_cache())
+    cache = decoder.new_cache()
+    got, scores = _generate(model, ids, mask, 6, cache, prefill_chunk_size=8)
+    assert isinstance(cache, GraphKVCache) and cache.get_seq_length() == 28
+    if fp8:
+        # later chunks attend to float8 keys: the first token's logits equal the eager float8 cache's prefilled in
+        # the same chunks; the decode steps after it stay within float8 rounding of them (the graph step attends to
+        # its own token's key rounded, the eager cache to it unrounded)
+        want, want_scores = _generate(model, ids, mask, 6, Fp8BlockKVCache(), prefill_chunk_size=8)
+        assert (scores[0] - want_scores[0]).abs().max() <= 1e-5 * want_scores[0].abs().max()
+        assert (scores - want_scores).abs().max() <= 0.05 * want_scores.abs().max()
+    else:
+        assert torch.equal(got, want)
+        assert (scores - want_scores).abs().max() <= 1e-5 * want_scores.abs().max()
