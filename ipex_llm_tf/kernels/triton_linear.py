@@ -16,15 +16,12 @@ Paths, by format and number of activation rows M:
 Nothing derived from the weight is kept except views of the stored tensors and, for the codebook formats, their
 16-entry value table; the per-layer PackedCache holds that operand bundle so a call does no host-side preparation.
 
-Launch configurations come from a heuristic; with IPEX_LLM_TF_TRITON_AUTOTUNE=1 (the default on CUDA) the first call
-for each (path, format kind, M bucket, N, K, dtype) times a few candidates with triton.testing.do_bench (which
-clears L2 between runs) and keeps the fastest for the rest of the process. Tuning is skipped inside CUDA graph
-capture, under the Triton interpreter and when the variable is 0.
+Launch configurations and their autotuning live in triton_tuning: the first call for each (path, format kind,
+M bucket, N, K, dtype) times a few candidates and keeps the fastest for the rest of the process.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -39,6 +36,10 @@ from ..formats.ggml_blocks import GgmlBlockFormat
 from ..formats.plain import PlainFormat
 from . import triton_gemv as G
 from . import triton_matmul as MM
+# configs and tuning are also addressed through this module (tests, benchmarks)
+from .triton_tuning import (_TUNED, GemvConfig, MatmulConfig, _interpreting, _pick, _row_bucket,  # noqa: F401
+                            autotune_enabled, gemv_candidates, gemv_fp8_candidates, matmul_candidates,
+                            sm_count, tuned_configs)
 
 # Up to this many activation rows the GEMV kernel runs (once per row, rows sharing weight reads through L2); on
 # the H100 it beat the tl.dot matmul at 2 rows and lost from 4 (benchmarks/bench_gpu_linear.py, sym_int4).
@@ -160,159 +161,6 @@ def fp8_operands(fmt: Float8Format, parts: Parts) -> Fp8Operands:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# configuration and tuning
-@dataclass(frozen=True)
-class GemvConfig:
-    block_n: int
-    block_w: int       # words (block formats) or elements (fp8) per K step
-    num_warps: int
-    split_k: int = 1
-    prefetch: int = 2  # 0: none, 1: next step's weights, 2: next step's weights and activations
-
-
-@dataclass(frozen=True)
-class MatmulConfig:
-    block_m: int
-    block_n: int
-    block_k: int       # weights per K step (a multiple of 32)
-    num_warps: int
-    num_stages: int
-    split_k: int = 1
-    group_m: int = 8
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def autotune_enabled(device: torch.device) -> bool:
-    if device.type not in ("cuda", "xpu") or _interpreting():
-        return False
-    if os.environ.get("IPEX_LLM_TF_TRITON_AUTOTUNE", "1").strip() in ("0", "false", "no", ""):
-        return False
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
-    return True
-
-
-_SM_COUNT: dict[torch.device, int] = {}
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors (CUDA) / Xe cores (XPU) of the device; 8 for the interpreter."""
-    if device not in _SM_COUNT:
-        count = 8
-        if device.type == "cuda":
-            count = torch.cuda.get_device_properties(device).multi_processor_count
-        elif device.type == "xpu":
-            props = torch.xpu.get_device_properties(device)
-            count = int(getattr(props, "gpu_subslice_count", 0) or getattr(props, "max_compute_units", 64) // 8 or 8)
-        _SM_COUNT[device] = count
-    return _SM_COUNT[device]
-
-
-def _row_bucket(m: int) -> int:
-    return 1 << max(0, (m - 1).bit_length())
-
-
-_TUNED: dict[tuple, object] = {}
-
-
-def _pick(key: tuple, candidates: list, run: Callable[[object], object], device: torch.device):
-    """candidates[0], or with autotuning on the fastest candidate for this key (timed once per process)."""
-    if key in _TUNED:
-        return _TUNED[key]
-    if len(candidates) == 1 or not autotune_enabled(device):
-        return candidates[0]
-    from triton.testing import do_bench
-
-    best, best_ms = candidates[0], float("inf")
-    for cfg in dict.fromkeys(candidates):
-        try:
-            ms = do_bench(lambda: run(cfg), warmup=5, rep=25, return_mode="median")
-        except Exception:  # a candidate that does not compile on this device (shared memory, registers)
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    _TUNED[key] = best
-    return best
-
-
-def tuned_configs() -> dict[tuple, object]:
-    """Every choice autotuning made so far (for benchmarks and debugging): a config, or a launcher's name."""
-    return {key: (choice[1] or choice[0].__name__) if isinstance(choice, tuple) else choice
-            for key, choice in _TUNED.items()}
-
-
-def _split_for(programs: int, steps: int, device: torch.device, per_sm: int = 2) -> int:
-    """K splits so that about `per_sm` programs per SM are in flight, leaving each split a few K steps."""
-    target = per_sm * sm_count(device)
-    if programs >= target:
-        return 1
-    return max(1, min(16, -(-target // programs), steps // 4))
-
-
-# GEMV tiles (block_n, block_w, num_warps, prefetch, may split K), the heuristic choice first. Every thread loads
-# 16 bytes of codes per row it owns and step (rows per thread grow with block_n), plus the prefetched next step.
-# When block_w reaches 32 * num_warps Triton gives the activation loads a layout of their own and converts them
-# through shared memory every step; on the H100 some such tiles still measured fastest, so they stay candidates.
-# The first entries won most shapes in the last H100 run (see benchmarks/results), so they lead.
-_GEMV_TILES = ((8, 128, 4, 2, False), (8, 128, 4, 1, False), (16, 64, 4, 2, True), (32, 64, 4, 2, True),
-               (16, 128, 8, 2, False), (32, 64, 4, 1, True), (16, 256, 16, 2, False), (8, 64, 4, 2, False))
-_GEMV_FP8_TILES = ((8, 512, 4, 1, False), (16, 256, 4, 0, False), (32, 128, 8, 1, True), (64, 128, 8, 1, True),
-                   (32, 256, 16, 1, False), (16, 256, 4, 1, True))
-
-
-def _gemv_configs(tiles: tuple, m: int, n: int, extent: int, min_width: int,
-                  device: torch.device) -> list[GemvConfig]:
-    """GEMV configurations from a tile table, the heuristic choice first (split-K variants for few programs)."""
-    out: list[GemvConfig] = []
-    for bn, w, warps, prefetch, may_split in tiles:
-        w = min(w, max(min_width, triton.next_power_of_2(extent)))
-        out.append(GemvConfig(bn, w, warps, 1, prefetch))
-        split = _split_for(m * -(-n // bn), max(1, extent // w), device) if may_split else 1
-        if split > 1:
-            out.append(GemvConfig(bn, w, warps, split, prefetch))
-    return list(dict.fromkeys(out))
-
-
-def gemv_candidates(m: int, n: int, words: int, device: torch.device) -> list[GemvConfig]:
-    """GEMV configurations for a block format (K measured in 32-bit code words per row)."""
-    return _gemv_configs(_GEMV_TILES, m, n, words, 16, device)
-
-
-def gemv_fp8_candidates(m: int, n: int, k: int, device: torch.device) -> list[GemvConfig]:
-    """GEMV configurations for fp8 weights (K measured in elements)."""
-    return _gemv_configs(_GEMV_FP8_TILES, m, n, k, 32, device)
-
-
-def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list[MatmulConfig]:
-    """Tiled-matmul configurations, the heuristic choice first.
-
-    A few rows (decode batches) read the weight once for little arithmetic: like the GEMV they are bound by
-    bytes in flight, so their tiles are also tried split over K into ~4 programs per SM (on the H100 a
-    [16, 64, 64] tile so split ran a 4-row 11008x4096 step in 32 us against 47 us for the best 2-per-SM tile).
-    """
-    if m <= 16:
-        shapes = [(16, 64, 64, 4, 4), (16, 64, 128, 4, 3), (16, 32, 256, 4, 3), (16, 128, 128, 4, 3),
-                  (16, 64, 256, 8, 3)]
-        loads = (4, 2)
-    elif m <= 64:
-        shapes = [(64, 64, 128, 4, 3), (32, 64, 128, 4, 3), (64, 128, 64, 4, 3), (64, 128, 128, 8, 3)]
-        loads = (2,)
-    else:
-        shapes = [(128, 128, 64, 8, 3), (128, 64, 128, 4, 3), (64, 128, 128, 4, 3), (128, 256, 64, 8, 3)]
-        loads = (2,)
-    out = []
-    for bm, bn, bk, warps, stages in shapes:
-        programs = -(-m // bm) * -(-n // bn)
-        for per_sm in loads:
-            split = _split_for(programs, max(1, k // bk), device, per_sm)
-            out.append(MatmulConfig(bm, bn, bk, warps, stages, split))
-    return list(dict.fromkeys(out))
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # launches
 def _finish_split(y32: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     if bias is not None:
@@ -410,22 +258,37 @@ def dequantize_blocks(ops: BlockOperands, n: int, dtype: torch.dtype, block_n: i
 
 
 # Prefill dequantizes a weight into a temporary in the activation dtype; a larger weight goes in bands of output rows,
-# so that temporary (180 MB for a 7B gate_up projection in fp16) does not set the model's peak memory
+# so that temporary (180 MB for a 7B gate_up projection in fp16) does not set the model's peak memory. The bound grows
+# with the activation rows, as each band costs host time (a dequantize launch, a matmul, a copy). H100, 7B sym_int4,
+# per activation row:  0 (32 MB bands): 1024-token first token 45 ms;  64 KB: 37 ms;  128 KB: 34 ms;  256 KB: 33 ms;
+# peak of a 2k context prefilled in 512-token chunks with fp8 KV: 4.451 / 4.451 / 4.455 / 4.490 GiB.
 DEQUANT_BAND_BYTES = 32 << 20
+DEQUANT_BAND_BYTES_PER_ROW = 128 << 10
+
+
+def _bands(ops: "BlockOperands | Fp8Operands", n: int, x: torch.Tensor) -> list:
+    """(start, rows, operands) of the row bands x's matmul dequantizes one at a time; equal bands, cached."""
+    limit = max(DEQUANT_BAND_BYTES, x.shape[0] * DEQUANT_BAND_BYTES_PER_ROW)
+    count = -(-(n * ops.in_features * x.element_size()) // limit)
+    per_band = -(-n // count)
+    rows = max(64, -(-per_band // 64) * 64)
+    key = ("bands", rows)
+    if key not in ops.plans:
+        ops.plans[key] = [(start, min(rows, n - start), ops.row_band(start, min(rows, n - start)))
+                          for start in range(0, n, rows)]
+    return ops.plans[key]
 
 
 def _in_bands(x: torch.Tensor, ops: "BlockOperands | Fp8Operands", bias: torch.Tensor | None, n: int,
               dequantize: Callable) -> torch.Tensor:
     """x @ W.T + bias with W dequantized (by `dequantize(row_operands, rows)`) a band of rows at a time."""
-    band = max(64, DEQUANT_BAND_BYTES // (ops.in_features * x.element_size()) // 64 * 64)
     b = None if bias is None else bias.to(x.dtype)
-    if n <= band:
+    bands = _bands(ops, n, x)
+    if len(bands) == 1:
         return F.linear(x, dequantize(ops, n), b)
     y = torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype)
-    for start in range(0, n, band):
-        rows = min(band, n - start)
-        y[:, start:start + rows] = F.linear(x, dequantize(ops.row_band(start, rows), rows),
-                                            None if b is None else b[start:start + rows])
+    for start, rows, band in bands:
+        y[:, start:start + rows] = F.linear(x, dequantize(band, rows), None if b is None else b[start:start + rows])
     return y
 
 

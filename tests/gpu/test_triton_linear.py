@@ -125,9 +125,14 @@ def test_dequantize_matmul_in_bands(fmt_name: str, monkeypatch: pytest.MonkeyPat
     bias = torch.randn(n, device=DEVICE).to(torch.float16)
     dequant_matmul = TL.dequant_matmul_fp8 if fp8 else TL.dequant_matmul_blocks
     whole = dequant_matmul(x, ops, bias, n)
-    monkeypatch.setattr(TL, "DEQUANT_BAND_BYTES", 64 * k * 2)  # bands of 64 rows: 4 full and one of 44
+    monkeypatch.setattr(TL, "DEQUANT_BAND_BYTES", 64 * k * 2)
+    monkeypatch.setattr(TL, "DEQUANT_BAND_BYTES_PER_ROW", 0)
+    assert [rows for _, rows, _ in TL._bands(ops, n, x)] == [64, 64, 64, 64, 44]
     banded = dequant_matmul(x, ops, bias, n)
     assert torch.equal(banded, whole)
+    # the bound grows with the activation rows: 70 rows at 3 * k bytes each make 3 bands, in multiples of 64 rows
+    monkeypatch.setattr(TL, "DEQUANT_BAND_BYTES_PER_ROW", 3 * k)
+    assert [rows for _, rows, _ in TL._bands(ops, n, x)] == [128, 128, 44]
     _check(banded, F.linear(x.float(), w_ref, bias.float()), torch.float16, f"{fmt_name} banded")
 
 
