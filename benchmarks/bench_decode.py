@@ -4,13 +4,16 @@
 
 Rows (each in its own process): transformers fp32 eager on the dequantized GGUF, ours asym_int4 (the GGUF's Q4_1
 blocks, lossless), ours sym_int4 (float32 head, transformers' default), sym_int4 with mixed_precision=True (head and
-tied embedding in sym_int8, as llama.cpp keeps them) and sym_int8 (re-quantized), and llama.cpp on the same GGUF when llama-cpp-python
-is installed. Prompt: the fixed 33-token sentence of ../shared/anchors/results-cpu.md, greedy, EOS masked.
+tied embedding in sym_int8, as llama.cpp keeps them) and sym_int8 (re-quantized), and llama.cpp on the same GGUF when
+llama-cpp-python is installed. "compiled decode" rows run the one-token steps through torch.compile
+(IPEX_LLM_TF_COMPILE_CPU_DECODE=1); their warm-up column includes the compile. Prompt: the fixed 33-token sentence of
+../shared/anchors/results-cpu.md, greedy, EOS masked.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,18 +25,20 @@ from common import make_smollm2, peak_rss_mib, print_table, write_json  # noqa: 
 
 PROMPT = ("The old lighthouse keeper climbed the narrow stairs every evening to light the lamp. One stormy night in "
           "November, he noticed a small boat drifting toward the rocks, so he")
-CASES = ("transformers fp32", "transformers bf16", "ours asym_int4 (GGUF, lossless)", "ours sym_int4",
-         "ours sym_int4 mixed_precision", "ours sym_int8", "llama.cpp Q4_1")
+COMPILED = " compiled decode"  # the case with IPEX_LLM_TF_COMPILE_CPU_DECODE=1 (models/compiled_step.py)
+CASES = ("transformers fp32", "transformers bf16", "ours asym_int4 (GGUF, lossless)",
+         "ours asym_int4 (GGUF, lossless)" + COMPILED, "ours sym_int4", "ours sym_int4 mixed_precision",
+         "ours sym_int4 mixed_precision" + COMPILED, "ours sym_int8", "llama.cpp Q4_1")
 
 
 def _hf_timings(model, ids, long_ids, new_tokens: int) -> dict:
     from ipex_llm_tf.bench import time_generate
-    time_generate(model, ids, 4)  # warm-up
+    warmup = time_generate(model, ids, 4)  # a compiled decode step compiles here
     first = min(time_generate(model, ids, 1) for _ in range(3))
     full = min(time_generate(model, ids, new_tokens) for _ in range(2))
     first_long = min(time_generate(model, long_ids, 1) for _ in range(2))
     return {"first_token_ms": round(first * 1e3, 1), "tok_s": round((new_tokens - 1) / (full - first), 1),
-            "first_token_1024_ms": round(first_long * 1e3, 1)}
+            "first_token_1024_ms": round(first_long * 1e3, 1), "warmup_s": round(warmup, 1)}
 
 
 def _llama_cpp_timings(gguf: Path, ids: list[int], long_ids: list[int], new_tokens: int) -> dict:
@@ -64,6 +69,9 @@ def run_case(case: str, source: Path, new_tokens: int, threads: int) -> dict:
     import ipex_llm_tf
     from ipex_llm_tf.gguf_import import find_default_gguf
     torch.set_num_threads(threads)
+    if case.endswith(COMPILED):
+        os.environ["IPEX_LLM_TF_COMPILE_CPU_DECODE"] = "1"
+        case = case[:-len(COMPILED)]
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     ids = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
     long_ids = ids.repeat(1, 1024 // ids.shape[1] + 1)[:, :1024]
@@ -108,8 +116,8 @@ def main() -> None:
                                  capture_output=True, text=True, check=True)
             rows.append({"system": case, **json.loads(out.stdout.strip().splitlines()[-1])})
             print(f"  {case} done", file=sys.stderr)
-    print_table(rows, ["system", "first_token_ms", "first_token_1024_ms", "tok_s", "peak_rss_mib", "prompt_tokens",
-                       "note"])
+    print_table(rows, ["system", "first_token_ms", "first_token_1024_ms", "tok_s", "peak_rss_mib", "warmup_s",
+                       "prompt_tokens", "note"])
     print(f"wrote {write_json('bench_decode', {'new_tokens': args.new_tokens, 'rows': rows}, args.json)}")
 
 

@@ -124,13 +124,14 @@ class LowBitLinear(PackedWeight):
         """x [..., in_features] -> [..., out_features] in x's dtype."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"LowBitLinear expected input with last dim {self.in_features}, got {tuple(x.shape)}")
+        planes = self._packed_cache.cpu_planes
+        # CPU decode runs ~120 of these per token: once the int4 planes exist, skip the general dispatch (under
+        # torch.compile this is one aten op in the graph, with no Python left around it)
+        if planes is not None and x.is_cpu and cpu_int4_fits(x, planes):
+            return cpu_int4_linear(x, planes, self.bias, self.out_features)
         if torch.compiler.is_compiling():
             return ops.low_bit_linear_op(x, [self._buffers[name] for name in self._part_names],
                                          ",".join(self._part_names), self.fmt.name, self.out_features, self.bias)
-        planes = self._packed_cache.cpu_planes
-        # CPU decode runs ~120 of these per token: once the int4 planes exist, skip the general dispatch
-        if planes is not None and x.is_cpu and cpu_int4_fits(x, planes):
-            return cpu_int4_linear(x, planes, self.bias, self.out_features)
         return low_bit_linear(x, self.fmt, self.parts, self.bias, self.out_features, self._packed_cache)
 
     def extra_repr(self) -> str:

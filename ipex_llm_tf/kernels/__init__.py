@@ -48,6 +48,12 @@ def _raw_backend() -> object:
     return os.environ.get("IPEX_LLM_TF_BACKEND")
 
 
+def opaque_under_compile(x: torch.Tensor) -> bool:
+    """Whether a kernel on x should enter a torch.compile graph as its custom op: on accelerators (Dynamo cannot
+    trace a Triton launch), not on the CPU, where the ops are plain torch that Inductor traces and fuses."""
+    return torch.compiler.is_compiling() and x.device.type != "cpu"
+
+
 def requested_backend() -> str:
     """The backend named by IPEX_LLM_TF_BACKEND (default "auto"); ValueError for an unknown name."""
     raw = _raw_backend()

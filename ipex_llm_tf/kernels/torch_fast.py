@@ -16,8 +16,10 @@ _signed_sin: list = [None, None]
 
 
 def _sin_with_sign(sin: torch.Tensor) -> torch.Tensor:
+    half = sin.shape[-1] // 2
+    if torch.compiler.is_compiling():  # a compiled graph computes it once anyway; a cached global would be guarded on
+        return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
     if _signed_sin[0] is not sin:
-        half = sin.shape[-1] // 2
         _signed_sin[0], _signed_sin[1] = sin, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
     return _signed_sin[1]
 

@@ -55,7 +55,7 @@ class FusedRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Normalise over the last dim."""
-        if torch.compiler.is_compiling():
+        if kernels.opaque_under_compile(hidden_states):
             return ops.rms_norm_op(hidden_states, self.weight, self.variance_epsilon)
         return kernels.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
@@ -203,7 +203,7 @@ class FusedGatedMLP(SeparateProjectionKeys):
         """[..., hidden] -> [..., hidden]."""
         gate_up = self.gate_up_proj(x)
         if self.silu:
-            act = ops.silu_and_mul_op if torch.compiler.is_compiling() else kernels.silu_and_mul
+            act = ops.silu_and_mul_op if kernels.opaque_under_compile(gate_up) else kernels.silu_and_mul
             return self.down_proj(act(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
@@ -213,7 +213,7 @@ class FusedGatedMLP(SeparateProjectionKeys):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE for x [batch, heads, seq, head_dim] from cos/sin [batch, seq, head_dim]."""
-    if torch.compiler.is_compiling():
+    if kernels.opaque_under_compile(x):
         return ops.rotary_op(x, cos, sin)
     return kernels.rotary(x, cos, sin)
 

@@ -27,6 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import kernels
 from . import eager_step
+from .compiled_step import CompiledStep, compiles_steps
 from .kv_cache import BlockKVLayer, Fp8BlockKVCache, Fp8BlockKVLayer
 
 SPAN_BLOCK = 256
@@ -165,6 +166,7 @@ class GraphDecoder:
         self.steps: dict[tuple[int, int], _StepGraph] = {}
         self.pool = None
         self.stats = DecodeStats()
+        self.compiled = CompiledStep(self._run, self.stats)  # CPU steps, when compiles_steps() says so
         base = model.base_model
         self.windows = sorted({layer.self_attn.sliding_window for layer in base.layers
                                if layer.self_attn.sliding_window is not None})
@@ -178,7 +180,7 @@ class GraphDecoder:
         """Whether generate() on `device` should bring this decoder's cache (graphs capture there, and an fp8
         cache needs the Triton kernels that write and read float8 inside the graph)."""
         if not graphs_supported(device):
-            return False
+            return compiles_steps(device, self.fp8)
         if not self.fp8:
             return True
         if kernels.op_backend("kv_write", device) != "triton":
@@ -213,13 +215,18 @@ class GraphDecoder:
             step = self._static_inputs(input_ids, span)
             self.steps[(batch, span)] = step
         self._fill(step, input_ids, length, attention_mask, position_ids)
-        if step.logits is None or not graphs_supported(input_ids.device):
+        device = input_ids.device
+        if step.logits is None:  # the first step of a (batch, span) runs eagerly: it warms kernels and caches
             step.logits = self._run(step, span)
-            if graphs_supported(input_ids.device):
+            if graphs_supported(device):
                 self._capture(step, span)
-        else:
+        elif graphs_supported(device):
             step.graph.replay()
             self.stats.replays += 1
+        elif compiles_steps(device, self.fp8):
+            step.logits = self.compiled((batch, span), step, span)
+        else:
+            step.logits = self._run(step, span)
         cache.advance()
         return step.logits.clone()
 
@@ -357,11 +364,13 @@ def want_graph_decode(model: nn.Module, fp8_kv: bool = False) -> None:
 def sync_graph_decode(model: nn.Module) -> None:
     """Install or remove the GraphDecoder to match the model's device (call after every move).
 
-    Off CUDA only the forward() wrapper stays, for eager_step's one-token steps; generate() is the class's own.
+    Off CUDA (and off compiled CPU steps, see compiled_step) only the forward() wrapper stays, for eager_step's
+    one-token steps; generate() is the class's own.
     """
     if not getattr(model, _WANTED_FLAG, False):
         return
-    on_capturing_device = graphs_supported(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    on_capturing_device = graphs_supported(device) or compiles_steps(device, getattr(model, FP8_KV_FLAG, False))
     if on_capturing_device and graph_decoder(model) is None:
         install_graph_decode(model)
     elif not on_capturing_device:
