@@ -1,7 +1,9 @@
 """Launch configurations of the Triton low-bit matmuls and their autotuning (used by triton_linear).
 
 Configurations come from a heuristic; with IPEX_LLM_TF_TRITON_AUTOTUNE=1 (the default on CUDA) the first call for
-each key times a few candidates with triton.testing.do_bench and keeps the fastest for the rest of the process.
+each (path, format kind, M bucket, N, K, dtype) times a few candidates with triton.testing.do_bench (which clears L2
+between runs) and keeps the fastest for the rest of the process. Tuning is skipped inside CUDA graph capture, under
+the Triton interpreter and when the variable is 0.
 """
 from __future__ import annotations
 
