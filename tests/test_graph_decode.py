@@ -14,7 +14,8 @@ import torch
 from transformers import DynamicCache
 
 import ipex_llm_tf
-from ipex_llm_tf.models.graph_decode import CACHE_KWARG, SPAN_BLOCK, GraphKVCache, graph_decoder, install_graph_decode
+from ipex_llm_tf.models.graph_decode import (CACHE_KWARG, SPAN_BLOCK, XPU_GRAPHS_ENV, GraphKVCache, graph_api,
+                                             graph_decoder, graphs_supported, install_graph_decode)
 from ipex_llm_tf.models.kv_cache import Fp8BlockKVCache
 from model_factories import ARCHITECTURES, SLIDING_WINDOW, tiny_model
 
@@ -99,6 +100,18 @@ def test_graph_decode_follows_the_device_and_env_turns_it_off(monkeypatch: pytes
     monkeypatch.setenv("IPEX_LLM_TF_GRAPH_DECODE", "0")
     assert not getattr(ipex_llm_tf.optimize_model(tiny_model("llama"), low_bit="sym_int4"),
                        "_ipex_llm_tf_graph_decode", False)
+
+
+def test_graph_api_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA records graphs; XPU does when PyTorch has XPUGraph and IPEX_LLM_TF_XPU_GRAPHS=1 asks for it (opt-in
+    until it has run on Intel hardware); the CPU never."""
+    assert graph_api(torch.device("cuda")) is torch.cuda
+    assert graph_api(torch.device("cpu")) is None and not graphs_supported(torch.device("cpu"))
+    assert graph_api(torch.device("xpu")) is None
+    monkeypatch.setenv(XPU_GRAPHS_ENV, "1")
+    assert graph_api(torch.device("xpu")) is (torch.xpu if hasattr(torch.xpu, "XPUGraph") else None)
+    monkeypatch.delattr(torch.xpu, "XPUGraph", raising=False)
+    assert graph_api(torch.device("xpu")) is None, "a PyTorch without XPU graphs decodes eagerly"
 
 
 def test_sliding_window_mask_in_static_step() -> None:

@@ -44,7 +44,8 @@ def autotune_enabled(device: torch.device) -> bool:
         return False
     if os.environ.get("IPEX_LLM_TF_TRITON_AUTOTUNE", "1").strip() in ("0", "false", "no", ""):
         return False
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    capturing = getattr(getattr(torch, device.type), "is_current_stream_capturing", None)
+    if capturing is not None and capturing():  # nothing may be timed (or synchronized) inside a graph capture
         return False
     return True
 

@@ -16,6 +16,8 @@ from torch import nn
 from torch.nn.modules import module as nn_module
 from transformers.cache_utils import DynamicLayer
 
+from .graph_storage import GraphKVCache
+
 _UNSUPPORTED = ("inputs_embeds", "labels", "output_attentions", "output_hidden_states")
 
 
@@ -31,9 +33,8 @@ def _has_hooks(model: nn.Module) -> bool:
 def _returns_valid_keys_only(cache: Any) -> bool:
     # With no mask the step attends to every key the cache returns: dynamic layers (and our block layers) return the
     # filled ones; static layers return their whole preallocated length, which only transformers' mask makes right
-    from .graph_decode import GraphKVCache  # its layers return a padded span too; imported here to avoid a cycle
     layers = getattr(cache, "layers", None)
-    return (bool(layers) and not isinstance(cache, GraphKVCache)
+    return (bool(layers) and not isinstance(cache, GraphKVCache)  # graph layers return a padded span too
             and all(isinstance(layer, DynamicLayer) for layer in layers))
 
 

@@ -15,6 +15,7 @@ each one-token step of a patched model is one graph replay:
 from __future__ import annotations
 
 import functools
+import os
 import time
 import types
 from dataclasses import dataclass, field
@@ -22,122 +23,40 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import kernels
 from . import eager_step
 from .compiled_step import CompiledStep, compiles_steps
-from .kv_cache import BlockKVLayer, Fp8BlockKVCache, Fp8BlockKVLayer
+from .graph_storage import SPAN_BLOCK, GraphKVCache, KVBuffers, _SpanView  # noqa: F401 (re-exported)
+from .kv_cache import Fp8BlockKVCache
 
-SPAN_BLOCK = 256
 # transformers renamed `past_key_values` to `cache` in its 5.2x releases; speak whichever this version speaks
 CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+XPU_GRAPHS_ENV = "IPEX_LLM_TF_XPU_GRAPHS"
+
+
+def graph_api(device: torch.device) -> Any:
+    """The torch module that records graphs on `device`: torch.cuda; torch.xpu when its XPUGraph exists and
+    IPEX_LLM_TF_XPU_GRAPHS=1 (opt-in: the same capture, not yet run on Intel hardware by this project); else None."""
+    if device.type == "cuda":
+        return torch.cuda
+    if (device.type == "xpu" and hasattr(getattr(torch, "xpu", None), "XPUGraph")
+            and os.environ.get(XPU_GRAPHS_ENV, "0").strip().lower() in ("1", "true", "yes")):
+        return torch.xpu
+    return None
+
+
 def graphs_supported(device: torch.device) -> bool:
-    """Whether decode steps on `device` can be captured as graphs (CUDA; XPU and CPU run the same steps eagerly)."""
-    return device.type == "cuda"
-
-
-class GraphKVLayer(BlockKVLayer):
-    """A BlockKVLayer whose planes come from the decoder's buffers, so they keep their addresses across calls."""
-
-    def __init__(self, buffers: "KVBuffers", layer_idx: int, **kwargs: Any) -> None:
-        super().__init__(block_size=SPAN_BLOCK)
-        self.buffers, self.layer_idx = buffers, layer_idx
-
-    def _reserve(self, tokens: int) -> None:
-        if tokens <= self.capacity():
-            return
-        planes = self.buffers.planes(self.layer_idx, self._planes, tokens)
-        for name, plane in planes.items():
-            plane[:, :, :self.length] = self._planes[name][:, :, :self.length]
-        self._planes = planes
-
-    def _map_planes(self, fn: Any) -> None:
-        if not self.is_initialized:
-            return
-        for name, plane in self._planes.items():
-            mapped = fn(plane)
-            if mapped.shape != plane.shape:
-                # a batch-size change (e.g. beams expanded on the cache): the planes leave the shared buffers
-                self._planes[name], self.buffers.detached = mapped, True
-            else:
-                plane.copy_(mapped)  # beam reordering: in place, so recorded graphs stay valid
-        self._refresh()
-
-
-class Fp8GraphKVLayer(GraphKVLayer, Fp8BlockKVLayer):
-    """A GraphKVLayer storing Fp8BlockKVLayer's float8 codes and per-vector scales (quantize_kv_cache=True)."""
-
-
-class GraphKVCache(Cache):
-    """The KV cache generate() gets on a graph-decoding model; its storage belongs to the model's GraphDecoder."""
-
-    def __init__(self, buffers: "KVBuffers", num_layers: int, fp8: bool = False) -> None:
-        layer_class = Fp8GraphKVLayer if fp8 else GraphKVLayer
-        super().__init__(layers=[layer_class(buffers, idx) for idx in range(num_layers)])
-        self.buffers = buffers
-
-    def advance(self) -> None:
-        """Count the token a graph replay wrote into every layer."""
-        for layer in self.layers:
-            layer.length += 1
-            layer._refresh()
-
-
-class KVBuffers:
-    """Per-layer key/value storage [batch, kv_heads, capacity, ...], grown (and graphs dropped) only as needed."""
-
-    def __init__(self) -> None:
-        self.storage: dict[int, dict[str, torch.Tensor]] = {}
-        self.version = 0      # bumped whenever storage moves: graphs recorded over the old storage are invalid
-        self.detached = False
-
-    def planes(self, layer_idx: int, like: dict[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
-        """Storage for one layer with room for `tokens`: a plane shaped and typed like each (empty) plane of `like`."""
-        held = self.storage.get(layer_idx)
-        if held is None or held.keys() != like.keys() or not all(_fits(held[n], p, tokens) for n, p in like.items()):
-            capacity = max(tokens, SPAN_BLOCK)
-            capacity = 1 << (capacity - 1).bit_length()  # powers of two: a long generation regrows log2 times
-            # zeros, not empty: masked slots still enter the products, and garbage NaNs would leak through them
-            held = {name: plane.new_zeros(*plane.shape[:2], capacity, *plane.shape[3:]) for name, plane in like.items()}
-            self.storage[layer_idx] = held
-            self.version += 1
-        return held
-
-
-def _fits(plane: torch.Tensor, like: torch.Tensor, tokens: int) -> bool:
-    return (plane.shape[:2] == like.shape[:2] and plane.shape[3:] == like.shape[3:] and plane.shape[2] >= tokens
-            and plane.dtype == like.dtype and plane.device == like.device)
-
-
-class _SpanView:
-    """What decoder layers see as their cache inside a graph step: write the token at `slot`, read `span` slots."""
-
-    def __init__(self, storage: dict[int, dict[str, torch.Tensor]], slot: torch.Tensor, span: int) -> None:
-        self.storage, self.slot, self.span = storage, slot, span
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
-               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The span's keys and values (float8 codes for an fp8 cache: see kv_scales), this token's written in."""
-        planes = self.storage[layer_idx]
-        keys, values = planes["keys"][:, :, :self.span], planes["values"][:, :, :self.span]
-        kernels.write_kv_slot(key, value, keys, values, self.slot, self.kv_scales(layer_idx))
-        return keys, values
-
-    def kv_scales(self, layer_idx: int) -> "tuple[torch.Tensor, torch.Tensor] | None":
-        """The span's per-vector key and value scales of an fp8 cache, else None."""
-        planes = self.storage[layer_idx]
-        if "keys_scale" not in planes:
-            return None
-        return planes["keys_scale"][:, :, :self.span], planes["values_scale"][:, :, :self.span]
+    """Whether decode steps on `device` are captured as graphs (see graph_api); elsewhere they run eagerly."""
+    return graph_api(device) is not None
 
 
 @dataclass
 class _StepGraph:
-    graph: "torch.cuda.CUDAGraph | None"
+    graph: Any                # torch.cuda.CUDAGraph or torch.xpu.XPUGraph, once recorded
     ids: torch.Tensor         # [batch, 1] token ids
     positions: torch.Tensor   # [batch, 1] RoPE positions
     slot: torch.Tensor        # [1] cache slot the token is written to
@@ -278,15 +197,16 @@ class GraphDecoder:
 
     def _capture(self, step: _StepGraph, span: int) -> None:
         start = time.perf_counter()
+        api = graph_api(step.ids.device)
         if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
+            self.pool = api.graph_pool_handle()
         # the eager run just done warmed every kernel; recording re-runs the step, rewriting the same slot
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        graph = api.CUDAGraph() if api is torch.cuda else api.XPUGraph()
+        with api.graph(graph, pool=self.pool):
             step.logits = self._run(step, span)
         graph.replay()
         step.graph = graph
-        torch.cuda.synchronize()
+        api.synchronize()
         self.stats.captures += 1
         self.stats.capture_seconds += time.perf_counter() - start
         self.stats.spans.append(span)

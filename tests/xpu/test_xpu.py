@@ -28,3 +28,30 @@ def test_low_bit_linear_on_xpu_matches_cpu_reference(fmt: str, rows: int) -> Non
     synchronize("xpu")
     assert float((y - expected).abs().max() / expected.abs().max()) < TOLERANCE
     assert peak_memory_mib("xpu") > 0
+
+
+def test_graph_decode_on_xpu_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """IPEX_LLM_TF_XPU_GRAPHS=1: decode steps recorded as XPU graphs give eager decoding's greedy tokens."""
+    from model_factories import tiny_model
+
+    import ipex_llm_tf
+    from ipex_llm_tf.models.graph_decode import XPU_GRAPHS_ENV, graph_decoder
+
+    if not hasattr(torch.xpu, "XPUGraph"):
+        pytest.skip("this PyTorch has no torch.xpu.XPUGraph")
+    ids = torch.randint(2, 128, (2, 9), generator=torch.Generator().manual_seed(0)).to("xpu")
+
+    def generate(model):
+        with torch.inference_mode():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
+                                  do_sample=False, pad_token_id=0)
+
+    eager = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa").half(), low_bit="sym_int8",
+                                       modules_to_not_convert=["lm_head"]).to("xpu")
+    want = generate(eager)
+    monkeypatch.setenv(XPU_GRAPHS_ENV, "1")
+    model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa").half(), low_bit="sym_int8",
+                                       modules_to_not_convert=["lm_head"]).to("xpu")
+    assert torch.equal(generate(model), want)
+    decoder = graph_decoder(model)
+    assert decoder is not None and decoder.stats.captures >= 1 and decoder.stats.replays > 0

@@ -1,0 +1,112 @@
+"""The KV storage behind graph decoding: buffers owned by a model's GraphDecoder that outlive generate() calls.
+
+`GraphKVCache` is the transformers Cache generate() sees; its layers write into `KVBuffers`, whose planes keep their
+addresses (graphs recorded over them stay valid) until a longer context regrows them. `_SpanView` is what decoder
+layers see as their cache inside a static step: write the token at a device-side slot, read the first `span` slots.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+from .. import kernels
+from .kv_cache import BlockKVLayer, Fp8BlockKVLayer
+
+SPAN_BLOCK = 256
+
+
+class GraphKVLayer(BlockKVLayer):
+    """A BlockKVLayer whose planes come from the decoder's buffers, so they keep their addresses across calls."""
+
+    def __init__(self, buffers: "KVBuffers", layer_idx: int, **kwargs: Any) -> None:
+        super().__init__(block_size=SPAN_BLOCK)
+        self.buffers, self.layer_idx = buffers, layer_idx
+
+    def _reserve(self, tokens: int) -> None:
+        if tokens <= self.capacity():
+            return
+        planes = self.buffers.planes(self.layer_idx, self._planes, tokens)
+        for name, plane in planes.items():
+            plane[:, :, :self.length] = self._planes[name][:, :, :self.length]
+        self._planes = planes
+
+    def _map_planes(self, fn: Any) -> None:
+        if not self.is_initialized:
+            return
+        for name, plane in self._planes.items():
+            mapped = fn(plane)
+            if mapped.shape != plane.shape:
+                # a batch-size change (e.g. beams expanded on the cache): the planes leave the shared buffers
+                self._planes[name], self.buffers.detached = mapped, True
+            else:
+                plane.copy_(mapped)  # beam reordering: in place, so recorded graphs stay valid
+        self._refresh()
+
+
+class Fp8GraphKVLayer(GraphKVLayer, Fp8BlockKVLayer):
+    """A GraphKVLayer storing Fp8BlockKVLayer's float8 codes and per-vector scales (quantize_kv_cache=True)."""
+
+
+class GraphKVCache(Cache):
+    """The KV cache generate() gets on a graph-decoding model; its storage belongs to the model's GraphDecoder."""
+
+    def __init__(self, buffers: "KVBuffers", num_layers: int, fp8: bool = False) -> None:
+        layer_class = Fp8GraphKVLayer if fp8 else GraphKVLayer
+        super().__init__(layers=[layer_class(buffers, idx) for idx in range(num_layers)])
+        self.buffers = buffers
+
+    def advance(self) -> None:
+        """Count the token a graph replay wrote into every layer."""
+        for layer in self.layers:
+            layer.length += 1
+            layer._refresh()
+
+
+class KVBuffers:
+    """Per-layer key/value storage [batch, kv_heads, capacity, ...], grown (and graphs dropped) only as needed."""
+
+    def __init__(self) -> None:
+        self.storage: dict[int, dict[str, torch.Tensor]] = {}
+        self.version = 0      # bumped whenever storage moves: graphs recorded over the old storage are invalid
+        self.detached = False
+
+    def planes(self, layer_idx: int, like: dict[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
+        """Storage for one layer with room for `tokens`: a plane shaped and typed like each (empty) plane of `like`."""
+        held = self.storage.get(layer_idx)
+        if held is None or held.keys() != like.keys() or not all(_fits(held[n], p, tokens) for n, p in like.items()):
+            capacity = max(tokens, SPAN_BLOCK)
+            capacity = 1 << (capacity - 1).bit_length()  # powers of two: a long generation regrows log2 times
+            # zeros, not empty: masked slots still enter the products, and garbage NaNs would leak through them
+            held = {name: plane.new_zeros(*plane.shape[:2], capacity, *plane.shape[3:]) for name, plane in like.items()}
+            self.storage[layer_idx] = held
+            self.version += 1
+        return held
+
+
+def _fits(plane: torch.Tensor, like: torch.Tensor, tokens: int) -> bool:
+    return (plane.shape[:2] == like.shape[:2] and plane.shape[3:] == like.shape[3:] and plane.shape[2] >= tokens
+            and plane.dtype == like.dtype and plane.device == like.device)
+
+
+class _SpanView:
+    """What decoder layers see as their cache inside a graph step: write the token at `slot`, read `span` slots."""
+
+    def __init__(self, storage: dict[int, dict[str, torch.Tensor]], slot: torch.Tensor, span: int) -> None:
+        self.storage, self.slot, self.span = storage, slot, span
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The span's keys and values (float8 codes for an fp8 cache: see kv_scales), this token's written in."""
+        planes = self.storage[layer_idx]
+        keys, values = planes["keys"][:, :, :self.span], planes["values"][:, :, :self.span]
+        kernels.write_kv_slot(key, value, keys, values, self.slot, self.kv_scales(layer_idx))
+        return keys, values
+
+    def kv_scales(self, layer_idx: int) -> "tuple[torch.Tensor, torch.Tensor] | None":
+        """The span's per-vector key and value scales of an fp8 cache, else None."""
+        planes = self.storage[layer_idx]
+        if "keys_scale" not in planes:
+            return None
+        return planes["keys_scale"][:, :, :self.span], planes["values_scale"][:, :, :self.span]
