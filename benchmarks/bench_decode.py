@@ -27,7 +27,8 @@ PROMPT = ("The old lighthouse keeper climbed the narrow stairs every evening to 
           "November, he noticed a small boat drifting toward the rocks, so he")
 COMPILED = " compiled decode"  # the case with IPEX_LLM_TF_COMPILE_CPU_DECODE=1 (models/compiled_step.py)
 CASES = ("transformers fp32", "transformers bf16", "ours asym_int4 (GGUF, lossless)",
-         "ours asym_int4 (GGUF, lossless)" + COMPILED, "ours sym_int4", "ours sym_int4 mixed_precision",
+         "ours asym_int4 (GGUF, lossless)" + COMPILED, "ours sym_int4", "ours sym_int4" + COMPILED,
+         "ours sym_int4 mixed_precision",
          "ours sym_int4 mixed_precision" + COMPILED, "ours sym_int8", "llama.cpp Q4_1")
 
 
