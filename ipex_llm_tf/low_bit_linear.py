@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .formats import LowBitFormat, Parts, get_format
-from .kernels import PackedCache, cpu_int4_fits, cpu_int4_linear, low_bit_linear, ops
+from .kernels import PackedCache, cpu_int4_fits, cpu_int4_linear, low_bit_linear, low_bit_linear_silu, ops
 
 
 # per conversion function of one .to() / .cuda() / _apply() call: id(source tensor) -> (source, moved tensor)
@@ -133,6 +133,13 @@ class LowBitLinear(PackedWeight):
             return ops.low_bit_linear_op(x, [self._buffers[name] for name in self._part_names],
                                          ",".join(self._part_names), self.fmt.name, self.out_features, self.bias)
         return low_bit_linear(x, self.fmt, self.parts, self.bias, self.out_features, self._packed_cache)
+
+    def silu_and_mul_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """SiLU(gate) * up of this layer's output, for a merged [gate | up] projection, as one kernel where one
+        exists (decode rows on a GPU); None otherwise."""
+        if torch.compiler.is_compiling() or x.shape[-1] != self.in_features:
+            return None
+        return low_bit_linear_silu(x, self.fmt, self.parts, self.bias, self.out_features, self._packed_cache)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, low_bit={self.fmt.name}, "

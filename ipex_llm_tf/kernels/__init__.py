@@ -161,6 +161,18 @@ def low_bit_linear(x: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch
     return y.reshape(*lead, out_features)
 
 
+def low_bit_linear_silu(x: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.Tensor | None,
+                        out_features: int, cache: PackedCache) -> torch.Tensor | None:
+    """SiLU(gate) * up of a merged [gate | up] packed weight as one kernel where one exists (the Triton GEMV of a
+    block format, for decode rows); None otherwise, for the caller to run low_bit_linear and then silu_and_mul."""
+    if (not x.is_floating_point() or backend_for(x.device) != "triton"
+            or op_backend("silu_mul", x.device) != "triton"):
+        return None
+    from . import triton_linear
+    y = triton_linear.linear_silu(x.reshape(-1, x.shape[-1]), fmt, parts, bias, out_features, cache)
+    return None if y is None else y.reshape(*x.shape[:-1], out_features // 2)
+
+
 # -- fused-model ops: rms_norm, rotary, silu_and_mul --------------------------------------------------------------------
 
 _ipex_broken: list[str] = []

@@ -177,13 +177,28 @@ def _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K: tl.c
         tl.atomic_add(y_ptrs, y, mask=nmask, sem="relaxed")
 
 
+@triton.jit
+def _store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write SiLU(gate) * up of the (gate, up) row pairs interleaved in y, rounded where a GEMV storing [gate | up]
+    and then triton_silu_mul would round (the sums, SiLU, the product), so the fused result is bit-identical."""
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows).to(tl.float32)
+    out_ty = y_ptr.dtype.element_ty
+    gate, up = tl.split(tl.reshape(y.to(out_ty), [BLOCK_N // 2, 2]))
+    g = gate.to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(out_ty)
+    out = (silu.to(tl.float32) * up.to(tl.float32)).to(out_ty)
+    offs = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs, out, mask=offs < N)
+
+
 @triton.jit(do_not_specialize=["M", "N", "steps_per_split", "one_bits"])
 def gemv_words_kernel(
     x_ptr, w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, b_ptr, y_ptr,
     M, N, KW, stride_xm, stride_ym, steps_per_split, one_bits,
     KIND: tl.constexpr, SCALE_SHIFT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr, GATED: tl.constexpr = False,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, k] for one activation row m and BLOCK_N weight rows, BLOCK_W words per K step.
 
@@ -196,6 +211,10 @@ def gemv_words_kernel(
     Tiles are [BLOCK_W words, BLOCK_N rows] (K first): scales (and mins, 5th bits) are gathered once per word with
     offsets derived from the words' own offsets, so Triton gives every loaded tile the same register layout and the
     loop needs no layout conversion.
+
+    GATED: the weight is a merged [gate | up] projection of 2N rows and y gets SiLU(gate) * up [M, N]: a program
+    takes BLOCK_N / 2 gate rows and their up rows (interleaved), so the activation needs no kernel of its own
+    (SPLIT_K must be 1).
     """
     EPW: tl.constexpr = 4 if KIND == Q8_SYM else 8          # codes per word
     WPB_SHIFT: tl.constexpr = 3 if KIND == Q8_SYM else 2     # log2(words per 32-weight block)
@@ -205,8 +224,13 @@ def gemv_words_kernel(
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1)
+    if GATED:
+        j = tl.arange(0, BLOCK_N)
+        offs_n = pid_n * (BLOCK_N // 2) + j // 2
+        rows = tl.minimum(offs_n, N - 1) + (j % 2) * N  # gate rows at even j, their up rows at odd j
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.minimum(offs_n, N - 1)
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     w_begin = pid_k * steps_per_split * BLOCK_W
     # word offsets relative to the first word of the split; rows * KW fits int32 for any weight under 2**31 words
@@ -261,7 +285,10 @@ def gemv_words_kernel(
             acc += (SCALE * d) * F + (mn - SCALE * d) * X[:, None]
 
     y = tl.sum(acc, axis=0)
-    _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS)
+    if GATED:
+        _store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS, BLOCK_N)
+    else:
+        _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=["M", "N", "steps_per_split"])

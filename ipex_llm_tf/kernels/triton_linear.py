@@ -13,16 +13,15 @@ Paths, by format and number of activation rows M:
   * nf3, fp6 (bit-plane codebooks): torch unpacking + table lookup (no host copies, so CUDA-graph safe) + F.linear
   * anything else (formats added later): the format's own dequantize + F.linear
 
-Nothing derived from the weight is kept except views of the stored tensors and, for the codebook formats, their
-16-entry value table; the per-layer PackedCache holds that operand bundle so a call does no host-side preparation.
+Nothing derived from the weight is kept except views of the stored tensors (triton_operands) and, for the codebook
+formats, their 16-entry value table; the per-layer PackedCache holds that operand bundle so a call does no host-side
+preparation. For a merged [gate | up] projection, linear_silu runs the GEMV with SiLU-and-mul in its epilogue.
 
 Launch configurations and their autotuning live in triton_tuning: the first call for each (path, format kind,
 M bucket, N, K, dtype) times a few candidates and keeps the fastest for the rest of the process.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -32,11 +31,12 @@ import triton
 from ..formats import LowBitFormat, Parts
 from ..formats.codebooks import CodebookFormat
 from ..formats.float8 import Float8Format
-from ..formats.ggml_blocks import GgmlBlockFormat
 from ..formats.plain import PlainFormat
 from . import triton_gemv as G
 from . import triton_matmul as MM
-# configs and tuning are also addressed through this module (tests, benchmarks)
+# operands, configs and tuning are also addressed through this module (tests, benchmarks)
+from .triton_operands import (BlockOperands, Fp8Operands, _table, block_kind, block_operands,  # noqa: F401
+                              fp8_native, fp8_operands)
 from .triton_tuning import (_TUNED, GemvConfig, MatmulConfig, _interpreting, _pick, _row_bucket,  # noqa: F401
                             autotune_enabled, gemv_candidates, gemv_fp8_candidates, matmul_candidates,
                             sm_count, tuned_configs)
@@ -49,115 +49,6 @@ GEMV_MAX_ROWS = 2
 # won at 64 rows (126 vs 162 us for sym_int4) and lost from 256 (228 vs 155 us).
 FUSED_MAX_ROWS = 64
 FUSED_MAX_ROWS_FP8 = 64
-
-_FP8_NATIVE_MIN_CAPABILITY = (8, 9)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# operands
-@dataclass
-class BlockOperands:
-    """Kernel arguments of a block-format weight: views of the stored tensors plus static facts."""
-
-    kind: int              # triton_gemv kind code
-    words: torch.Tensor    # int32 view of the codes, [N, KW]
-    codes: torch.Tensor    # the codes as stored (uint8 [N, K/2] or int8 [N, K]), contiguous
-    scales: torch.Tensor   # fp16 [N, K / block]
-    mins: torch.Tensor     # fp16 [N, K/32] (asym) or scales (unused)
-    qh: torch.Tensor       # int32 view [N, K/32] of the 5th bits (int5) or words (unused)
-    table: torch.Tensor    # float32 [16] code values (codebooks) or scales (unused)
-    in_features: int
-    scale_shift_words: int  # log2(words per scale)
-    scale_shift_blocks: int  # log2(32-blocks per scale)
-    words_per_row: int
-    blocks_per_row: int
-    plans: dict = field(default_factory=dict)  # (rows, dtype) -> (launcher, config), filled on first use
-
-    def row_band(self, start: int, rows: int) -> "BlockOperands":
-        """The operands of output rows [start, start + rows) (views)."""
-        end = start + rows
-        scales = self.scales[start:end]
-        # unused operands alias the scales or words (block_operands); the codebook table has no rows
-        return replace(self, words=self.words[start:end], codes=self.codes[start:end], scales=scales,
-                       mins=scales if self.mins is self.scales else self.mins[start:end], qh=self.qh[start:end],
-                       table=self.table if self.kind == G.CB4.value else scales, plans={})
-
-
-@dataclass
-class Fp8Operands:
-    qweight: torch.Tensor  # float8 [N, K] (native) or its uint8 view
-    scales: torch.Tensor   # float32 [N]
-    e5m2: bool
-    native: bool
-    in_features: int
-    plans: dict = field(default_factory=dict)
-
-    def row_band(self, start: int, rows: int) -> "Fp8Operands":
-        """The operands of output rows [start, start + rows) (views)."""
-        return replace(self, qweight=self.qweight[start:start + rows], scales=self.scales[start:start + rows],
-                       plans={})
-
-
-_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-
-def _table(fmt: CodebookFormat, device: torch.device) -> torch.Tensor:
-    key = (fmt.name, device)
-    if key not in _TABLES:
-        _TABLES[key] = fmt.values.to(device=device, dtype=torch.float32).contiguous()
-    return _TABLES[key]
-
-
-def block_kind(fmt: LowBitFormat) -> int | None:
-    """Kernel kind code of a format the block kernels read, else None."""
-    if isinstance(fmt, GgmlBlockFormat):
-        if fmt.bits == 8:
-            return G.Q8_SYM.value
-        if fmt.bits == 4:
-            return (G.Q4_SYM if fmt.symmetric else G.Q4_ASYM).value
-        if fmt.bits == 5:
-            return (G.Q5_SYM if fmt.symmetric else G.Q5_ASYM).value
-    if isinstance(fmt, CodebookFormat) and tuple(fmt.planes) == (("qweight", 4),) and fmt.block_size in (32, 64):
-        return G.CB4.value
-    return None
-
-
-def _contig(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
-
-
-def block_operands(fmt: LowBitFormat, parts: Parts) -> BlockOperands:
-    """The kernel operands of a block-format weight (views, no copies of contiguous parts)."""
-    kind = block_kind(fmt)
-    if kind is None:
-        raise ValueError(f"format {fmt.name} has no Triton block kernel")
-    codes = _contig(parts["qweight"])
-    n = codes.shape[0]
-    words = codes.view(torch.int32)
-    scales = _contig(parts["scales"])
-    k = words.shape[1] * (4 if kind == G.Q8_SYM.value else 8)
-    block = fmt.block_size
-    mins = _contig(parts["mins"]) if "mins" in parts else scales
-    qh = _contig(parts["qhigh"]).view(torch.int32) if kind in (G.Q5_SYM.value, G.Q5_ASYM.value) else words
-    table = _table(fmt, codes.device) if kind == G.CB4.value else scales  # type: ignore[arg-type]
-    per_word = 4 if kind == G.Q8_SYM.value else 8
-    assert words.shape == (n, k // per_word) and scales.shape == (n, k // block)
-    return BlockOperands(kind, words, codes, scales, mins, qh, table, k, int(math.log2(block // per_word)),
-                         int(math.log2(block // 32)), k // per_word, k // 32)
-
-
-def fp8_native(device: torch.device) -> bool:
-    """Whether Triton converts float8 in hardware on this device (CUDA sm_89+); else the kernels decode bits."""
-    if device.type != "cuda" or _interpreting():
-        return False
-    return torch.cuda.get_device_capability(device) >= _FP8_NATIVE_MIN_CAPABILITY
-
-
-def fp8_operands(fmt: Float8Format, parts: Parts) -> Fp8Operands:
-    q = _contig(parts["qweight"])
-    native = fp8_native(q.device)
-    return Fp8Operands(q if native else q.view(torch.uint8), _contig(parts["scales"].reshape(-1).float()),
-                       fmt.dtype == torch.float8_e5m2, native, q.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,6 +89,22 @@ def gemv_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
         SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps)
     return y if split == 1 else _finish_split(y, bias, x.dtype)
+
+
+def gemv_gated(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, n: int,
+               cfg: GemvConfig) -> torch.Tensor:
+    """SiLU(gate) * up [M, n / 2] of a merged [gate | up] weight of n rows, by the GEMV with its gated epilogue."""
+    m, half = x.shape[0], n // 2
+    kw = ops.words_per_row
+    per_split, _, even = _split_steps(kw, cfg.block_w, 1)
+    y = torch.empty((m, half), device=x.device, dtype=x.dtype)
+    G.gemv_words_kernel[(m, triton.cdiv(half, cfg.block_n // 2), 1)](
+        x, ops.words, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
+        m, half, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
+        KIND=ops.kind, SCALE_SHIFT=ops.scale_shift_blocks, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
+        SPLIT_K=1, HAS_BIAS=bias is not None, EVEN=even, PREFETCH=cfg.prefetch, GATED=True,
+        num_warps=cfg.num_warps)
+    return y
 
 
 def gemv_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: int, cfg: GemvConfig) -> torch.Tensor:
@@ -394,3 +301,27 @@ def linear(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.Tenso
     if cfg is None:
         return launch(x, ops, bias, n)
     return launch(x, ops, bias, n, cfg)
+
+
+def linear_silu(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.Tensor | None, out_features: int,
+                cache=None) -> torch.Tensor | None:
+    """SiLU(gate) * up [M, out_features / 2] of a merged [gate | up] projection in one GEMV launch (decode rows of a
+    block format); None where that kernel does not apply, for the caller to run linear then silu_and_mul."""
+    ops = _operands(fmt, parts, cache)
+    x = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+    m = x.shape[0]
+    if not isinstance(ops, BlockOperands) or not 0 < m <= GEMV_MAX_ROWS or out_features % 2:
+        return None
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    key = ("gated", m, x.dtype)
+    cfg = ops.plans.get(key)
+    if cfg is None:
+        # the plain GEMV's candidates that keep whole row pairs in a program and do not split K
+        candidates = [c for c in gemv_candidates(m, out_features, ops.words_per_row, x.device)
+                      if c.split_k == 1 and c.block_n % 2 == 0]
+        tune_key = ("gemv-gated", ops.kind, m, out_features, ops.in_features, x.dtype)
+        cfg = _pick(tune_key, candidates, lambda c: gemv_gated(x, ops, None, out_features, c), x.device)
+        if tune_key in _TUNED or len(candidates) == 1 or not autotune_enabled(x.device):
+            ops.plans[key] = cfg
+    return gemv_gated(x, ops, bias, out_features, cfg)

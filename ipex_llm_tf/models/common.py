@@ -201,6 +201,10 @@ class FusedGatedMLP(SeparateProjectionKeys):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> [..., hidden]."""
+        if self.silu and isinstance(self.gate_up_proj, LowBitLinear):
+            fused = self.gate_up_proj.silu_and_mul_forward(x)  # the activation in the projection's epilogue
+            if fused is not None:
+                return self.down_proj(fused)
         gate_up = self.gate_up_proj(x)
         if self.silu:
             act = ops.silu_and_mul_op if kernels.opaque_under_compile(gate_up) else kernels.silu_and_mul

@@ -180,3 +180,24 @@ def test_empty_and_strided_input() -> None:
     big = torch.randn(4, 2 * k, device=DEVICE, dtype=torch.float16)
     x = big[:, ::2]  # last-dim stride 2
     _check(TL.linear(x, fmt, parts, None, n, None), F.linear(x.float(), w_ref), torch.float16, "strided")
+
+
+@pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int5", "sym_int8", "nf4"])
+def test_gated_gemv_equals_gemv_then_silu_and_mul(fmt_name: str) -> None:
+    """The GEMV's gated epilogue (SiLU(gate) * up of a merged [gate | up] weight, for an MLP's decode rows) rounds
+    where the plain GEMV and triton_silu_mul round: bit-identical to them for the same tile, bias included, for an
+    odd half width (a partial last program); and the dispatch takes it for decode rows only."""
+    from ipex_llm_tf.kernels.triton_silu_mul import silu_and_mul
+    half, k = 37, 192
+    fmt, parts, _ = _weight(fmt_name, 2 * half, k)
+    ops = TL.block_operands(fmt, parts)
+    bias = torch.randn(2 * half, device=DEVICE).to(torch.float16)
+    for rows in (1, 2):
+        x = torch.randn(rows, k, device=DEVICE).to(torch.float16)
+        for cfg in (TL.GemvConfig(8, 32, 4, 1, 1), TL.GemvConfig(2, 16, 1, 1, 0), TL.GemvConfig(16, 64, 4, 1, 2)):
+            for b in (None, bias):
+                want = silu_and_mul(TL.gemv_blocks(x, ops, b, 2 * half, cfg))
+                got = TL.gemv_gated(x, ops, b, 2 * half, cfg)
+                assert torch.equal(got, want), f"{fmt_name} rows={rows} {cfg} bias={b is not None}"
+        assert TL.linear_silu(x, fmt, parts, bias, 2 * half).shape == (rows, half)
+    assert TL.linear_silu(torch.randn(3, k, device=DEVICE).to(torch.float16), fmt, parts, None, 2 * half) is None

@@ -1,0 +1,126 @@
+"""What the Triton low-bit kernels read of a weight: views of its stored tensors plus static facts, built once.
+
+`block_operands` views a block format's codes as int32 words (no copy) with its scales, mins and 5th bits;
+`fp8_operands` a float8 weight as the device's native float8 or as bytes. Nothing derived from the weight is kept
+except these views and, for the codebook formats, their 16-entry value table.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..formats import LowBitFormat, Parts
+from ..formats.codebooks import CodebookFormat
+from ..formats.float8 import Float8Format
+from ..formats.ggml_blocks import GgmlBlockFormat
+from . import triton_gemv as G
+from .triton_tuning import _interpreting
+
+# float8 loads and conversions Triton can lower natively (sm_89+: Ada, Hopper and later)
+_FP8_NATIVE_MIN_CAPABILITY = (8, 9)
+
+@dataclass
+class BlockOperands:
+    """Kernel arguments of a block-format weight: views of the stored tensors plus static facts."""
+
+    kind: int              # triton_gemv kind code
+    words: torch.Tensor    # int32 view of the codes, [N, KW]
+    codes: torch.Tensor    # the codes as stored (uint8 [N, K/2] or int8 [N, K]), contiguous
+    scales: torch.Tensor   # fp16 [N, K / block]
+    mins: torch.Tensor     # fp16 [N, K/32] (asym) or scales (unused)
+    qh: torch.Tensor       # int32 view [N, K/32] of the 5th bits (int5) or words (unused)
+    table: torch.Tensor    # float32 [16] code values (codebooks) or scales (unused)
+    in_features: int
+    scale_shift_words: int  # log2(words per scale)
+    scale_shift_blocks: int  # log2(32-blocks per scale)
+    words_per_row: int
+    blocks_per_row: int
+    plans: dict = field(default_factory=dict)  # (rows, dtype) -> (launcher, config), filled on first use
+
+    def row_band(self, start: int, rows: int) -> "BlockOperands":
+        """The operands of output rows [start, start + rows) (views)."""
+        end = start + rows
+        scales = self.scales[start:end]
+        # unused operands alias the scales or words (block_operands); the codebook table has no rows
+        return replace(self, words=self.words[start:end], codes=self.codes[start:end], scales=scales,
+                       mins=scales if self.mins is self.scales else self.mins[start:end], qh=self.qh[start:end],
+                       table=self.table if self.kind == G.CB4.value else scales, plans={})
+
+
+@dataclass
+class Fp8Operands:
+    qweight: torch.Tensor  # float8 [N, K] (native) or its uint8 view
+    scales: torch.Tensor   # float32 [N]
+    e5m2: bool
+    native: bool
+    in_features: int
+    plans: dict = field(default_factory=dict)
+
+    def row_band(self, start: int, rows: int) -> "Fp8Operands":
+        """The operands of output rows [start, start + rows) (views)."""
+        return replace(self, qweight=self.qweight[start:start + rows], scales=self.scales[start:start + rows],
+                       plans={})
+
+
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _table(fmt: CodebookFormat, device: torch.device) -> torch.Tensor:
+    key = (fmt.name, device)
+    if key not in _TABLES:
+        _TABLES[key] = fmt.values.to(device=device, dtype=torch.float32).contiguous()
+    return _TABLES[key]
+
+
+def block_kind(fmt: LowBitFormat) -> int | None:
+    """Kernel kind code of a format the block kernels read, else None."""
+    if isinstance(fmt, GgmlBlockFormat):
+        if fmt.bits == 8:
+            return G.Q8_SYM.value
+        if fmt.bits == 4:
+            return (G.Q4_SYM if fmt.symmetric else G.Q4_ASYM).value
+        if fmt.bits == 5:
+            return (G.Q5_SYM if fmt.symmetric else G.Q5_ASYM).value
+    if isinstance(fmt, CodebookFormat) and tuple(fmt.planes) == (("qweight", 4),) and fmt.block_size in (32, 64):
+        return G.CB4.value
+    return None
+
+
+def _contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def block_operands(fmt: LowBitFormat, parts: Parts) -> BlockOperands:
+    """The kernel operands of a block-format weight (views, no copies of contiguous parts)."""
+    kind = block_kind(fmt)
+    if kind is None:
+        raise ValueError(f"format {fmt.name} has no Triton block kernel")
+    codes = _contig(parts["qweight"])
+    n = codes.shape[0]
+    words = codes.view(torch.int32)
+    scales = _contig(parts["scales"])
+    k = words.shape[1] * (4 if kind == G.Q8_SYM.value else 8)
+    block = fmt.block_size
+    mins = _contig(parts["mins"]) if "mins" in parts else scales
+    qh = _contig(parts["qhigh"]).view(torch.int32) if kind in (G.Q5_SYM.value, G.Q5_ASYM.value) else words
+    table = _table(fmt, codes.device) if kind == G.CB4.value else scales  # type: ignore[arg-type]
+    per_word = 4 if kind == G.Q8_SYM.value else 8
+    assert words.shape == (n, k // per_word) and scales.shape == (n, k // block)
+    return BlockOperands(kind, words, codes, scales, mins, qh, table, k, int(math.log2(block // per_word)),
+                         int(math.log2(block // 32)), k // per_word, k // 32)
+
+
+def fp8_native(device: torch.device) -> bool:
+    """Whether Triton converts float8 in hardware on this device (CUDA sm_89+); else the kernels decode bits."""
+    if device.type != "cuda" or _interpreting():
+        return False
+    return torch.cuda.get_device_capability(device) >= _FP8_NATIVE_MIN_CAPABILITY
+
+
+def fp8_operands(fmt: Float8Format, parts: Parts) -> Fp8Operands:
+    q = _contig(parts["qweight"])
+    native = fp8_native(q.device)
+    return Fp8Operands(q if native else q.view(torch.uint8), _contig(parts["scales"].reshape(-1).float()),
+                       fmt.dtype == torch.float8_e5m2, native, q.shape[1])
