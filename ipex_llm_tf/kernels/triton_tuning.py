@@ -2,17 +2,21 @@
 
 Configurations come from a heuristic; with IPEX_LLM_TF_TRITON_AUTOTUNE=1 (the default on CUDA) the first call for
 each (path, format kind, M bucket, N, K, dtype) times a few candidates with triton.testing.do_bench (which clears L2
-between runs) and keeps the fastest for the rest of the process. Tuning is skipped inside CUDA graph capture, under
-the Triton interpreter and when the variable is 0.
+between runs) and keeps the fastest for the rest of the process, and on disk for later ones (tuning_cache). Tuning is
+skipped inside graph capture, under the Triton interpreter and when the variable is 0.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 import triton
+
+from . import tuning_cache
 
 
 @dataclass(frozen=True)
@@ -73,12 +77,32 @@ def _row_bucket(m: int) -> int:
 _TUNED: dict[tuple, object] = {}
 
 
+_SCOPES: dict[torch.device, str] = {}
+
+
+def _scope(device: torch.device) -> str:
+    """Where stored tuning choices hold: this device's name, Triton's version and the kernel sources."""
+    if device not in _SCOPES:
+        name = getattr(torch, device.type).get_device_name(device)
+        here = Path(__file__).parent
+        sources = hashlib.sha256()
+        for module in ("triton_gemv", "triton_matmul", "triton_linear", "triton_operands", "triton_tuning"):
+            sources.update((here / f"{module}.py").read_bytes())
+        _SCOPES[device] = f"{name} | triton {triton.__version__} | {sources.hexdigest()[:16]}"
+    return _SCOPES[device]
+
+
 def _pick(key: tuple, candidates: list, run: Callable[[object], object], device: torch.device):
-    """candidates[0], or with autotuning on the fastest candidate for this key (timed once per process)."""
+    """candidates[0], or with autotuning on the fastest candidate for this key: timed once, then remembered for this
+    process and (tuning_cache) later ones."""
     if key in _TUNED:
         return _TUNED[key]
     if len(candidates) == 1 or not autotune_enabled(device):
         return candidates[0]
+    stored = tuning_cache.lookup(_scope(device), key, candidates)
+    if stored is not None:
+        _TUNED[key] = stored
+        return stored
     from triton.testing import do_bench
 
     best, best_ms = candidates[0], float("inf")
@@ -90,6 +114,7 @@ def _pick(key: tuple, candidates: list, run: Callable[[object], object], device:
         if ms < best_ms:
             best, best_ms = cfg, ms
     _TUNED[key] = best
+    tuning_cache.store(_scope(device), key, best)
     return best
 
 
