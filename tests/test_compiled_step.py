@@ -56,3 +56,26 @@ def test_compiled_steps_across_spans(monkeypatch: pytest.MonkeyPatch) -> None:
     assert graph_decoder(model).stats.captures == 2, "one compile per span seen"
     assert torch.equal(got, want)
     assert (scores - want_scores).abs().max() <= 1e-5 * want_scores.abs().max()
+
+
+def test_compiled_steps_left_padded_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two left-padded rows: the compiled step reads the padding through the same key-validity mask as eager decoding,
+    and gives its tokens (reference backend)."""
+    monkeypatch.setenv("IPEX_LLM_TF_BACKEND", "torch")
+    ids = torch.randint(2, 128, (2, 9), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+
+    def generate(model):
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                 pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.scores)
+
+    want, want_scores = generate(ipex_llm_tf.optimize_model(tiny_model("qwen2"), low_bit="asym_int4"))
+    monkeypatch.setenv("IPEX_LLM_TF_COMPILE_CPU_DECODE", "1")
+    model = ipex_llm_tf.optimize_model(tiny_model("qwen2"), low_bit="asym_int4")
+    got, scores = generate(model)
+    assert graph_decoder(model).stats.captures == 1
+    assert torch.equal(got, want)
+    assert (scores - want_scores).abs().max() <= 1e-5 * want_scores.abs().max()
