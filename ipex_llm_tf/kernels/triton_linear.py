@@ -270,7 +270,12 @@ def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
         return (dequant_matmul_fp8 if fp8 else dequant_matmul_blocks, None), True
     plan = _pick(key, options, lambda o: o[0](x, ops, None, n) if o[1] is None else o[0](x, ops, None, n, o[1]),
                  device)
-    return plan, key in _TUNED or len(options) == 1 or not autotune_enabled(device)
+    return plan, _settled(key, options, device)
+
+
+def _settled(key: tuple, options: list, device: torch.device) -> bool:
+    """Whether the choice _pick made for `key` is final (tuned, or nothing to tune), so a layer may keep it."""
+    return key in _TUNED or len(options) == 1 or not autotune_enabled(device)
 
 
 def linear(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.Tensor | None, out_features: int,
@@ -322,6 +327,6 @@ def linear_silu(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.
                       if c.split_k == 1 and c.block_n % 2 == 0]
         tune_key = ("gemv-gated", ops.kind, m, out_features, ops.in_features, x.dtype)
         cfg = _pick(tune_key, candidates, lambda c: gemv_gated(x, ops, None, out_features, c), x.device)
-        if tune_key in _TUNED or len(candidates) == 1 or not autotune_enabled(x.device):
+        if _settled(tune_key, candidates, x.device):
             ops.plans[key] = cfg
     return gemv_gated(x, ops, bias, out_features, cfg)
