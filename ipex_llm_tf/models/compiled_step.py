@@ -6,9 +6,9 @@ KV storage (for CUDA graphs); on the CPU, torch.compile turns that function into
 work fused into a few C++ kernels, the packed int4 matmuls and SDPA as aten calls, no Python in between. Kernels
 enter the trace as their plain torch forms (kernels.opaque_under_compile).
 
-Compiling costs seconds (~20 s cold on 2 cores, ~7 s with Inductor's on-disk cache warm), paid by the first steps of
-a new batch size or cache span, so it is opt-in: IPEX_LLM_TF_COMPILE_CPU_DECODE=1. `GraphDecoder.stats` counts each
-compile as a capture, with its seconds.
+Compiling costs seconds (~20-30 s cold on 2 cores, ~8-9 s with Inductor's on-disk cache warm), paid by the first
+steps of a new batch size or cache span, so it is opt-in: IPEX_LLM_TF_COMPILE_CPU_DECODE=1. `GraphDecoder.stats`
+counts each compile as a capture, with its seconds.
 """
 from __future__ import annotations
 
