@@ -75,35 +75,35 @@ def _split_steps(total: int, step: int, split: int) -> tuple[int, int, bool]:
     return per_split, splits, total == splits * per_split * step
 
 
+def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, y: torch.Tensor, outputs: int,
+                cfg: GemvConfig, split_k: int, gated: bool) -> int:
+    """Launch gemv_words_kernel for `outputs` columns of y (gated: SiLU(gate) * up); returns the K splits used."""
+    kw = ops.words_per_row
+    per_split, split, even = _split_steps(kw, cfg.block_w, split_k)
+    per_program = cfg.block_n // 2 if gated else cfg.block_n  # a gated program covers gate and up rows
+    G.gemv_words_kernel[(x.shape[0], triton.cdiv(outputs, per_program), split)](
+        x, ops.words, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
+        x.shape[0], outputs, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
+        KIND=ops.kind, SCALE_SHIFT=ops.scale_shift_blocks, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
+        SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, PREFETCH=cfg.prefetch, GATED=gated,
+        num_warps=cfg.num_warps)
+    return split
+
+
 def gemv_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, n: int,
                 cfg: GemvConfig) -> torch.Tensor:
     """Fused dequantize + GEMV of a block format for the (few) rows of x."""
-    m = x.shape[0]
-    kw = ops.words_per_row
-    per_split, split, even = _split_steps(kw, cfg.block_w, cfg.split_k)
+    _, split, _ = _split_steps(ops.words_per_row, cfg.block_w, cfg.split_k)
     y = _split_output(x, n, split)
-    G.gemv_words_kernel[(m, triton.cdiv(n, cfg.block_n), split)](
-        x, ops.words, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
-        m, n, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
-        KIND=ops.kind, SCALE_SHIFT=ops.scale_shift_blocks, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
-        SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, PREFETCH=cfg.prefetch,
-        num_warps=cfg.num_warps)
+    _gemv_words(x, ops, bias, y, n, cfg, cfg.split_k, gated=False)
     return y if split == 1 else _finish_split(y, bias, x.dtype)
 
 
 def gemv_gated(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, n: int,
                cfg: GemvConfig) -> torch.Tensor:
     """SiLU(gate) * up [M, n / 2] of a merged [gate | up] weight of n rows, by the GEMV with its gated epilogue."""
-    m, half = x.shape[0], n // 2
-    kw = ops.words_per_row
-    per_split, _, even = _split_steps(kw, cfg.block_w, 1)
-    y = torch.empty((m, half), device=x.device, dtype=x.dtype)
-    G.gemv_words_kernel[(m, triton.cdiv(half, cfg.block_n // 2), 1)](
-        x, ops.words, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
-        m, half, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
-        KIND=ops.kind, SCALE_SHIFT=ops.scale_shift_blocks, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
-        SPLIT_K=1, HAS_BIAS=bias is not None, EVEN=even, PREFETCH=cfg.prefetch, GATED=True,
-        num_warps=cfg.num_warps)
+    y = torch.empty((x.shape[0], n // 2), device=x.device, dtype=x.dtype)
+    _gemv_words(x, ops, bias, y, n // 2, cfg, 1, gated=True)
     return y
 
 
