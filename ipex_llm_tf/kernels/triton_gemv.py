@@ -13,9 +13,8 @@ share a scale d (and min m):
     sym  (w = (q - 2**(bits-1)) * d):  d * (2**bits * F - 1.5 * 2**bits * X)
     asym (w = q * d + m):              2**bits * d * F + (m - 2**bits * d) * X
 
-so a weight costs one shift, one and-or and one fused multiply-add. The 4-bit codebook formats (nf4, fp4) look their
-codes up instead, a byte at a time: a 256-entry table of 8-byte words holds the float32 values of both nibbles of a
-byte, which halves the loads and address arithmetic of a per-code lookup. fp8 weights (e4m3fn / e5m2) have their own kernel; their per-channel
+so a weight costs one shift, one and-or and one fused multiply-add. The 4-bit codebook formats (nf4, fp4) look each
+code up in a 16-entry float32 table instead. fp8 weights (e4m3fn / e5m2) have their own kernel; their per-channel
 scale multiplies the finished dot product.
 
 Every kernel accumulates in float32, handles any N (rows past the end are clamped on load, masked on store) and any
@@ -57,8 +56,8 @@ def fp8_bytes_to_float(q, E5M2: tl.constexpr, NATIVE: tl.constexpr, TY: tl.const
 
 
 @triton.jit
-def _code_floats(words, qh, one, P: tl.constexpr, KIND: tl.constexpr):
-    """Float of code P of every word, 1 + q / 2**bits, for the integer kinds.
+def _code_floats(words, qh, one, P: tl.constexpr, KIND: tl.constexpr, tab_ptr):
+    """Float of code P of every word: 1 + q / 2**bits for integer kinds, the table value for CB4.
 
     words [BW, BN] int32; qh [BW, BN] (int5 only) the 5th bits of each word's block, shifted right by 4 * (word
     index in its block); `one` the bits of 1.0 (with the sign flip of the 8-bit codes folded in for Q8_SYM).
@@ -71,6 +70,8 @@ def _code_floats(words, qh, one, P: tl.constexpr, KIND: tl.constexpr):
         else:
             v = (words >> (8 * P - 15)) & 0x7F8000
         f = (v ^ one).to(tl.float32, bitcast=True)
+    elif KIND == CB4:
+        f = tl.load(tab_ptr + ((words >> (4 * P)) & 15))
     elif (KIND == Q5_SYM) or (KIND == Q5_ASYM):
         # nibble into mantissa bits 18..21, the 5th bit (bit e of the block's qh word) into bit 22
         if 4 * P <= 18:
@@ -92,36 +93,6 @@ def _code_floats(words, qh, one, P: tl.constexpr, KIND: tl.constexpr):
             v = (words >> (4 * P - 19)) & 0x780000
         f = (v | one).to(tl.float32, bitcast=True)
     return f
-
-
-@triton.jit
-def _byte_values(v):
-    """The two float32 values packed in byte-table entries v (int64): the low nibble's, the high nibble's."""
-    return v.to(tl.int32).to(tl.float32, bitcast=True), (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _byte_pair_floats(words, B: tl.constexpr, pairs_ptr):
-    """Table values of codes 2B and 2B + 1 (byte B's low and high nibble) of every word, from one 8-byte load."""
-    return _byte_values(tl.load(pairs_ptr + ((words >> (8 * B)) & 255)))
-
-
-@triton.jit
-def _codebook_dot(words, pairs_ptr, x0, x1, x2, x3, x4, x5, x6, x7):
-    """sum over p of value(code p) * x_p for every word of a 4-bit codebook format, summed in code order."""
-    c0, c1 = _byte_pair_floats(words, 0, pairs_ptr)
-    F = c0 * x0[:, None]
-    F += c1 * x1[:, None]
-    c2, c3 = _byte_pair_floats(words, 1, pairs_ptr)
-    F += c2 * x2[:, None]
-    F += c3 * x3[:, None]
-    c4, c5 = _byte_pair_floats(words, 2, pairs_ptr)
-    F += c4 * x4[:, None]
-    F += c5 * x5[:, None]
-    c6, c7 = _byte_pair_floats(words, 3, pairs_ptr)
-    F += c6 * x6[:, None]
-    F += c7 * x7[:, None]
-    return F
 
 
 @triton.jit
@@ -223,7 +194,7 @@ def _store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS: tl
 
 @triton.jit(do_not_specialize=["M", "N", "steps_per_split", "one_bits"])
 def gemv_words_kernel(
-    x_ptr, w_ptr, s_ptr, mn_ptr, qh_ptr, pairs_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, b_ptr, y_ptr,
     M, N, KW, stride_xm, stride_ym, steps_per_split, one_bits,
     KIND: tl.constexpr, SCALE_SHIFT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -297,18 +268,15 @@ def gemv_words_kernel(
         if KIND == Q5_SYM or KIND == Q5_ASYM:
             t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
             qh = qh >> ((t & 3) * 4)[:, None]
-        if KIND == CB4:
-            F = _codebook_dot(words, pairs_ptr, x0, x1, x2, x3, x4, x5, x6, x7)
-        else:
-            F = _code_floats(words, qh, one, 0, KIND) * x0[:, None]
-            F += _code_floats(words, qh, one, 1, KIND) * x1[:, None]
-            F += _code_floats(words, qh, one, 2, KIND) * x2[:, None]
-            F += _code_floats(words, qh, one, 3, KIND) * x3[:, None]
-            if EPW == 8:
-                F += _code_floats(words, qh, one, 4, KIND) * x4[:, None]
-                F += _code_floats(words, qh, one, 5, KIND) * x5[:, None]
-                F += _code_floats(words, qh, one, 6, KIND) * x6[:, None]
-                F += _code_floats(words, qh, one, 7, KIND) * x7[:, None]
+        F = _code_floats(words, qh, one, 0, KIND, tab_ptr) * x0[:, None]
+        F += _code_floats(words, qh, one, 1, KIND, tab_ptr) * x1[:, None]
+        F += _code_floats(words, qh, one, 2, KIND, tab_ptr) * x2[:, None]
+        F += _code_floats(words, qh, one, 3, KIND, tab_ptr) * x3[:, None]
+        if EPW == 8:
+            F += _code_floats(words, qh, one, 4, KIND, tab_ptr) * x4[:, None]
+            F += _code_floats(words, qh, one, 5, KIND, tab_ptr) * x5[:, None]
+            F += _code_floats(words, qh, one, 6, KIND, tab_ptr) * x6[:, None]
+            F += _code_floats(words, qh, one, 7, KIND, tab_ptr) * x7[:, None]
         if KIND == CB4:
             acc += d * F
         elif KIND == Q4_SYM or KIND == Q5_SYM or KIND == Q8_SYM:

@@ -14,7 +14,7 @@ Paths, by format and number of activation rows M:
   * anything else (formats added later): the format's own dequantize + F.linear
 
 Nothing derived from the weight is kept except views of the stored tensors (triton_operands) and, for the codebook
-formats, a 256-entry table of both nibbles' values per byte; the per-layer PackedCache holds that operand bundle so a call does no host-side
+formats, their 16-entry value table; the per-layer PackedCache holds that operand bundle so a call does no host-side
 preparation. For a merged [gate | up] projection, linear_silu runs the GEMV with SiLU-and-mul in its epilogue.
 
 Launch configurations and their autotuning live in triton_tuning: the first call for each (path, format kind,
@@ -82,7 +82,7 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
     per_split, split, even = _split_steps(kw, cfg.block_w, split_k)
     per_program = cfg.block_n // 2 if gated else cfg.block_n  # a gated program covers gate and up rows
     G.gemv_words_kernel[(x.shape[0], triton.cdiv(outputs, per_program), split)](
-        x, ops.words, ops.scales, ops.mins, ops.qh, ops.pairs, ops.scales if bias is None else bias, y,
+        x, ops.words, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
         x.shape[0], outputs, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
         KIND=ops.kind, SCALE_SHIFT=ops.scale_shift_blocks, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
         SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, PREFETCH=cfg.prefetch, GATED=gated,
@@ -129,7 +129,7 @@ def matmul_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None
     y = _split_output(x, n, split)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     MM.matmul_blocks_kernel[grid](
-        x, ops.codes, ops.scales, ops.mins, ops.qh, ops.pairs, ops.scales if bias is None else bias, y,
+        x, ops.codes, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
         m, n, kb, x.stride(0), y.stride(0), per_split,
         KIND=ops.kind, SBLK_SHIFT=ops.scale_shift_blocks, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NB=nb,
         GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even,
@@ -158,7 +158,7 @@ def dequantize_blocks(ops: BlockOperands, n: int, dtype: torch.dtype, block_n: i
     kb = ops.blocks_per_row
     out = torch.empty((n, ops.in_features), device=ops.codes.device, dtype=dtype)
     MM.dequant_blocks_kernel[(triton.cdiv(n, block_n), triton.cdiv(kb, blocks))](
-        ops.codes, ops.scales, ops.mins, ops.qh, ops.pairs, out, n, kb,
+        ops.codes, ops.scales, ops.mins, ops.qh, ops.table, out, n, kb,
         KIND=ops.kind, SBLK_SHIFT=ops.scale_shift_blocks, BLOCK_N=block_n, NB=blocks, EVEN=kb % blocks == 0,
         num_warps=4, enable_fp_fusion=False)  # no FMA: bit-identical to the format's own dequantize
     return out

@@ -12,11 +12,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv import CB4, Q4_ASYM, Q4_SYM, Q5_ASYM, Q5_SYM, Q8_SYM, _byte_values, fp8_bytes_to_float
+from .triton_gemv import CB4, Q4_ASYM, Q4_SYM, Q5_ASYM, Q5_SYM, Q8_SYM, fp8_bytes_to_float
 
 
 @triton.jit
-def block_values(w_ptr, s_ptr, mn_ptr, qh_ptr, pairs_ptr, rows, blk, bmask, KB,
+def block_values(w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, rows, blk, bmask, KB,
                  KIND: tl.constexpr, SBLK_SHIFT: tl.constexpr, EVEN: tl.constexpr):
     """Dequantized weights of blocks `blk` [NB] of `rows` [BN] (int64): (first halves, second halves), [BN, NB, 16].
 
@@ -50,8 +50,9 @@ def block_values(w_ptr, s_ptr, mn_ptr, qh_ptr, pairs_ptr, rows, blk, bmask, KB,
                 qh = tl.load(qh_ptr + r * KB + b, mask=m3, other=0)
             qlo = qlo | (((qh >> j) & 1) << 4)
             qhi = qhi | (((qh >> (j + 16)) & 1) << 4)
-        if KIND == CB4:  # one 8-byte entry of the byte table holds both nibbles' values
-            lo, hi = _byte_values(tl.load(pairs_ptr + byte))
+        if KIND == CB4:
+            lo = tl.load(tab_ptr + qlo)
+            hi = tl.load(tab_ptr + qhi)
         else:
             lo = qlo.to(tl.float32)
             hi = qhi.to(tl.float32)
@@ -101,7 +102,7 @@ def _tile_offsets(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 @triton.jit(do_not_specialize=["M", "N", "steps_per_split"])
 def matmul_blocks_kernel(
-    x_ptr, w_ptr, s_ptr, mn_ptr, qh_ptr, pairs_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, b_ptr, y_ptr,
     M, N, KB, stride_xm, stride_ym, steps_per_split,
     KIND: tl.constexpr, SBLK_SHIFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, GROUP_M: tl.constexpr,
@@ -124,7 +125,7 @@ def matmul_blocks_kernel(
         kb0 = b_begin + step * NB
         blk = kb0 + tl.arange(0, NB)
         bmask = blk < KB
-        lo, hi = block_values(w_ptr, s_ptr, mn_ptr, qh_ptr, pairs_ptr, rows, blk, bmask, KB, KIND, SBLK_SHIFT, EVEN)
+        lo, hi = block_values(w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, rows, blk, bmask, KB, KIND, SBLK_SHIFT, EVEN)
         w_lo = tl.reshape(lo, [BLOCK_N, NB * 16]).to(dot_ty)
         w_hi = tl.reshape(hi, [BLOCK_N, NB * 16]).to(dot_ty)
         x_ptrs = x_rows + kb0 * 32 + xcol[None, :]
@@ -193,7 +194,7 @@ def matmul_fp8_kernel(
 
 @triton.jit(do_not_specialize=["N"])
 def dequant_blocks_kernel(
-    w_ptr, s_ptr, mn_ptr, qh_ptr, pairs_ptr, out_ptr, N, KB,
+    w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, out_ptr, N, KB,
     KIND: tl.constexpr, SBLK_SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr,
 ):
     """out[N, KB * 32] = the dequantized weight in out's dtype; grid (cdiv(N, BLOCK_N), cdiv(KB, NB))."""
@@ -201,7 +202,7 @@ def dequant_blocks_kernel(
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
     blk = tl.program_id(1) * NB + tl.arange(0, NB)
     bmask = blk < KB
-    lo, hi = block_values(w_ptr, s_ptr, mn_ptr, qh_ptr, pairs_ptr, rows, blk, bmask, KB, KIND, SBLK_SHIFT, EVEN)
+    lo, hi = block_values(w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, rows, blk, bmask, KB, KIND, SBLK_SHIFT, EVEN)
     j = tl.arange(0, 16)[None, None, :]
     ptrs = out_ptr + offs_n.to(tl.int64)[:, None, None] * (KB * 32) + blk[None, :, None] * 32 + j
     mask = (offs_n[:, None, None] < N) & bmask[None, :, None]

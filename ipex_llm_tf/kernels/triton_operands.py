@@ -2,8 +2,7 @@
 
 `block_operands` views a block format's codes as int32 words (no copy) with its scales, mins and 5th bits;
 `fp8_operands` a float8 weight as the device's native float8 or as bytes. Nothing derived from the weight is kept
-except these views and, for the codebook formats, a 256-entry byte table: the values of both nibbles of a byte in
-one 8-byte word, so the kernels look up two codes per load.
+except these views and, for the codebook formats, their 16-entry value table.
 """
 from __future__ import annotations
 
@@ -32,7 +31,7 @@ class BlockOperands:
     scales: torch.Tensor   # fp16 [N, K / block]
     mins: torch.Tensor     # fp16 [N, K/32] (asym) or scales (unused)
     qh: torch.Tensor       # int32 view [N, K/32] of the 5th bits (int5) or words (unused)
-    pairs: torch.Tensor    # int64 [256]: byte b -> bits of table[b & 15] | bits of table[b >> 4] << 32, or scales
+    table: torch.Tensor    # float32 [16] code values (codebooks) or scales (unused)
     in_features: int
     scale_shift_words: int  # log2(words per scale)
     scale_shift_blocks: int  # log2(32-blocks per scale)
@@ -47,7 +46,7 @@ class BlockOperands:
         # unused operands alias the scales or words (block_operands); the codebook table has no rows
         return replace(self, words=self.words[start:end], codes=self.codes[start:end], scales=scales,
                        mins=scales if self.mins is self.scales else self.mins[start:end], qh=self.qh[start:end],
-                       pairs=self.pairs if self.kind == G.CB4.value else scales, plans={})
+                       table=self.table if self.kind == G.CB4.value else scales, plans={})
 
 
 @dataclass
@@ -65,27 +64,13 @@ class Fp8Operands:
                        plans={})
 
 
-_TABLES: dict[tuple[str, torch.device, bool], torch.Tensor] = {}
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
 def _table(fmt: CodebookFormat, device: torch.device) -> torch.Tensor:
-    key = (fmt.name, device, False)
+    key = (fmt.name, device)
     if key not in _TABLES:
         _TABLES[key] = fmt.values.to(device=device, dtype=torch.float32).contiguous()
-    return _TABLES[key]
-
-
-def byte_pair_table(values: torch.Tensor) -> torch.Tensor:
-    """int64 [256] from a float32 [16] table: entry b holds the bits of values[b & 15] low, values[b >> 4] high."""
-    bits = values.to(torch.float32).cpu().view(torch.int32).long() & 0xFFFFFFFF
-    b = torch.arange(256)
-    return bits[b & 15] | (bits[b >> 4] << 32)
-
-
-def _pair_table(fmt: CodebookFormat, device: torch.device) -> torch.Tensor:
-    key = (fmt.name, device, True)
-    if key not in _TABLES:
-        _TABLES[key] = byte_pair_table(fmt.values).to(device)
     return _TABLES[key]
 
 
@@ -120,10 +105,10 @@ def block_operands(fmt: LowBitFormat, parts: Parts) -> BlockOperands:
     block = fmt.block_size
     mins = _contig(parts["mins"]) if "mins" in parts else scales
     qh = _contig(parts["qhigh"]).view(torch.int32) if kind in (G.Q5_SYM.value, G.Q5_ASYM.value) else words
-    pairs = _pair_table(fmt, codes.device) if kind == G.CB4.value else scales  # type: ignore[arg-type]
+    table = _table(fmt, codes.device) if kind == G.CB4.value else scales  # type: ignore[arg-type]
     per_word = 4 if kind == G.Q8_SYM.value else 8
     assert words.shape == (n, k // per_word) and scales.shape == (n, k // block)
-    return BlockOperands(kind, words, codes, scales, mins, qh, pairs, k, int(math.log2(block // per_word)),
+    return BlockOperands(kind, words, codes, scales, mins, qh, table, k, int(math.log2(block // per_word)),
                          int(math.log2(block // 32)), k // per_word, k // 32)
 
 
