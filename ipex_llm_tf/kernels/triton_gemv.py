@@ -35,6 +35,8 @@ Q5_SYM = tl.constexpr(2)
 Q5_ASYM = tl.constexpr(3)
 Q8_SYM = tl.constexpr(4)
 CB4 = tl.constexpr(5)
+CB3 = tl.constexpr(6)  # two-plane codebooks (triton_gemv_planes): 2-bit + 1-bit planes (nf3)
+CB6 = tl.constexpr(7)  # 4-bit + 2-bit planes (fp6)
 
 ONE_BITS = 0x3F800000  # float32 1.0, passed to gemv_words_kernel as one_bits
 
@@ -165,6 +167,20 @@ def _load_x_step(x_row, w_begin, step, KW, BLOCK_W: tl.constexpr, EPW: tl.conste
 
 
 @triton.jit
+def _program_rows(pid_n, N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """(output columns, weight rows clamped in range) of program pid_n; GATED programs take BLOCK_N / 2 gate rows and
+    their up rows (N further down), interleaved."""
+    if GATED:
+        j = tl.arange(0, BLOCK_N)
+        offs_n = pid_n * (BLOCK_N // 2) + j // 2
+        rows = tl.minimum(offs_n, N - 1) + (j % 2) * N  # gate rows at even j, their up rows at odd j
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.minimum(offs_n, N - 1)
+    return offs_n, rows
+
+
+@triton.jit
 def _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Write one output row: bias added once, or accumulated atomically across split-K programs."""
     nmask = offs_n < N
@@ -224,13 +240,7 @@ def gemv_words_kernel(
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
 
-    if GATED:
-        j = tl.arange(0, BLOCK_N)
-        offs_n = pid_n * (BLOCK_N // 2) + j // 2
-        rows = tl.minimum(offs_n, N - 1) + (j % 2) * N  # gate rows at even j, their up rows at odd j
-    else:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = tl.minimum(offs_n, N - 1)
+    offs_n, rows = _program_rows(pid_n, N, BLOCK_N, GATED)
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     w_begin = pid_k * steps_per_split * BLOCK_W
     # word offsets relative to the first word of the split; rows * KW fits int32 for any weight under 2**31 words

@@ -2,19 +2,20 @@
 
 Paths, by format and number of activation rows M:
 
-  * block formats (sym_int4, asym_int4, sym_int5, asym_int5, sym_int8, nf4, fp4) and fp8 (e4m3, e5m2):
-      M <= GEMV_MAX_ROWS  fused dequantize + GEMV (triton_gemv), one program per (row, BLOCK_N outputs, K split)
+  * block formats (sym_int4, asym_int4, sym_int5, asym_int5, sym_int8, nf4, fp4, and the two-plane nf3, fp6) and
+    fp8 (e4m3, e5m2):
+      M <= GEMV_MAX_ROWS  fused dequantize + GEMV (triton_gemv; triton_gemv_planes for nf3 / fp6), one program
+                          per (row, BLOCK_N outputs, K split)
       M <= FUSED_MAX_ROWS fused dequantize-in-tile matmul with tl.dot (triton_matmul), split-K for small M
                           (fp16 / bf16 activations; float32 ones take the next path); autotuning also times the
                           next path and, up to 8 rows, the GEMV against it (see _plan)
       larger M            dequantize once to a temporary in the activation dtype (a Triton kernel) and multiply
                           with torch (cuBLAS / oneDNN), which wins once the matmul is compute-bound
   * fp16 / bf16: torch's own F.linear on the stored weight
-  * nf3, fp6 (bit-plane codebooks): torch unpacking + table lookup (no host copies, so CUDA-graph safe) + F.linear
   * anything else (formats added later): the format's own dequantize + F.linear
 
 Nothing derived from the weight is kept except views of the stored tensors (triton_operands) and, for the codebook
-formats, their 16-entry value table; the per-layer PackedCache holds that operand bundle so a call does no host-side
+formats, their value table; the per-layer PackedCache holds that operand bundle so a call does no host-side
 preparation. For a merged [gate | up] projection, linear_silu runs the GEMV with SiLU-and-mul in its epilogue.
 
 Launch configurations and their autotuning live in triton_tuning: the first call for each (path, format kind,
@@ -33,10 +34,11 @@ from ..formats.codebooks import CodebookFormat
 from ..formats.float8 import Float8Format
 from ..formats.plain import PlainFormat
 from . import triton_gemv as G
+from . import triton_gemv_planes as GP
 from . import triton_matmul as MM
 # operands, configs and tuning are also addressed through this module (tests, benchmarks)
-from .triton_operands import (BlockOperands, Fp8Operands, _table, block_kind, block_operands,  # noqa: F401
-                              fp8_native, fp8_operands)
+from .triton_operands import (CODEBOOK_KINDS, PLANE_KINDS, BlockOperands, Fp8Operands, _table,  # noqa: F401
+                              block_kind, block_operands, fp8_native, fp8_operands)
 from .triton_tuning import (_TUNED, GemvConfig, MatmulConfig, _interpreting, _pick, _row_bucket,  # noqa: F401
                             autotune_enabled, gemv_candidates, gemv_fp8_candidates, matmul_candidates,
                             sm_count, tuned_configs)
@@ -81,7 +83,8 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
     kw = ops.words_per_row
     per_split, split, even = _split_steps(kw, cfg.block_w, split_k)
     per_program = cfg.block_n // 2 if gated else cfg.block_n  # a gated program covers gate and up rows
-    G.gemv_words_kernel[(x.shape[0], triton.cdiv(outputs, per_program), split)](
+    kernel = GP.gemv_planes_kernel if ops.kind in PLANE_KINDS else G.gemv_words_kernel
+    kernel[(x.shape[0], triton.cdiv(outputs, per_program), split)](
         x, ops.words, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
         x.shape[0], outputs, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
         KIND=ops.kind, SCALE_SHIFT=ops.scale_shift_blocks, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
@@ -260,7 +263,7 @@ def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
     elif m <= (FUSED_MAX_ROWS_FP8 if fp8 else FUSED_MAX_ROWS) and x.dtype in (torch.float16, torch.bfloat16):
         dequant = (dequant_matmul_fp8 if fp8 else dequant_matmul_blocks, None)
         options = [(matmul_fp8 if fp8 else matmul_blocks, c) for c in matmul_candidates(m, n, k, device)]
-        options = [dequant] + options if kind == G.CB4.value else options + [dequant]
+        options = [dequant] + options if kind in CODEBOOK_KINDS else options + [dequant]
         if m <= 8:
             gemv = (gemv_fp8, gemv_fp8_candidates(m, n, k, device)[0]) if fp8 else \
                 (gemv_blocks, gemv_candidates(m, n, ops.words_per_row, device)[0])

@@ -12,7 +12,32 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv import CB4, Q4_ASYM, Q4_SYM, Q5_ASYM, Q5_SYM, Q8_SYM, fp8_bytes_to_float
+from .triton_gemv import CB3, CB4, CB6, Q4_ASYM, Q4_SYM, Q5_ASYM, Q5_SYM, Q8_SYM, fp8_bytes_to_float
+
+
+@triton.jit
+def _plane_codes(w_ptr, qh_ptr, r, b, j, m3, KB, KIND: tl.constexpr, EVEN: tl.constexpr):
+    """Codes of elements j and j + 16 of blocks b of a two-plane codebook (low plane bytes at w_ptr, high plane as
+    int32 words at qh_ptr), [BN, NB, 16] each.
+
+    A plane of `bits` holds a 32-run's element e in byte e % (4 * bits) at bit bits * (e // (4 * bits)) (see
+    formats/codebooks.py), so both elements' bits come from one byte of each plane."""
+    BL: tl.constexpr = 2 if KIND == CB3 else 4
+    BH: tl.constexpr = 1 if KIND == CB3 else 2
+    lo_ptrs = w_ptr + r * (KB * 4 * BL) + b * (4 * BL) + j % (4 * BL)
+    hb = j % (4 * BH)  # the high byte's index in the run, then its word and that byte's bit offset
+    hi_ptrs = qh_ptr + r * (KB * BH) + b * BH + hb // 4
+    if EVEN:
+        lb = tl.load(lo_ptrs).to(tl.int32)
+        hw = tl.load(hi_ptrs)
+    else:
+        lb = tl.load(lo_ptrs, mask=m3, other=0).to(tl.int32)
+        hw = tl.load(hi_ptrs, mask=m3, other=0)
+    hw = hw >> ((hb % 4) * 8)
+    c0 = ((lb >> (BL * (j // (4 * BL)))) & ((1 << BL) - 1)) | (((hw >> (BH * (j // (4 * BH)))) & ((1 << BH) - 1)) << BL)
+    c1 = ((lb >> (BL * ((j + 16) // (4 * BL)))) & ((1 << BL) - 1)) | \
+        (((hw >> (BH * ((j + 16) // (4 * BH)))) & ((1 << BH) - 1)) << BL)
+    return c0, c1
 
 
 @triton.jit
@@ -35,6 +60,10 @@ def block_values(w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, rows, blk, bmask, KB,
         else:
             lo = tl.load(ptrs, mask=m3, other=0).to(tl.float32)
             hi = tl.load(ptrs + 16, mask=m3, other=0).to(tl.float32)
+    elif KIND == CB3 or KIND == CB6:
+        qlo, qhi = _plane_codes(w_ptr, qh_ptr, r, b, j, m3, KB, KIND, EVEN)
+        lo = tl.load(tab_ptr + qlo)
+        hi = tl.load(tab_ptr + qhi)
     else:
         ptrs = w_ptr + r * (KB * 16) + b * 16 + j
         if EVEN:

@@ -30,8 +30,8 @@ class BlockOperands:
     codes: torch.Tensor    # the codes as stored (uint8 [N, K/2] or int8 [N, K]), contiguous
     scales: torch.Tensor   # fp16 [N, K / block]
     mins: torch.Tensor     # fp16 [N, K/32] (asym) or scales (unused)
-    qh: torch.Tensor       # int32 view [N, K/32] of the 5th bits (int5) or words (unused)
-    table: torch.Tensor    # float32 [16] code values (codebooks) or scales (unused)
+    qh: torch.Tensor       # int32 view of the 5th bits (int5, [N, K/32]), the high plane (two-plane codebooks) or words
+    table: torch.Tensor    # float32 code values (codebooks) or scales (unused)
     in_features: int
     scale_shift_words: int  # log2(words per scale)
     scale_shift_blocks: int  # log2(32-blocks per scale)
@@ -46,7 +46,7 @@ class BlockOperands:
         # unused operands alias the scales or words (block_operands); the codebook table has no rows
         return replace(self, words=self.words[start:end], codes=self.codes[start:end], scales=scales,
                        mins=scales if self.mins is self.scales else self.mins[start:end], qh=self.qh[start:end],
-                       table=self.table if self.kind == G.CB4.value else scales, plans={})
+                       table=self.table if self.kind in CODEBOOK_KINDS else scales, plans={})
 
 
 @dataclass
@@ -83,9 +83,17 @@ def block_kind(fmt: LowBitFormat) -> int | None:
             return (G.Q4_SYM if fmt.symmetric else G.Q4_ASYM).value
         if fmt.bits == 5:
             return (G.Q5_SYM if fmt.symmetric else G.Q5_ASYM).value
-    if isinstance(fmt, CodebookFormat) and tuple(fmt.planes) == (("qweight", 4),) and fmt.block_size in (32, 64):
-        return G.CB4.value
+    if isinstance(fmt, CodebookFormat) and fmt.block_size in (32, 64):
+        return _CODEBOOK_KINDS.get(tuple(bits for _, bits in fmt.planes))
     return None
+
+
+# plane bits (low plane first) -> kind, for the codebook layouts the kernels read
+_CODEBOOK_KINDS = {(4,): G.CB4.value, (2, 1): G.CB3.value, (4, 2): G.CB6.value}
+CODEBOOK_KINDS = frozenset(_CODEBOOK_KINDS.values())
+PLANE_KINDS = frozenset({G.CB3.value, G.CB6.value})
+# codes per int32 word of the (low) plane the kernels walk
+_CODES_PER_WORD = {G.Q8_SYM.value: 4, G.CB3.value: 16}
 
 
 def _contig(t: torch.Tensor) -> torch.Tensor:
@@ -97,16 +105,18 @@ def block_operands(fmt: LowBitFormat, parts: Parts) -> BlockOperands:
     kind = block_kind(fmt)
     if kind is None:
         raise ValueError(f"format {fmt.name} has no Triton block kernel")
-    codes = _contig(parts["qweight"])
+    low, high = (fmt.planes[0][0], fmt.planes[1][0]) if kind in PLANE_KINDS else ("qweight", "qhigh")
+    codes = _contig(parts[low])
     n = codes.shape[0]
     words = codes.view(torch.int32)
     scales = _contig(parts["scales"])
-    k = words.shape[1] * (4 if kind == G.Q8_SYM.value else 8)
+    per_word = _CODES_PER_WORD.get(kind, 8)
+    k = words.shape[1] * per_word
     block = fmt.block_size
     mins = _contig(parts["mins"]) if "mins" in parts else scales
-    qh = _contig(parts["qhigh"]).view(torch.int32) if kind in (G.Q5_SYM.value, G.Q5_ASYM.value) else words
-    table = _table(fmt, codes.device) if kind == G.CB4.value else scales  # type: ignore[arg-type]
-    per_word = 4 if kind == G.Q8_SYM.value else 8
+    has_high = kind in PLANE_KINDS or kind in (G.Q5_SYM.value, G.Q5_ASYM.value)
+    qh = _contig(parts[high]).view(torch.int32) if has_high else words
+    table = _table(fmt, codes.device) if kind in CODEBOOK_KINDS else scales  # type: ignore[arg-type]
     assert words.shape == (n, k // per_word) and scales.shape == (n, k // block)
     return BlockOperands(kind, words, codes, scales, mins, qh, table, k, int(math.log2(block // per_word)),
                          int(math.log2(block // 32)), k // per_word, k // 32)

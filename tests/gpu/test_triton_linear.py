@@ -27,7 +27,8 @@ TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4}
 # (out_features N, in_features K): N not a multiple of any block size; K odd multiples of 32 / 64
 SHAPES = [(37, 96), (100, 192), (300, 4160)]
 ROWS = [1, 3, 16, 64, 200]
-FUSED = ["sym_int4", "asym_int4", "sym_int5", "asym_int5", "sym_int8", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2"]
+FUSED = ["sym_int4", "asym_int4", "sym_int5", "asym_int5", "sym_int8", "nf4", "fp4", "nf3", "fp6", "fp8_e4m3",
+         "fp8_e5m2"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -182,7 +183,7 @@ def test_empty_and_strided_input() -> None:
     _check(TL.linear(x, fmt, parts, None, n, None), F.linear(x.float(), w_ref), torch.float16, "strided")
 
 
-@pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int5", "sym_int8", "nf4"])
+@pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int5", "sym_int8", "nf4", "nf3", "fp6"])
 def test_gated_gemv_equals_gemv_then_silu_and_mul(fmt_name: str) -> None:
     """The GEMV's gated epilogue (SiLU(gate) * up of a merged [gate | up] weight, for an MLP's decode rows) rounds
     where the plain GEMV and triton_silu_mul round: bit-identical to them for the same tile, bias included, for an

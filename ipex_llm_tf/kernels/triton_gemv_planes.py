@@ -1,0 +1,79 @@
+"""Fused dequantize + GEMV for the two-plane codebook formats (nf3: 2-bit + 1-bit planes, fp6: 4-bit + 2-bit).
+
+The formats (formats/codebooks.py) store a code's low bits in one plane and its high bits in another, each packed
+in runs of 32 inputs. Word t of the low plane (BL bits a code, so 32 / BL codes a word and BL words a run) holds, in
+field f (bits f*BL ..), the code of element
+
+    32 * run + 4 * c + f // P + (32 / P) * (f % P),     run = t // BL, c = t % BL, P = 8 // BL codes per byte.
+
+The high plane (BH bits a code, BH words a run) holds the same element's high bits in its word run * BH + c % BH,
+at bit f * BL once that word is shifted right by BH * (c // BH). So one shift of each high word per low word lines
+the two planes up, and a code costs two shift-and-masks, an OR and the table load, as nf4's does plus the high bits.
+Tests check these positions against the formats' own unpacking (tests/gpu/test_triton_linear.py).
+
+Same tiles and grid as triton_gemv.gemv_words_kernel, and the same launch arguments (mn_ptr and one_bits unused;
+qh_ptr is the high plane as int32 words), so the launcher and autotuning serve both kernels.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_gemv import CB3, _program_rows, _store_gated, _store_row
+
+
+@triton.jit(do_not_specialize=["M", "N", "steps_per_split", "one_bits"])
+def gemv_planes_kernel(
+    x_ptr, w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, b_ptr, y_ptr,
+    M, N, KW, stride_xm, stride_ym, steps_per_split, one_bits,
+    KIND: tl.constexpr, SCALE_SHIFT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr, GATED: tl.constexpr = False,
+):
+    """y[m, n] = sum_k x[m, k] * w[n, k] for one activation row and BLOCK_N weight rows, BLOCK_W low-plane words
+    per K step; grid (M, cdiv(N, BLOCK_N), SPLIT_K) as gemv_words_kernel's (PREFETCH is ignored)."""
+    BL: tl.constexpr = 2 if KIND == CB3 else 4
+    BH: tl.constexpr = 1 if KIND == CB3 else 2
+    LOG_BL: tl.constexpr = 1 if KIND == CB3 else 2
+    EPW: tl.constexpr = 32 // BL   # codes per low-plane word
+    PER: tl.constexpr = 8 // BL    # codes per low-plane byte
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n, rows = _program_rows(pid_n, N, BLOCK_N, GATED)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    w_begin = pid_k * steps_per_split * BLOCK_W
+    acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+    for step in range(0, steps_per_split):
+        t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
+        tmask = t < KW
+        c = t & (BL - 1)
+        flat = rows[None, :] * KW + t[:, None]    # word offset in the whole plane
+        # the run's high word for this low word, and where its bits for field 0 start
+        hi_off = (flat >> LOG_BL) * BH + (c % BH)[:, None]
+        s_off = flat >> (LOG_BL + SCALE_SHIFT)    # a scale covers BL << SCALE_SHIFT words
+        kbase = x_row + (t >> LOG_BL) * 32 + c * 4
+        if EVEN:
+            words = tl.load(w_ptr + flat)
+            hi = tl.load(qh_ptr + hi_off)
+            d = tl.load(s_ptr + s_off).to(tl.float32)
+        else:
+            words = tl.load(w_ptr + flat, mask=tmask[:, None], other=0)
+            hi = tl.load(qh_ptr + hi_off, mask=tmask[:, None], other=0)
+            d = tl.load(s_ptr + s_off, mask=tmask[:, None], other=0.0).to(tl.float32)
+        hi = hi >> (BH * (c // BH))[:, None]
+        F = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+        for f in tl.static_range(EPW):
+            if EVEN:
+                xf = tl.load(kbase + (f // PER + (32 // PER) * (f % PER))).to(tl.float32)
+            else:
+                xf = tl.load(kbase + (f // PER + (32 // PER) * (f % PER)), mask=tmask, other=0.0).to(tl.float32)
+            code = ((words >> (f * BL)) & ((1 << BL) - 1)) | (((hi >> (f * BL)) & ((1 << BH) - 1)) << BL)
+            F += tl.load(tab_ptr + code) * xf[:, None]
+        acc += d * F
+
+    y = tl.sum(acc, axis=0)
+    if GATED:
+        _store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS, BLOCK_N)
+    else:
+        _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS)
