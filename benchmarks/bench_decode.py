@@ -3,8 +3,9 @@
     python benchmarks/bench_decode.py [--threads 2] [--new-tokens 128] [--json PATH]
 
 Rows (each in its own process): transformers fp32 eager on the dequantized GGUF, ours asym_int4 (the GGUF's Q4_1
-blocks, lossless), ours sym_int4 (float32 head, transformers' default), sym_int4 with mixed_precision=True (head and
-tied embedding in sym_int8, as llama.cpp keeps them) and sym_int8 (re-quantized), and llama.cpp on the same GGUF when
+blocks, lossless), ours sym_int4 in float32 (float32 head, transformers' default) and in the checkpoint's bfloat16
+(from_pretrained's default dtype, so a bfloat16 head), sym_int4 with mixed_precision=True (head and tied embedding
+in sym_int8, as llama.cpp keeps them) and sym_int8 (re-quantized), and llama.cpp on the same GGUF when
 llama-cpp-python is installed. "compiled decode" rows run the one-token steps through torch.compile
 (IPEX_LLM_TF_COMPILE_CPU_DECODE=1); their warm-up column includes the compile. Prompt: the fixed 33-token sentence of
 ../shared/anchors/results-cpu.md, greedy, EOS masked.
@@ -25,9 +26,11 @@ from common import make_smollm2, peak_rss_mib, print_table, write_json  # noqa: 
 
 PROMPT = ("The old lighthouse keeper climbed the narrow stairs every evening to light the lamp. One stormy night in "
           "November, he noticed a small boat drifting toward the rocks, so he")
-COMPILED = " compiled decode"  # the case with IPEX_LLM_TF_COMPILE_CPU_DECODE=1 (models/compiled_step.py)
+COMPILED = " compiled decode"
+BF16 = "(bf16, default dtype)"  # from_pretrained without dtype: the checkpoint's bfloat16  # the case with IPEX_LLM_TF_COMPILE_CPU_DECODE=1 (models/compiled_step.py)
 CASES = ("transformers fp32", "transformers bf16", "ours asym_int4 (GGUF, lossless)",
          "ours asym_int4 (GGUF, lossless)" + COMPILED, "ours sym_int4", "ours sym_int4" + COMPILED,
+         "ours sym_int4 " + BF16, "ours sym_int4 " + BF16 + COMPILED,
          "ours sym_int4 mixed_precision",
          "ours sym_int4 mixed_precision" + COMPILED, "ours sym_int8", "llama.cpp Q4_1")
 
@@ -88,9 +91,10 @@ def run_case(case: str, source: Path, new_tokens: int, threads: int) -> dict:
         elif case.startswith("ours asym_int4"):
             model, _ = ipex_llm_tf.AutoModelForCausalLM.from_gguf(find_default_gguf())
         else:  # "ours <format>[ mixed_precision]": mixed_precision puts lm_head (tied to the embedding) in sym_int8
+            dtype = {} if case.endswith(BF16) else {"dtype": torch.float32}
             model = ipex_llm_tf.AutoModelForCausalLM.from_pretrained(source, load_in_low_bit=case.split()[1],
                                                                      mixed_precision=case.endswith("mixed_precision"),
-                                                                     dtype=torch.float32)
+                                                                     **dtype)
         timings = _hf_timings(model, ids, long_ids, new_tokens)
     return {**timings, "peak_rss_mib": round(peak_rss_mib(), 1), "prompt_tokens": int(ids.shape[1])}
 
