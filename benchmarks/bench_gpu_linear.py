@@ -117,9 +117,11 @@ def decode_rows(fmt_names: list[str], shapes: list[str], copy_gbs: float, m: int
                 calls = [lambda p=p: F.linear(x, p["weight"]) for p in sets]
             else:
                 fmt = get_format(name)
+                # a bf16 weight is timed with bf16 activations: with fp16 ones each call would first cast the weight
+                xa = x.to(torch.bfloat16) if name == "bf16" else x
                 caches = [PackedCache() for _ in sets]
-                calls = [lambda p=p, c=c: TL.linear(x, fmt, p, None, n, c) for p, c in zip(sets, caches)]
-                ref = F.linear(x.float(), fmt.dequantize(parts, torch.float32))
+                calls = [lambda p=p, c=c, xa=xa: TL.linear(xa, fmt, p, None, n, c) for p, c in zip(sets, caches)]
+                ref = F.linear(xa.float(), fmt.dequantize(parts, torch.float32))
                 err = float((calls[0]().float() - ref).abs().max() / ref.abs().max())
             g, e = graph_ms(calls)
             gbs = size / g / 1e6
@@ -130,6 +132,7 @@ def decode_rows(fmt_names: list[str], shapes: list[str], copy_gbs: float, m: int
                    "vs_fp16": round(base / g, 2)}
             if name != "torch_fp16":
                 row["rel_err"] = f"{err:.1e}"
+            if name not in ("torch_fp16", "fp16", "bf16"):  # the 16-bit formats run torch's F.linear, not a tile
                 tuned = [str(v) for key, v in TL.tuned_configs().items() if key[3:5] == (n, k) and key[0] == "gemv"]
                 row["config"] = tuned[-1] if tuned else ""
             rows.append(row)
