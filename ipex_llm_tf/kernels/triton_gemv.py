@@ -208,6 +208,17 @@ def _store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS: tl
     tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs, out, mask=offs < N)
 
 
+@triton.jit
+def _store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """Reduce a [words, rows] accumulator over K and write it: SiLU(gate) * up when GATED, else one output row."""
+    y = tl.sum(acc, axis=0)
+    if GATED:
+        _store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS, BLOCK_N)
+    else:
+        _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS)
+
+
 @triton.jit(do_not_specialize=["M", "N", "steps_per_split", "one_bits"])
 def gemv_words_kernel(
     x_ptr, w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, b_ptr, y_ptr,
@@ -294,11 +305,7 @@ def gemv_words_kernel(
         else:
             acc += (SCALE * d) * F + (mn - SCALE * d) * X[:, None]
 
-    y = tl.sum(acc, axis=0)
-    if GATED:
-        _store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS, BLOCK_N)
-    else:
-        _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS)
+    _store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, BLOCK_N, GATED)
 
 
 @triton.jit(do_not_specialize=["M", "N", "steps_per_split"])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv import CB3, _program_rows, _store_gated, _store_row
+from .triton_gemv import CB3, _program_rows, _store_words_result
 
 
 @triton.jit(do_not_specialize=["M", "N", "steps_per_split", "one_bits"])
@@ -72,8 +72,4 @@ def gemv_planes_kernel(
             F += tl.load(tab_ptr + code) * xf[:, None]
         acc += d * F
 
-    y = tl.sum(acc, axis=0)
-    if GATED:
-        _store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS, BLOCK_N)
-    else:
-        _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS)
+    _store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, BLOCK_N, GATED)
