@@ -196,7 +196,9 @@ def small_batch_rows(name: str, shape: str, ms: list[int]) -> list[dict]:
                          lambda c: TL.matmul_blocks(x, ops, None, n, c), x.device)
         t_g, _ = graph_ms([lambda o=o: TL.gemv_blocks(x, o, None, n, g_cfg) for o in sets])
         t_m, _ = graph_ms([lambda o=o: TL.matmul_blocks(x, o, None, n, m_cfg) for o in sets])
+        t_d, _ = graph_ms([lambda o=o: TL.dequant_matmul_blocks(x, o, None, n) for o in sets])
         row = {"format": name, "shape": shape, "M": m, "gemv_us": round(t_g * 1e3, 2), "mm_us": round(t_m * 1e3, 2),
+               "dequant+mm_us": round(t_d * 1e3, 2),
                "gemv_GB/s": round(size / t_g / 1e6, 1), "mm_GB/s": round(size / t_m / 1e6, 1),
                "gemv_config": str(g_cfg), "mm_config": str(m_cfg)}
         rows.append(row)
@@ -226,6 +228,8 @@ def main() -> None:
     parser.add_argument("--prefill-formats", nargs="+", default=["sym_int4", "sym_int8", "fp8_e4m3"])
     parser.add_argument("--prefill-rows", nargs="+", type=int, default=[16, 64, 256, 1024, 4096])
     parser.add_argument("--no-prefill", action="store_true")
+    parser.add_argument("--small-batch-formats", nargs="+", default=["sym_int4"],
+                        help="formats timed at 1-16 rows: GEMV, fused matmul and dequantize + matmul")
     parser.add_argument("--warm-jobs", type=int, default=0)
     parser.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="output path (default benchmarks/results/bench_gpu_linear.json)")
@@ -246,7 +250,8 @@ def main() -> None:
     torch.cuda.empty_cache()  # the 2 GiB of copy buffers
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s", flush=True)
     decode = decode_rows(args.formats, args.shapes, copy_gbs)
-    small = small_batch_rows("sym_int4", args.shapes[1 if len(args.shapes) > 1 else 0], [1, 2, 4, 8, 16])
+    small = [row for name in args.small_batch_formats
+             for row in small_batch_rows(name, args.shapes[1 if len(args.shapes) > 1 else 0], [1, 2, 4, 8, 16])]
     prefill = [] if args.no_prefill else prefill_rows([f for f in args.formats if f in args.prefill_formats],
                                                       args.shapes[1 if len(args.shapes) > 1 else 0],
                                                       args.prefill_rows)
@@ -255,7 +260,8 @@ def main() -> None:
           f"(decode M=1, CUDA graph over weight copies; GB/s of stored weight bytes)")
     print_table(decode, ["format", "shape", "us", "eager_us", "MB", "GB/s", "%copy", "vs_fp16", "rel_err", "config"])
     print()
-    print_table(small, ["format", "shape", "M", "gemv_us", "mm_us", "gemv_GB/s", "mm_GB/s", "gemv_config", "mm_config"])
+    print_table(small, ["format", "shape", "M", "gemv_us", "mm_us", "dequant+mm_us", "gemv_GB/s", "mm_GB/s",
+                        "gemv_config", "mm_config"])
     if prefill:
         print()
         print_table(prefill, ["format", "shape", "M", "fused_us", "dequant+mm_us", "fp16_us", "dispatch_us",
