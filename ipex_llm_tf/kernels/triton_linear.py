@@ -262,7 +262,8 @@ def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
         key = ("gemv", kind, m, n, k, x.dtype)
     elif m <= (FUSED_MAX_ROWS_FP8 if fp8 else FUSED_MAX_ROWS) and x.dtype in (torch.float16, torch.bfloat16):
         dequant = (dequant_matmul_fp8 if fp8 else dequant_matmul_blocks, None)
-        options = [(matmul_fp8 if fp8 else matmul_blocks, c) for c in matmul_candidates(m, n, k, device)]
+        cands = matmul_candidates(m, n, k, device, pipelined=kind not in CODEBOOK_KINDS)
+        options = [(matmul_fp8 if fp8 else matmul_blocks, c) for c in cands]
         options = [dequant] + options if kind in CODEBOOK_KINDS else options + [dequant]
         if m <= 8:
             gemv = (gemv_fp8, gemv_fp8_candidates(m, n, k, device)[0]) if fp8 else \

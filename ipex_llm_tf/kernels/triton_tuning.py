@@ -166,8 +166,11 @@ def gemv_fp8_candidates(m: int, n: int, k: int, device: torch.device) -> list[Ge
     return _gemv_configs(_GEMV_FP8_TILES, m, n, k, 32, device)
 
 
-def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list[MatmulConfig]:
-    """Tiled-matmul configurations, the heuristic choice first.
+def matmul_candidates(m: int, n: int, k: int, device: torch.device, pipelined: bool = True) -> list[MatmulConfig]:
+    """Tiled-matmul configurations, the heuristic choice first; pipelined=False gives them all one stage.
+
+    One stage is for the codebook formats: Triton's software pipelining turns their per-element table loads into
+    per-element asynchronous copies through shared memory, which ran a 4096x11008 nf4 tile 10x slower (352 us, H200).
 
     A few rows (decode batches) read the weight once for little arithmetic: like the GEMV they are bound by
     bytes in flight, so their tiles are also tried split over K into ~4 programs per SM (on the H100 a
@@ -188,5 +191,5 @@ def matmul_candidates(m: int, n: int, k: int, device: torch.device) -> list[Matm
         programs = -(-m // bm) * -(-n // bn)
         for per_sm in loads:
             split = _split_for(programs, max(1, k // bk), device, per_sm)
-            out.append(MatmulConfig(bm, bn, bk, warps, stages, split))
+            out.append(MatmulConfig(bm, bn, bk, warps, stages if pipelined else 1, split))
     return list(dict.fromkeys(out))

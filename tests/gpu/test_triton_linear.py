@@ -160,6 +160,23 @@ def test_small_batch_plans_without_autotuning() -> None:
         assert launch is launcher and final, fmt_name
 
 
+def test_codebook_tiles_are_not_software_pipelined(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tile matmuls autotuning times for a codebook format have one stage (pipelining turns their table loads
+    into per-element async copies); integer formats keep their stages."""
+    timed: dict[str, set] = {}
+
+    def record(key, options, run, device):
+        timed[key[1]] = {cfg.num_stages for launch, cfg in options if launch is TL.matmul_blocks}
+        return options[0]
+
+    monkeypatch.setattr(TL, "_pick", record)
+    for fmt_name in ("nf4", "nf3", "fp6", "sym_int4"):
+        fmt, parts, _ = _weight(fmt_name, 64, 128)
+        ops = TL.block_operands(fmt, parts)
+        TL._plan(torch.randn(4, 128, device=DEVICE).to(torch.float16), ops, 64)
+        assert timed[ops.kind] == ({1} if ops.kind in TL.CODEBOOK_KINDS else {3, 4}), fmt_name
+
+
 def test_dispatch_through_low_bit_linear() -> None:
     """kernels.low_bit_linear sends CUDA/XPU tensors to triton_linear; leading dims and the cache work."""
     if DEVICE == "cpu":
