@@ -22,27 +22,6 @@ import triton.language as tl
 from .triton_gemv import CB3, _program_rows, _store_words_result
 
 
-@triton.jit
-def _load_plane_step(w_ptr, qh_ptr, s_ptr, rows, w_begin, step, KW, BLOCK_W: tl.constexpr, BL: tl.constexpr,
-                     BH: tl.constexpr, LOG_BL: tl.constexpr, SCALE_SHIFT: tl.constexpr, EVEN: tl.constexpr):
-    """Low-plane words, their high words (shifted to line up) and scales of K step `step`, [BLOCK_W, BLOCK_N]."""
-    t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
-    c = t & (BL - 1)
-    flat = rows[None, :] * KW + t[:, None]    # word offset in the whole plane
-    hi_off = (flat >> LOG_BL) * BH + (c % BH)[:, None]  # the run's high word for this low word
-    s_off = flat >> (LOG_BL + SCALE_SHIFT)    # a scale covers BL << SCALE_SHIFT words
-    if EVEN:
-        words = tl.load(w_ptr + flat)
-        hi = tl.load(qh_ptr + hi_off)
-        d = tl.load(s_ptr + s_off).to(tl.float32)
-    else:
-        tmask = (t < KW)[:, None]
-        words = tl.load(w_ptr + flat, mask=tmask, other=0)
-        hi = tl.load(qh_ptr + hi_off, mask=tmask, other=0)
-        d = tl.load(s_ptr + s_off, mask=tmask, other=0.0).to(tl.float32)
-    return words, hi >> (BH * (c // BH))[:, None], d
-
-
 @triton.jit(do_not_specialize=["M", "N", "steps_per_split", "one_bits"])
 def gemv_planes_kernel(
     x_ptr, w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, b_ptr, y_ptr,
@@ -52,8 +31,7 @@ def gemv_planes_kernel(
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr, GATED: tl.constexpr = False,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, k] for one activation row and BLOCK_N weight rows, BLOCK_W low-plane words
-    per K step; grid (M, cdiv(N, BLOCK_N), SPLIT_K) as gemv_words_kernel's. PREFETCH > 0 loads step i + 1's words
-    before step i's arithmetic (1 and 2 alike: the activations are loaded per code)."""
+    per K step; grid (M, cdiv(N, BLOCK_N), SPLIT_K) as gemv_words_kernel's (PREFETCH is ignored)."""
     BL: tl.constexpr = 2 if KIND == CB3 else 4
     BH: tl.constexpr = 1 if KIND == CB3 else 2
     LOG_BL: tl.constexpr = 1 if KIND == CB3 else 2
@@ -66,21 +44,24 @@ def gemv_planes_kernel(
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     w_begin = pid_k * steps_per_split * BLOCK_W
     acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-    n_words, n_hi, n_d = _load_plane_step(w_ptr, qh_ptr, s_ptr, rows, w_begin, 0, KW, BLOCK_W, BL, BH, LOG_BL,
-                                          SCALE_SHIFT, EVEN)
     for step in range(0, steps_per_split):
-        if PREFETCH > 0:
-            words, hi, d = n_words, n_hi, n_d
-            ahead = tl.minimum(step + 1, steps_per_split - 1)  # the last step re-reads itself (a cache hit)
-            n_words, n_hi, n_d = _load_plane_step(w_ptr, qh_ptr, s_ptr, rows, w_begin, ahead, KW, BLOCK_W, BL, BH,
-                                                  LOG_BL, SCALE_SHIFT, EVEN)
-            tl.debug_barrier()  # keeps the prefetch above this step's arithmetic (see gemv_words_kernel)
-        else:
-            words, hi, d = _load_plane_step(w_ptr, qh_ptr, s_ptr, rows, w_begin, step, KW, BLOCK_W, BL, BH, LOG_BL,
-                                            SCALE_SHIFT, EVEN)
         t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
         tmask = t < KW
-        kbase = x_row + (t >> LOG_BL) * 32 + (t & (BL - 1)) * 4
+        c = t & (BL - 1)
+        flat = rows[None, :] * KW + t[:, None]    # word offset in the whole plane
+        # the run's high word for this low word, and where its bits for field 0 start
+        hi_off = (flat >> LOG_BL) * BH + (c % BH)[:, None]
+        s_off = flat >> (LOG_BL + SCALE_SHIFT)    # a scale covers BL << SCALE_SHIFT words
+        kbase = x_row + (t >> LOG_BL) * 32 + c * 4
+        if EVEN:
+            words = tl.load(w_ptr + flat)
+            hi = tl.load(qh_ptr + hi_off)
+            d = tl.load(s_ptr + s_off).to(tl.float32)
+        else:
+            words = tl.load(w_ptr + flat, mask=tmask[:, None], other=0)
+            hi = tl.load(qh_ptr + hi_off, mask=tmask[:, None], other=0)
+            d = tl.load(s_ptr + s_off, mask=tmask[:, None], other=0.0).to(tl.float32)
+        hi = hi >> (BH * (c // BH))[:, None]
         F = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
         for f in tl.static_range(EPW):
             if EVEN:
