@@ -23,6 +23,7 @@ M bucket, N, K, dtype) times a few candidates and keeps the fastest for the rest
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -243,12 +244,21 @@ def _codebook_dequantize(fmt: CodebookFormat, parts: Parts, dtype: torch.dtype) 
     return (values * parts["scales"].to(torch.float32).unsqueeze(-1)).reshape(n, k).to(dtype)
 
 
+def _block_gemv_candidates(m: int, n: int, ops: BlockOperands, device: torch.device) -> list[GemvConfig]:
+    """gemv_candidates for this weight; the two-plane GEMV has no prefetch (it measured slower), so one per tile."""
+    cands = gemv_candidates(m, n, ops.words_per_row, device)
+    if ops.kind in PLANE_KINDS:
+        cands = list(dict.fromkeys(replace(c, prefetch=0) for c in cands))
+    return cands
+
+
 def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
     """(launcher, config) for these activations: GEMV, fused matmul or dequantize + matmul; (plan, final).
 
     Between GEMV_MAX_ROWS and the fused matmul's limit, autotuning times the fused matmul, dequantize + torch's
-    matmul and (up to 8 rows) the per-row GEMV, as any of them can win there: the codebook formats' table lookups
-    in the matmul tile are slow enough that dequantizing first wins, and is their choice without autotuning.
+    matmul and (up to 8 rows) the per-row GEMV, as any of them can win there. The codebook formats' tiles run
+    unpipelined (matmul_candidates); so run, they beat dequantize + matmul at 4 and 16 rows (H200, 4096x11008:
+    nf4 56 vs 87 us, nf3 93 vs 118, fp6 72 vs 106), so the fused matmul is every format's choice without autotuning.
     """
     m, k = x.shape
     device = x.device
@@ -258,16 +268,16 @@ def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
         if fp8:
             options = [(gemv_fp8, c) for c in gemv_fp8_candidates(m, n, k, device)]
         else:
-            options = [(gemv_blocks, c) for c in gemv_candidates(m, n, ops.words_per_row, device)]
+            options = [(gemv_blocks, c) for c in _block_gemv_candidates(m, n, ops, device)]
         key = ("gemv", kind, m, n, k, x.dtype)
     elif m <= (FUSED_MAX_ROWS_FP8 if fp8 else FUSED_MAX_ROWS) and x.dtype in (torch.float16, torch.bfloat16):
         dequant = (dequant_matmul_fp8 if fp8 else dequant_matmul_blocks, None)
         cands = matmul_candidates(m, n, k, device, pipelined=kind not in CODEBOOK_KINDS)
         options = [(matmul_fp8 if fp8 else matmul_blocks, c) for c in cands]
-        options = [dequant] + options if kind in CODEBOOK_KINDS else options + [dequant]
+        options = options + [dequant]
         if m <= 8:
             gemv = (gemv_fp8, gemv_fp8_candidates(m, n, k, device)[0]) if fp8 else \
-                (gemv_blocks, gemv_candidates(m, n, ops.words_per_row, device)[0])
+                (gemv_blocks, _block_gemv_candidates(m, n, ops, device)[0])
             options.append(gemv)
         key = ("mm", kind, _row_bucket(m), n, k, x.dtype)
     else:
@@ -327,7 +337,7 @@ def linear_silu(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.
     cfg = ops.plans.get(key)
     if cfg is None:
         # the plain GEMV's candidates that keep whole row pairs in a program and do not split K
-        candidates = [c for c in gemv_candidates(m, out_features, ops.words_per_row, x.device)
+        candidates = [c for c in _block_gemv_candidates(m, out_features, ops, x.device)
                       if c.split_k == 1 and c.block_n % 2 == 0]
         tune_key = ("gemv-gated", ops.kind, m, out_features, ops.in_features, x.dtype)
         cfg = _pick(tune_key, candidates, lambda c: gemv_gated(x, ops, None, out_features, c), x.device)

@@ -27,7 +27,7 @@ class BlockOperands:
 
     kind: int              # triton_gemv kind code
     words: torch.Tensor    # int32 view of the codes, [N, KW]
-    codes: torch.Tensor    # the codes as stored (uint8 [N, K/2] or int8 [N, K]), contiguous
+    codes: torch.Tensor    # the codes as stored (uint8 [N, K/2], int8 [N, K], or a two-plane format's low plane)
     scales: torch.Tensor   # fp16 [N, K / block]
     mins: torch.Tensor     # fp16 [N, K/32] (asym) or scales (unused)
     qh: torch.Tensor       # int32 view of the 5th bits (int5, [N, K/32]), the high plane (two-plane codebooks) or words

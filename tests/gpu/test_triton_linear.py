@@ -150,10 +150,11 @@ def test_dequantize_kernel_is_exact(fmt_name: str) -> None:
 
 
 def test_small_batch_plans_without_autotuning() -> None:
-    """3..64 rows: the fused matmul for integer formats, dequantize + matmul for codebooks (slow table lookups in
-    the tile); a float32 batch always dequantizes (the tile kernels take fp16 / bf16)."""
+    """3..64 rows: the fused matmul, for integer and codebook formats alike; a float32 batch always dequantizes
+    (the tile kernels take fp16 / bf16)."""
     for fmt_name, m, dtype, launcher in (("sym_int4", 16, torch.float16, TL.matmul_blocks),
-                                         ("nf4", 4, torch.float16, TL.dequant_matmul_blocks),
+                                         ("nf4", 4, torch.float16, TL.matmul_blocks),
+                                         ("fp6", 8, torch.float16, TL.matmul_blocks),
                                          ("sym_int8", 5, torch.float32, TL.dequant_matmul_blocks)):
         fmt, parts, _ = _weight(fmt_name, 64, 128)
         (launch, _), final = TL._plan(torch.randn(m, 128, device=DEVICE).to(dtype), TL.block_operands(fmt, parts), 64)
