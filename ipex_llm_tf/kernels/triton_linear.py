@@ -273,8 +273,7 @@ def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
     elif m <= (FUSED_MAX_ROWS_FP8 if fp8 else FUSED_MAX_ROWS) and x.dtype in (torch.float16, torch.bfloat16):
         dequant = (dequant_matmul_fp8 if fp8 else dequant_matmul_blocks, None)
         cands = matmul_candidates(m, n, k, device, pipelined=kind not in CODEBOOK_KINDS)
-        options = [(matmul_fp8 if fp8 else matmul_blocks, c) for c in cands]
-        options = options + [dequant]
+        options = [(matmul_fp8 if fp8 else matmul_blocks, c) for c in cands] + [dequant]
         if m <= 8:
             gemv = (gemv_fp8, gemv_fp8_candidates(m, n, k, device)[0]) if fp8 else \
                 (gemv_blocks, _block_gemv_candidates(m, n, ops, device)[0])
