@@ -33,7 +33,6 @@ class BlockOperands:
     qh: torch.Tensor       # int32 view of the 5th bits (int5, [N, K/32]), the high plane (two-plane codebooks) or words
     table: torch.Tensor    # float32 code values (codebooks) or scales (unused)
     in_features: int
-    scale_shift_words: int  # log2(words per scale)
     scale_shift_blocks: int  # log2(32-blocks per scale)
     words_per_row: int
     blocks_per_row: int
@@ -118,8 +117,8 @@ def block_operands(fmt: LowBitFormat, parts: Parts) -> BlockOperands:
     qh = _contig(parts[high]).view(torch.int32) if has_high else words
     table = _table(fmt, codes.device) if kind in CODEBOOK_KINDS else scales  # type: ignore[arg-type]
     assert words.shape == (n, k // per_word) and scales.shape == (n, k // block)
-    return BlockOperands(kind, words, codes, scales, mins, qh, table, k, int(math.log2(block // per_word)),
-                         int(math.log2(block // 32)), k // per_word, k // 32)
+    return BlockOperands(kind, words, codes, scales, mins, qh, table, k, int(math.log2(block // 32)), k // per_word,
+                         k // 32)
 
 
 def fp8_native(device: torch.device) -> bool:
