@@ -155,7 +155,7 @@ def prefill_rows(fmt_names: list[str], shape: str, ms: list[int]) -> list[dict]:
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             flops = 2 * m * n * k
-            fused_cands = TL.matmul_candidates(m, n, k, x.device, pipelined=fp8 or ops.kind not in TL.CODEBOOK_KINDS)
+            fused_cands = TL.matmul_candidates(m, n, k, x.device, pipelined=fp8 or ops.kind not in TL.PLANE_KINDS)
             launch = TL.matmul_fp8 if fp8 else TL.matmul_blocks
             run = (lambda c: launch(x, ops, None, n, c))
             cfg = TL._pick(("bench-mm", "fp8" if fp8 else ops.kind, TL._row_bucket(m), n, k, x.dtype), fused_cands, run,
@@ -192,7 +192,7 @@ def small_batch_rows(name: str, shape: str, ms: list[int]) -> list[dict]:
                          TL.gemv_candidates(m, n, ops.words_per_row, x.device),
                          lambda c: TL.gemv_blocks(x, ops, None, n, c), x.device)
         m_cfg = TL._pick(("bench-mm", ops.kind, TL._row_bucket(m), n, k, x.dtype),
-                         TL.matmul_candidates(m, n, k, x.device, pipelined=ops.kind not in TL.CODEBOOK_KINDS),
+                         TL.matmul_candidates(m, n, k, x.device, pipelined=ops.kind not in TL.PLANE_KINDS),
                          lambda c: TL.matmul_blocks(x, ops, None, n, c), x.device)
         t_g, _ = graph_ms([lambda o=o: TL.gemv_blocks(x, o, None, n, g_cfg) for o in sets])
         t_m, _ = graph_ms([lambda o=o: TL.matmul_blocks(x, o, None, n, m_cfg) for o in sets])

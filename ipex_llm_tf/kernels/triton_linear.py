@@ -38,7 +38,7 @@ from . import triton_gemv as G
 from . import triton_gemv_planes as GP
 from . import triton_matmul as MM
 # operands, configs and tuning are also addressed through this module (tests, benchmarks)
-from .triton_operands import (CODEBOOK_KINDS, PLANE_KINDS, BlockOperands, Fp8Operands, _table,  # noqa: F401
+from .triton_operands import (PLANE_KINDS, BlockOperands, Fp8Operands, _table,  # noqa: F401
                               block_kind, block_operands, fp8_native, fp8_operands)
 from .triton_tuning import (_TUNED, GemvConfig, MatmulConfig, _interpreting, _pick, _row_bucket,  # noqa: F401
                             autotune_enabled, gemv_candidates, gemv_fp8_candidates, matmul_candidates,
@@ -256,9 +256,10 @@ def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
     """(launcher, config) for these activations: GEMV, fused matmul or dequantize + matmul; (plan, final).
 
     Between GEMV_MAX_ROWS and the fused matmul's limit, autotuning times the fused matmul, dequantize + torch's
-    matmul and (up to 8 rows) the per-row GEMV, as any of them can win there. The codebook formats' tiles run
-    unpipelined (matmul_candidates); so run, they beat dequantize + matmul at 4 and 16 rows (H200, 4096x11008:
-    nf4 56 vs 87 us, nf3 93 vs 118, fp6 72 vs 106), so the fused matmul is every format's choice without autotuning.
+    matmul and (up to 8 rows) the per-row GEMV, as any of them can win there. The two-plane codebooks' tiles run
+    unpipelined (matmul_candidates); with that, and nf4's table lookups as register gathers (triton_matmul), every
+    format's tile beats dequantize + matmul at 4 and 16 rows (H200, 4096x11008: nf4 49 vs 94 us, nf3 66 vs 105,
+    fp6 71 vs 107), so the fused matmul is every format's choice without autotuning.
     """
     m, k = x.shape
     device = x.device
@@ -272,7 +273,7 @@ def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
         key = ("gemv", kind, m, n, k, x.dtype)
     elif m <= (FUSED_MAX_ROWS_FP8 if fp8 else FUSED_MAX_ROWS) and x.dtype in (torch.float16, torch.bfloat16):
         dequant = (dequant_matmul_fp8 if fp8 else dequant_matmul_blocks, None)
-        cands = matmul_candidates(m, n, k, device, pipelined=kind not in CODEBOOK_KINDS)
+        cands = matmul_candidates(m, n, k, device, pipelined=kind not in PLANE_KINDS)
         options = [(matmul_fp8 if fp8 else matmul_blocks, c) for c in cands] + [dequant]
         if m <= 8:
             gemv = (gemv_fp8, gemv_fp8_candidates(m, n, k, device)[0]) if fp8 else \

@@ -41,6 +41,20 @@ def _plane_codes(w_ptr, qh_ptr, r, b, j, m3, KB, KIND: tl.constexpr, EVEN: tl.co
 
 
 @triton.jit
+def _table_values(tab_ptr, codes, KIND: tl.constexpr):
+    """The codebook values of codes [BN, NB, 16].
+
+    Tables of up to 16 entries are gathered from registers (warp shuffles): as loads, the pipelined matmul loop would
+    turn each lookup into an asynchronous copy of one element through shared memory. fp6's 64 entries would take 8
+    shuffles a lookup, so it loads, and its tiles run unpipelined (triton_linear)."""
+    if KIND == CB6:
+        return tl.load(tab_ptr + codes)
+    T: tl.constexpr = 8 if KIND == CB3 else 16
+    table = tl.load(tab_ptr + tl.arange(0, T))
+    return tl.gather(tl.broadcast_to(table[None, None, :], [codes.shape[0], codes.shape[1], T]), codes, 2)
+
+
+@triton.jit
 def block_values(w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, rows, blk, bmask, KB,
                  KIND: tl.constexpr, SBLK_SHIFT: tl.constexpr, EVEN: tl.constexpr):
     """Dequantized weights of blocks `blk` [NB] of `rows` [BN] (int64): (first halves, second halves), [BN, NB, 16].
@@ -62,8 +76,8 @@ def block_values(w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, rows, blk, bmask, KB,
             hi = tl.load(ptrs + 16, mask=m3, other=0).to(tl.float32)
     elif KIND == CB3 or KIND == CB6:
         qlo, qhi = _plane_codes(w_ptr, qh_ptr, r, b, j, m3, KB, KIND, EVEN)
-        lo = tl.load(tab_ptr + qlo)
-        hi = tl.load(tab_ptr + qhi)
+        lo = _table_values(tab_ptr, qlo, KIND)
+        hi = _table_values(tab_ptr, qhi, KIND)
     else:
         ptrs = w_ptr + r * (KB * 16) + b * 16 + j
         if EVEN:
@@ -80,8 +94,8 @@ def block_values(w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, rows, blk, bmask, KB,
             qlo = qlo | (((qh >> j) & 1) << 4)
             qhi = qhi | (((qh >> (j + 16)) & 1) << 4)
         if KIND == CB4:
-            lo = tl.load(tab_ptr + qlo)
-            hi = tl.load(tab_ptr + qhi)
+            lo = _table_values(tab_ptr, qlo, KIND)
+            hi = _table_values(tab_ptr, qhi, KIND)
         else:
             lo = qlo.to(tl.float32)
             hi = qhi.to(tl.float32)
