@@ -167,9 +167,13 @@ def _load_x_step(x_row, w_begin, step, KW, BLOCK_W: tl.constexpr, EPW: tl.conste
 
 
 @triton.jit
-def _program_rows(pid_n, N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
-    """(output columns, weight rows clamped in range) of program pid_n; GATED programs take BLOCK_N / 2 gate rows and
-    their up rows (N further down), interleaved."""
+def _gemv_program(x_ptr, N, stride_xm, steps_per_split, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                  GATED: tl.constexpr):
+    """This GEMV program's (pid_m, pid_n, output columns, weight rows clamped in range, activation row pointer, first
+    word of its K split). GATED programs take BLOCK_N / 2 gate rows and their up rows (N further down), interleaved."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     if GATED:
         j = tl.arange(0, BLOCK_N)
         offs_n = pid_n * (BLOCK_N // 2) + j // 2
@@ -177,7 +181,8 @@ def _program_rows(pid_n, N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.minimum(offs_n, N - 1)
-    return offs_n, rows
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    return pid_m, pid_n, offs_n, rows, x_row, pid_k * steps_per_split * BLOCK_W
 
 
 @triton.jit
@@ -247,13 +252,8 @@ def gemv_words_kernel(
     WPB_SHIFT: tl.constexpr = 3 if KIND == Q8_SYM else 2     # log2(words per 32-weight block)
     BITS: tl.constexpr = 8 if KIND == Q8_SYM else (5 if (KIND == Q5_SYM or KIND == Q5_ASYM) else 4)
     SCALE: tl.constexpr = 1 << BITS
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-
-    offs_n, rows = _program_rows(pid_n, N, BLOCK_N, GATED)
-    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
-    w_begin = pid_k * steps_per_split * BLOCK_W
+    pid_m, pid_n, offs_n, rows, x_row, w_begin = _gemv_program(x_ptr, N, stride_xm, steps_per_split, BLOCK_N, BLOCK_W,
+                                                               GATED)
     # word offsets relative to the first word of the split; rows * KW fits int32 for any weight under 2**31 words
     off0 = rows[None, :] * KW + tl.arange(0, BLOCK_W)[:, None]
     w_base = w_ptr + w_begin

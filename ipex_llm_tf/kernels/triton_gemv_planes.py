@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv import CB3, _program_rows, _store_words_result
+from .triton_gemv import CB3, _gemv_program, _store_words_result
 
 
 @triton.jit(do_not_specialize=["M", "N", "steps_per_split", "one_bits"])
@@ -38,12 +38,8 @@ def gemv_planes_kernel(
     LOG_BL: tl.constexpr = 1 if KIND == CB3 else 2
     EPW: tl.constexpr = 32 // BL   # codes per low-plane word
     PER: tl.constexpr = 8 // BL    # codes per low-plane byte
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n, rows = _program_rows(pid_n, N, BLOCK_N, GATED)
-    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
-    w_begin = pid_k * steps_per_split * BLOCK_W
+    pid_m, pid_n, offs_n, rows, x_row, w_begin = _gemv_program(x_ptr, N, stride_xm, steps_per_split, BLOCK_N, BLOCK_W,
+                                                               GATED)
     acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
     for step in range(0, steps_per_split):
         t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
