@@ -22,6 +22,12 @@ import triton.language as tl
 from .triton_gemv import CB3, _gemv_program, _store_words_result
 
 
+@triton.jit
+def join_planes(low, high, low_shift, high_shift, BL: tl.constexpr, BH: tl.constexpr):
+    """The code whose BL low bits sit at low_shift in `low` and BH high bits at high_shift in `high`."""
+    return ((low >> low_shift) & ((1 << BL) - 1)) | (((high >> high_shift) & ((1 << BH) - 1)) << BL)
+
+
 @triton.jit(do_not_specialize=["M", "N", "steps_per_split", "one_bits"])
 def gemv_planes_kernel(
     x_ptr, w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, b_ptr, y_ptr,
@@ -65,7 +71,7 @@ def gemv_planes_kernel(
                 xf = tl.load(kbase + (f // PER + (32 // PER) * (f % PER))).to(tl.float32)
             else:
                 xf = tl.load(kbase + (f // PER + (32 // PER) * (f % PER)), mask=tmask, other=0.0).to(tl.float32)
-            code = ((words >> (f * BL)) & ((1 << BL) - 1)) | (((hi >> (f * BL)) & ((1 << BH) - 1)) << BL)
+            code = join_planes(words, hi, f * BL, f * BL, BL, BH)
             F += tl.load(tab_ptr + code) * xf[:, None]
         acc += d * F
 

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .triton_gemv import CB3, CB4, CB6, Q4_ASYM, Q4_SYM, Q5_ASYM, Q5_SYM, Q8_SYM, fp8_bytes_to_float
+from .triton_gemv_planes import join_planes
 
 
 @triton.jit
@@ -34,9 +35,8 @@ def _plane_codes(w_ptr, qh_ptr, r, b, j, m3, KB, KIND: tl.constexpr, EVEN: tl.co
         lb = tl.load(lo_ptrs, mask=m3, other=0).to(tl.int32)
         hw = tl.load(hi_ptrs, mask=m3, other=0)
     hw = hw >> ((hb % 4) * 8)
-    c0 = ((lb >> (BL * (j // (4 * BL)))) & ((1 << BL) - 1)) | (((hw >> (BH * (j // (4 * BH)))) & ((1 << BH) - 1)) << BL)
-    c1 = ((lb >> (BL * ((j + 16) // (4 * BL)))) & ((1 << BL) - 1)) | \
-        (((hw >> (BH * ((j + 16) // (4 * BH)))) & ((1 << BH) - 1)) << BL)
+    c0 = join_planes(lb, hw, BL * (j // (4 * BL)), BH * (j // (4 * BH)), BL, BH)
+    c1 = join_planes(lb, hw, BL * ((j + 16) // (4 * BL)), BH * ((j + 16) // (4 * BH)), BL, BH)
     return c0, c1
 
 
