@@ -106,6 +106,21 @@ def test_patch_swaps_every_piece() -> None:
     assert fused._supports_logits_to_keep()
 
 
+def test_head_multiplies_the_prefill_last_position_as_one_matrix() -> None:
+    # transformers passes hidden[:, -1:, :] at prefill; for a frozen weight torch.matmul's batched path copied the
+    # whole head for it (~50 ms for SmolLM2's on the CPU)
+    fused = patched_copy(tiny_model("llama"))
+    head = fused.get_output_embeddings()
+    head.weight.requires_grad_(False)
+    hidden = torch.randn(2, 9, 64)[:, -1:, :]
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        logits = head(hidden)
+    names = {event.name for event in prof.events()}
+    assert "aten::mm" in names and "aten::bmm" not in names
+    assert logits.shape == (2, 1, 128)
+    assert torch.equal(logits, nn.Linear.forward(head, hidden.contiguous().view(2, 1, 64).clone()))
+
+
 NORM_DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
                (torch.float16, torch.float16)]
 

@@ -51,7 +51,7 @@ class FusedRMSNorm(nn.Module):
     @classmethod
     def from_module(cls, norm: nn.Module) -> "FusedRMSNorm":
         """Take over a transformers RMSNorm's weight and epsilon."""
-        return cls(norm.weight, _norm_eps(norm))
+        return cls(norm.weight, norm_eps(norm))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Normalise over the last dim."""
@@ -67,7 +67,8 @@ class FusedRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-def _norm_eps(norm: nn.Module) -> float:
+def norm_eps(norm: nn.Module) -> float:
+    """A transformers RMSNorm's epsilon; UnsupportedModelError if the module is not one."""
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     if eps is None or not isinstance(getattr(norm, "weight", None), torch.Tensor):
         raise UnsupportedModelError(f"{type(norm).__name__} is not an RMSNorm with `weight` and an epsilon")
@@ -360,51 +361,3 @@ class FusedAttention(SeparateProjectionKeys):
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_key_value_heads}, head_dim={self.head_dim}, "
                 f"sliding_window={self.sliding_window}, qk_norm={self.q_norm is not None}")
-
-
-# -- patching ---------------------------------------------------------------------------------------------------------
-
-_ATTN_CHILDREN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP_CHILDREN = ("gate_proj", "up_proj", "down_proj", "act_fn")
-_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
-
-
-def _check_decoder(model: nn.Module, options: DecoderOptions) -> None:
-    base = model.base_model
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not isinstance(getattr(base, "norm", None), nn.Module):
-        raise UnsupportedModelError(f"{type(model).__name__} has no `layers` ModuleList and final `norm`")
-    if any(t.device.type == "meta" for t in model.parameters()) or \
-            any(t.device.type == "meta" for t in model.buffers()):
-        raise UnsupportedModelError("the model still has meta-device weights; patch it after loading them")
-    _norm_eps(base.norm)
-    for idx, layer in enumerate(layers):
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        children = [(attn, name) for name in _ATTN_CHILDREN + ("head_dim", "scaling", "layer_idx")]
-        children += [(mlp, name) for name in _MLP_CHILDREN] + [(layer, name) for name in _LAYER_NORMS]
-        if options.qk_norm:
-            children += [(attn, "q_norm"), (attn, "k_norm")]
-        missing = [name for owner, name in children if getattr(owner, name, None) is None]
-        if missing:
-            raise UnsupportedModelError(f"decoder layer {idx} lacks {', '.join(missing)}")
-        for name in _LAYER_NORMS:
-            _norm_eps(getattr(layer, name))
-        if options.qk_norm:
-            _norm_eps(attn.q_norm)
-            _norm_eps(attn.k_norm)
-
-
-def patch_decoder_model(model: nn.Module, options: DecoderOptions) -> None:
-    """Swap every decoder layer's attention, MLP and norms (and the final norm) of this instance for fused ones.
-
-    Raises UnsupportedModelError, before changing anything, when the modules are not laid out as expected.
-    """
-    _check_decoder(model, options)
-    config, base = model.config, model.base_model
-    for layer in base.layers:
-        attn = layer.self_attn
-        layer.self_attn = FusedAttention(attn, options.sliding_window(config, attn.layer_idx), options.qk_norm)
-        layer.mlp = FusedGatedMLP(layer.mlp, str(getattr(config, "hidden_act", "")))
-        for name in _LAYER_NORMS:
-            setattr(layer, name, FusedRMSNorm.from_module(getattr(layer, name)))
-    base.norm = FusedRMSNorm.from_module(base.norm)

@@ -5,7 +5,8 @@ from functools import partial
 from typing import Any
 
 from . import register_architecture
-from .common import DecoderOptions, patch_decoder_model
+from .common import DecoderOptions
+from .patching import patch_decoder_model
 
 
 def config_sliding_window(config: Any, layer_idx: int) -> int | None:

@@ -5,7 +5,7 @@ from dataclasses import replace
 from functools import partial
 
 from . import register_architecture
-from .common import patch_decoder_model
+from .patching import patch_decoder_model
 from .qwen2 import QWEN2_OPTIONS
 
 register_architecture("qwen3", partial(patch_decoder_model, options=replace(QWEN2_OPTIONS, qk_norm=True)))
