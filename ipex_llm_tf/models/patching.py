@@ -54,8 +54,8 @@ def patch_decoder_model(model: nn.Module, options: DecoderOptions) -> None:
         for name in _LAYER_NORMS:
             setattr(layer, name, FusedRMSNorm.from_module(getattr(layer, name)))
     base.norm = FusedRMSNorm.from_module(base.norm)
-    if type(model.get_output_embeddings()) is nn.Linear:
-        head = model.get_output_embeddings()
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear:  # a float head; LowBitLinear already multiplies rows
         head.forward = types.MethodType(linear_on_rows, head)
 
 
