@@ -2,8 +2,10 @@
 optimize_model, cpu_embedding, and every bad input. Tiny random Llama / Mistral / Qwen2 checkpoints on disk."""
 from __future__ import annotations
 
+import gc
 import json
 import os
+import weakref
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ from torch import nn
 
 from ipex_llm_tf import AutoModel, AutoModelForCausalLM, LowBitLinear, get_format, list_formats, optimize_model
 from ipex_llm_tf.devices import CPUEmbedding, DeviceError
+from ipex_llm_tf.loading import SkeletonFiller
+from ipex_llm_tf.models import optimize_architecture
 from ipex_llm_tf.optimize import load_low_bit, low_memory_init
 from ipex_llm_tf.serialization import CheckpointError
 from model_factories import tiny_model
@@ -266,3 +270,15 @@ def test_quantize_kv_cache_option_and_env(checkpoints, monkeypatch: pytest.Monke
     with torch.inference_mode():
         from_env.generate(IDS, max_new_tokens=2, do_sample=False)
     assert len(seen) == 2
+
+
+def test_a_finished_filler_keeps_no_module_alive() -> None:
+    # loaders hold their filler until they return, after the patch has merged q/k/v and gate/up: the replaced
+    # projections must be freed then, not kept beside their merged copies at the load's peak
+    model = tiny_model("llama")
+    filler = SkeletonFiller(model, None, "tiny")
+    filler.finish()
+    replaced = weakref.ref(model.model.layers[0].mlp.gate_proj)
+    assert optimize_architecture(model)
+    gc.collect()
+    assert replaced() is None and filler.model is model
