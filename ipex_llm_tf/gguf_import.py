@@ -223,7 +223,7 @@ class GgufCheckpoint:
                 order = qk_rows_from_gguf(plan.shape[0], plan.n_heads)
                 parts = {name: part.index_select(0, order) for name, part in parts.items()}
             result.parts, result.low_bit = parts, fmt.name
-            self._release_pages(t.data_offset, t.n_bytes)
+            self._release_pages(int(t.data_offset) + int(t.n_bytes))
             return result
         values = _gguf_dequantize(t.data, t.tensor_type)  # float32 for every type it accepts
         if not values.flags.writeable:  # F32 comes back as a view of the read-only memory map
@@ -232,18 +232,19 @@ class GgufCheckpoint:
         if plan.n_heads is not None:
             dense = dense.index_select(0, qk_rows_from_gguf(plan.shape[0], plan.n_heads))
         result.tensor = dense
-        self._release_pages(t.data_offset, t.n_bytes)
+        self._release_pages(int(t.data_offset) + int(t.n_bytes))
         return result
 
-    def _release_pages(self, offset: int, nbytes: int) -> None:
-        """Unmap the file pages of bytes already copied out, so they stop counting in this process's RSS."""
-        # Read pages of the map otherwise stay resident until the reader goes: the whole file (98 MB for SmolLM2)
-        # on top of the copies, at the load's peak. They stay in the page cache; a later read faults them back in.
+    def _release_pages(self, end: int) -> None:
+        """Unmap the file's pages before byte `end` (copied out already), so they stop counting in this process's RSS."""
+        # The map otherwise keeps every page it has read resident until the reader goes: the whole file (98 MB for
+        # SmolLM2) beside the copies, at the load's peak. The pages stay in the page cache; a later read maps them
+        # again. All of [0, end) goes, not only this tensor: each fault also maps cached neighbours (fault-around,
+        # or a whole huge page where the file sits on tmpfs), and those of earlier tensors are dropped here too.
         mapped = getattr(self.reader.data, "_mmap", None)  # numpy's memmap keeps its mmap.mmap here
         if mapped is None or not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        start = offset - offset % mmap.PAGESIZE
-        mapped.madvise(mmap.MADV_DONTNEED, start, min(offset + nbytes, len(mapped)) - start)
+        mapped.madvise(mmap.MADV_DONTNEED, 0, min(end, len(mapped)))
 
     def __repr__(self) -> str:
         return (f"<GgufCheckpoint {self.path.name}: {self.architecture}, {len(self)} tensors, "

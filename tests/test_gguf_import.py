@@ -108,13 +108,13 @@ def _resident_kib(address: int) -> int:
 
 
 @pytest.mark.skipif(not pathlib.Path("/proc/self/smaps").exists(), reason="reads Linux's per-mapping RSS")
-def test_read_tensors_leave_no_file_pages_resident(ckpt, packed):
-    # Copied tensors' file pages are unmapped as they go: otherwise the whole 98 MB file stays resident on top of
-    # the copies until the reader is dropped, at the load's peak. Slack: the metadata GGUFReader parsed, and the
-    # kernel's fault-around, which maps up to 64 KiB of cached neighbours on each fault (~7.5 MB in all here)
-    header_kib = min(int(t.data_offset) for t in ckpt.reader.tensors) // 1024
-    resident = _resident_kib(ckpt.reader.data.ctypes.data)
-    assert 0 < resident <= header_kib + 64 * len(ckpt.reader.tensors) < ckpt.path.stat().st_size // 1024 // 4
+def test_read_tensors_leave_no_file_pages_resident(ckpt):
+    # Copied tensors' file pages are unmapped as they go: otherwise the whole 98 MB file stays resident beside the
+    # copies until the reader is dropped, at the load's peak. What may stay: the pages the last faults mapped past
+    # the last tensor (up to a 2 MiB huge page where the file sits on tmpfs)
+    for _ in ckpt.iter_tensors():
+        pass
+    assert _resident_kib(ckpt.reader.data.ctypes.data) <= 4096
 
 
 @pytest.mark.parametrize("proj, heads", [("q", 9), ("k", 3)])
