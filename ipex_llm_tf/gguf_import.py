@@ -236,7 +236,7 @@ class GgufCheckpoint:
         return result
 
     def _release_pages(self, end: int) -> None:
-        """Unmap the file's pages before byte `end` (copied out already), so they stop counting in this process's RSS."""
+        """Unmap the file's pages before byte `end` (copied out already): they stop counting in this process's RSS."""
         # The map otherwise keeps every page it has read resident until the reader goes: the whole file (98 MB for
         # SmolLM2) beside the copies, at the load's peak. The pages stay in the page cache; a later read maps them
         # again. All of [0, end) goes, not only this tensor: each fault also maps cached neighbours (fault-around,
