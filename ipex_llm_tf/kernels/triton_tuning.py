@@ -136,9 +136,12 @@ def _split_for(programs: int, steps: int, device: torch.device, per_sm: int = 2)
 # 16 bytes of codes per row it owns and step (rows per thread grow with block_n), plus the prefetched next step.
 # When block_w reaches 32 * num_warps Triton gives the activation loads a layout of their own and converts them
 # through shared memory every step; on the H100 some such tiles still measured fastest, so they stay candidates.
-# The first entries won most shapes in the last H100 run (see benchmarks/results), so they lead.
+# The first entries won most shapes in the last H100 run (see benchmarks/results), so they lead. The last four came
+# from timing more tiles on a 7B's decode shapes the way decode runs them (graph replays, weights from DRAM): nf4
+# takes them on every shape (3-8% faster: 4096x12288 26.5 -> 24.5 us, 11008x4096 25.4 -> 23.5), sym_int4 on some.
 _GEMV_TILES = ((8, 128, 4, 2, False), (8, 128, 4, 1, False), (16, 64, 4, 2, True), (32, 64, 4, 2, True),
-               (16, 128, 8, 2, False), (32, 64, 4, 1, True), (16, 256, 16, 2, False), (8, 64, 4, 2, False))
+               (16, 128, 8, 2, False), (32, 64, 4, 1, True), (16, 256, 16, 2, False), (8, 64, 4, 2, False),
+               (16, 128, 4, 2, False), (8, 128, 2, 2, False), (8, 128, 2, 1, False), (8, 64, 2, 2, False))
 _GEMV_FP8_TILES = ((8, 512, 4, 1, False), (16, 256, 4, 0, False), (32, 128, 8, 1, True), (64, 128, 8, 1, True),
                    (32, 256, 16, 1, False), (16, 256, 4, 1, True))
 
