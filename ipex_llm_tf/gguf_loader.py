@@ -66,10 +66,6 @@ def load_gguf_model(auto_cls, gguf_path: "str | Path", low_bit: "str | None" = N
     if low_bit is not None:
         low_bit = get_format(low_bit).name
     checkpoint = read_gguf(path)
-    # The metadata fields (a 49k-entry vocabulary is ~170 MB of small numpy objects) are no longer needed once the
-    # tensor plan exists; freeing them first lets transformers' own config/tokenizer parse reuse that memory.
-    checkpoint.reader.fields.clear()
-    gc.collect()
     target_dtype = resolve_dtype(dtype or torch_dtype)
     keep = resolve_modules_to_not_convert(modules_to_not_convert)
     config, tokenizer = checkpoint.config, checkpoint.load_tokenizer()  # both parse metadata: before weights arrive
