@@ -146,13 +146,13 @@ class GgufCheckpoint:
         self.path = path
         self.keep_quantized = keep_quantized
         self.header = header  # metadata scalars and strings, the tensor table, the mapped data
+        if not header.little_endian:
+            # Block bytes would hold byte-swapped fp16 scales, which the packed formats cannot take.
+            raise ValueError(f"{path.name} is a big-endian GGUF; convert it to little-endian first.")
         self.architecture: str = self._field("general.architecture")
         if self.architecture not in _PERMUTES_QK:
             raise ValueError(f"{path.name}: GGUF architecture {self.architecture!r} is not supported; supported "
                              f"are {', '.join(SUPPORTED_ARCHITECTURES)} (Mistral GGUFs are written as 'llama').")
-        if not header.little_endian:
-            # Block bytes would hold byte-swapped fp16 scales, which the packed formats cannot take.
-            raise ValueError(f"{path.name} is a big-endian GGUF; convert it to little-endian first.")
         n_heads = int(self._field(f"{self.architecture}.attention.head_count"))
         n_kv_heads = int(self._field(f"{self.architecture}.attention.head_count_kv", n_heads))
         self._plans: list[_Plan] = []

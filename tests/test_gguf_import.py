@@ -156,8 +156,8 @@ def test_config_and_tokenizer(ckpt):
 # -- tiny hand-written files ----------------------------------------------------------------------
 
 def _write(path: pathlib.Path, arch: str, tensors: dict[str, tuple[np.ndarray, Q | None]],
-           heads: int = 2, kv_heads: int = 1) -> pathlib.Path:
-    writer = gguf.GGUFWriter(str(path), arch)
+           heads: int = 2, kv_heads: int = 1, endianess: gguf.GGUFEndian = gguf.GGUFEndian.LITTLE) -> pathlib.Path:
+    writer = gguf.GGUFWriter(str(path), arch, endianess=endianess)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     for name, (array, qtype) in tensors.items():
@@ -201,6 +201,13 @@ def test_row_index_inverts_llama_cpp():
 def test_unsupported_architecture(tmp_path, arch):
     path = _write(tmp_path / "m.gguf", arch, {"token_embd.weight": (np.zeros((4, 32), np.float32), None)})
     with pytest.raises(ValueError, match=rf"{arch}.*llama, qwen2, qwen3"):
+        read_gguf(path)
+
+
+def test_big_endian_file_is_refused(tmp_path):
+    path = _write(tmp_path / "be.gguf", "llama", {"token_embd.weight": (np.zeros((4, 32), np.float32), None)},
+                  endianess=gguf.GGUFEndian.BIG)
+    with pytest.raises(ValueError, match="big-endian GGUF; convert it to little-endian"):
         read_gguf(path)
 
 
