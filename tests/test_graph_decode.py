@@ -16,6 +16,7 @@ from transformers import DynamicCache
 import ipex_llm_tf
 from ipex_llm_tf.models.graph_decode import (CACHE_KWARG, SPAN_BLOCK, XPU_GRAPHS_ENV, GraphKVCache, graph_api,
                                              graph_decoder, graphs_supported, install_graph_decode)
+from ipex_llm_tf.models.graph_storage import KVBuffers
 from ipex_llm_tf.models.kv_cache import Fp8BlockKVCache
 from model_factories import ARCHITECTURES, SLIDING_WINDOW, tiny_model
 
@@ -177,3 +178,34 @@ def test_chunked_prefill_into_the_graph_storage(arch, fp8) -> None:
     else:
         assert torch.equal(got, want)
         assert (scores - want_scores).abs().max() <= 1e-5 * want_scores.abs().max()
+
+
+def test_only_greedy_single_beam_calls_replay_steps_early() -> None:
+    from transformers import GenerationConfig
+
+    from ipex_llm_tf.models.early_steps import greedy_call
+
+    model = tiny_model("llama")
+    assert greedy_call(model, {})
+    assert greedy_call(model, {"do_sample": False, "num_beams": 1})
+    assert not greedy_call(model, {"do_sample": True})
+    assert not greedy_call(model, {"num_beams": 3})
+    assert not greedy_call(model, {"generation_config": GenerationConfig(do_sample=True)})
+    assert not greedy_call(model, {"prompt_lookup_num_tokens": 3})
+    assert not greedy_call(model, {"assistant_model": model})
+
+
+def test_early_steps_stay_inside_the_span_and_the_miss_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipex_llm_tf.models.early_steps import EARLY_MISSES_ALLOWED, EARLY_STEP_ENV, early_step_wanted
+
+    cache = GraphKVCache(KVBuffers(), 2)
+    assert not early_step_wanted(cache, 10, SPAN_BLOCK), "off unless generate() marked the call greedy"
+    cache.early_steps = True
+    assert early_step_wanted(cache, 10, SPAN_BLOCK)
+    assert early_step_wanted(cache, SPAN_BLOCK - 1, SPAN_BLOCK)
+    assert not early_step_wanted(cache, SPAN_BLOCK, SPAN_BLOCK), "the last slot of a span belongs to the next graph"
+    cache.early_misses = EARLY_MISSES_ALLOWED
+    assert not early_step_wanted(cache, 10, SPAN_BLOCK)
+    cache.early_misses = 0
+    monkeypatch.setenv(EARLY_STEP_ENV, "0")
+    assert not early_step_wanted(cache, 10, SPAN_BLOCK)

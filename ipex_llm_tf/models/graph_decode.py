@@ -11,6 +11,8 @@ each one-token step of a patched model is one graph replay:
   eager warm-up run of the same step (which also settles the Triton kernels' tuning), so the first steps of each span
   cost a capture: `GraphDecoder.stats` reports how many and how long.
 - prefill, and whatever else is not a plain one-token step, runs the eager fused forward on the same cache.
+- greedy calls replay each step early, on a side stream, while generate() does its per-token host work
+  (models/early_steps.py); a step whose real inputs differ from the early ones replays again.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .. import kernels
 from . import eager_step
 from .compiled_step import CompiledStep, compiles_steps
+from .early_steps import EarlyStep, early_step_wanted, greedy_call, replay_early
 from .graph_storage import SPAN_BLOCK, GraphKVCache, KVBuffers, _SpanView  # noqa: F401 (re-exported)
 from .kv_cache import Fp8BlockKVCache
 
@@ -71,8 +74,10 @@ class DecodeStats:
 
     captures: int = 0
     capture_seconds: float = 0.0
-    replays: int = 0
+    replays: int = 0           # steps whose logits a replay gave (early ones included)
     spans: list = field(default_factory=list)
+    early_steps: int = 0       # steps replayed before generate() asked for them
+    early_hits: int = 0        # ... whose inputs then matched, so their logits were used
 
 
 class GraphDecoder:
@@ -86,6 +91,8 @@ class GraphDecoder:
         self.pool = None
         self.stats = DecodeStats()
         self.compiled = CompiledStep(self._run, self.stats)  # CPU steps, when compiles_steps() says so
+        self.side: Any = None          # the stream early steps replay on, made on first use
+        self.early: EarlyStep | None = None
         base = model.base_model
         self.windows = sorted({layer.self_attn.sliding_window for layer in base.layers
                                if layer.self_attn.sliding_window is not None})
@@ -120,6 +127,15 @@ class GraphDecoder:
              position_ids: torch.Tensor | None) -> torch.Tensor:
         """Logits [batch, 1, vocab] of one token, its keys and values written into the cache."""
         length = cache.get_seq_length()
+        early, self.early = self.early, None
+        if early is not None:
+            if early.confirmed(cache, length, self.buffers.version, input_ids, attention_mask, position_ids):
+                early.done.wait()  # the current stream takes the early logits once the replay wrote them
+                self.stats.replays += 1
+                self.stats.early_hits += 1
+                return self._finish(early.step, cache, length, early.step.key_ok.shape[1])
+            cache.early_misses += 1
+            graph_api(input_ids.device).current_stream().wait_stream(self.side)
         for layer in cache.layers:  # room for this token; regrowing storage bumps buffers.version
             layer._reserve(length + 1)
         batch, span = input_ids.shape[0], -(-(length + 1) // SPAN_BLOCK) * SPAN_BLOCK
@@ -142,12 +158,32 @@ class GraphDecoder:
         elif graphs_supported(device):
             step.graph.replay()
             self.stats.replays += 1
+            return self._finish(step, cache, length, span)
         elif compiles_steps(device, self.fp8):
             step.logits = self.compiled((batch, span), step, span)
         else:
             step.logits = self._run(step, span)
         cache.advance()
         return step.logits.clone()
+
+    def settle(self) -> None:
+        """Make the current stream wait for an early step still running, and drop it: call before anything else
+        reads or writes the KV storage."""
+        if self.early is not None:
+            graph_api(self.early.step.ids.device).current_stream().wait_stream(self.side)
+            self.early = None
+
+    def _finish(self, step: _StepGraph, cache: GraphKVCache, length: int, span: int) -> torch.Tensor:
+        """A replayed step's logits (copied out) after counting its token; the next step replayed early if it can."""
+        cache.advance()
+        logits = step.logits.clone()
+        if early_step_wanted(cache, length + 1, span):
+            api = graph_api(step.ids.device)
+            if self.side is None:
+                self.side = api.Stream(device=step.ids.device)
+            self.early = replay_early(api, self.side, step, cache, length + 1)
+            self.stats.early_steps += 1
+        return logits
 
     # -- internals -----------------------------------------------------------------------------------------------------
     def _static_inputs(self, input_ids: torch.Tensor, span: int) -> _StepGraph:
@@ -219,6 +255,8 @@ def _graph_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if not args and decoder is not None and decoder.can_replay(kwargs.get("input_ids"), cache, kwargs):
         logits = decoder.step(kwargs["input_ids"], cache, kwargs.get("attention_mask"), kwargs.get("position_ids"))
         return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
+    if decoder is not None:
+        decoder.settle()
     if not args and eager_step.can_step(model, kwargs.get("input_ids"), cache, kwargs):
         logits = eager_step.step(model, kwargs["input_ids"], cache, kwargs.get("position_ids"))
         return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
@@ -232,9 +270,15 @@ def _graph_generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if not caller_cache and kwargs.get("use_cache", True):
         if decoder is not None and decoder.serves(model.device):
             kwargs[CACHE_KWARG] = decoder.new_cache()
+            kwargs[CACHE_KWARG].early_steps = greedy_call(model, kwargs)
         elif getattr(model, FP8_KV_FLAG, False):
             kwargs[CACHE_KWARG] = Fp8BlockKVCache()
-    return type(model).generate(model, *args, **kwargs)
+    try:
+        return type(model).generate(model, *args, **kwargs)
+    finally:
+        if decoder is not None:
+            decoder.settle()
+
 
 
 _WRAPPERS: dict[type, dict[str, Any]] = {}

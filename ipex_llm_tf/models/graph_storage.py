@@ -56,6 +56,8 @@ class GraphKVCache(Cache):
         layer_class = Fp8GraphKVLayer if fp8 else GraphKVLayer
         super().__init__(layers=[layer_class(buffers, idx) for idx in range(num_layers)])
         self.buffers = buffers
+        self.early_steps = False   # set by generate() for greedy calls: steps may be replayed early (graph_decode)
+        self.early_misses = 0      # early steps of this call whose inputs did not match
 
     def advance(self) -> None:
         """Count the token a graph replay wrote into every layer."""

@@ -79,6 +79,74 @@ def test_graph_decode_beam_search_and_sampling() -> None:
     with torch.inference_mode():
         sampled = model.generate(ids, max_new_tokens=16, do_sample=True, top_p=0.9, pad_token_id=0)
     assert sampled.shape == (1, 26)
+    assert graph_decoder(model).stats.early_steps == 0, "beams and sampling must not replay steps early"
+
+
+def _early_model():
+    return ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa").half(), low_bit="sym_int4").to("cuda")
+
+
+def test_early_steps_give_the_same_tokens_and_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _early_model()
+    decoder = graph_decoder(model)
+    ids = torch.randint(2, 128, (2, 12), generator=torch.Generator().manual_seed(5)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    monkeypatch.setenv("IPEX_LLM_TF_EARLY_STEP", "0")
+    _generate(model, ids, mask, 30)  # capture
+    want_tokens, want_scores = _generate(model, ids, mask, 30)
+    assert decoder.stats.early_steps == 0
+    monkeypatch.setenv("IPEX_LLM_TF_EARLY_STEP", "1")
+    tokens, scores = _generate(model, ids, mask, 30)
+    assert torch.equal(tokens, want_tokens)
+    assert torch.equal(scores, want_scores), "an early step replays the same graph on the same inputs"
+    # 29 one-token steps: every one after the first replayed early, all but the last asked for
+    assert decoder.stats.early_hits == 28 and decoder.stats.early_steps == 29, decoder.stats
+
+
+class _BanArgmaxEveryThirdStep:
+    """A logits processor that moves the greedy choice off the raw argmax on some steps."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls % 3 == 0:
+            scores = scores.clone()
+            scores.scatter_(1, scores.argmax(-1, keepdim=True), float("-inf"))
+        return scores
+
+
+def test_early_steps_that_miss_are_replayed_from_the_real_inputs() -> None:
+    from transformers import LogitsProcessorList
+
+    model = _early_model()
+    decoder = graph_decoder(model)
+    ids = torch.randint(2, 128, (1, 12), generator=torch.Generator().manual_seed(6)).cuda()
+    mask = torch.ones_like(ids)
+    want, want_scores = _generate(model, ids, mask, 20, **{CACHE_KWARG: DynamicCache(),
+                                                           "logits_processor": LogitsProcessorList([_BanArgmaxEveryThirdStep()])})
+    _generate(model, ids, mask, 20)  # capture
+    before = (decoder.stats.early_steps, decoder.stats.early_hits)
+    got, scores = _generate(model, ids, mask, 20, logits_processor=LogitsProcessorList([_BanArgmaxEveryThirdStep()]))
+    assert torch.equal(got, want)
+    finite = torch.isfinite(want_scores)  # the banned tokens' scores are -inf in both
+    assert torch.equal(finite, torch.isfinite(scores))
+    error = ((scores - want_scores)[finite].abs().max() / want_scores[finite].abs().max()).item()
+    assert error < 2e-2
+    launched, hits = decoder.stats.early_steps - before[0], decoder.stats.early_hits - before[1]
+    # steps 3 and 6 miss (the processor's 3rd and 6th calls), then the call stops replaying early
+    assert launched - hits == 2 and hits == 3, (launched, hits)
+
+
+def test_a_generate_call_leaves_no_early_step_running() -> None:
+    model = _early_model()
+    decoder = graph_decoder(model)
+    ids = torch.randint(2, 128, (1, 12), generator=torch.Generator().manual_seed(7)).cuda()
+    for _ in range(2):
+        _generate(model, ids, torch.ones_like(ids), 8)
+    assert decoder.early is None  # the last early step (never asked for) was waited for and dropped
 
 
 def test_graph_decode_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
