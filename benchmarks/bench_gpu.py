@@ -84,6 +84,8 @@ def measure(name: str, model, device: str, new_tokens: int, bits: float, **gener
     decoder = graph_decoder(model)
     if decoder is not None:
         row["graph_captures"] = f"{decoder.stats.captures} in {decoder.stats.capture_seconds:.2f} s"
+        # greedy steps replayed early (models/early_steps.py) and how many of those generate() then asked for
+        row["early_steps"] = f"{decoder.stats.early_hits}/{decoder.stats.early_steps}"
     return row
 
 
@@ -156,7 +158,7 @@ def main() -> None:
     if not args.ours_first:
         rows += measure_ours(args, device)
     print_table(rows, ["system", "bits/weight", "next_token_ms", "tok_s", "first_token_ms", "first_token_1024_ms",
-                       "peak_gib_2k_ctx", "warmup_ms", "graph_captures", "quantize_s", "note"])
+                       "peak_gib_2k_ctx", "warmup_ms", "graph_captures", "early_steps", "quantize_s", "note"])
     gpu = getattr(torch, device).get_device_name() if device in ("cuda", "xpu") else device
     print(f"wrote {write_json('bench_gpu', {'gpu': gpu, 'rows': rows}, args.json)}")
 
