@@ -1,14 +1,15 @@
 """GPU decode, Llama-2-7B shape with random weights: ours per format and the peers, all in one run, one table.
 
-    python benchmarks/bench_gpu.py [--formats sym_int4 sym_int8 ...] [--peers fp16 fp16-compile int4-compile]
+    python benchmarks/bench_gpu.py [--formats sym_int4 sym_int8 ...] [--peers fp16 fp16-compile int4-compile
+                                                                        torchao-int4-compile]
                                    [--batches 4 16] [--mixed-precision] [--fp8-kv] [--prefill-chunk 512]
                                    [--new-tokens 128] [--json PATH]
 
 Batch 1, 32-token prompt, greedy with EOS masked. next-token ms = (T(generate 1+N) - T(generate 1)) / N, after two
 warm-up runs at those lengths (compiles and graph captures happen there; warmup_ms is the first of them).
 Also: first token for a 1024-token prompt, and peak GPU memory of a 2048-token context (the fp16 model a low-bit one
-was quantized from is freed first). Peer rows are built by gpu_peers.py; torchao / bitsandbytes figures are in
-../shared/anchors (their wheels are not on the device).
+was quantized from is freed first). Peer rows are built by gpu_peers.py (the torchao row needs its wheel installed);
+bitsandbytes figures are in ../shared/anchors (its wheel is not on the device).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_json  # noqa: E402
-from gpu_peers import to_int4pack  # noqa: E402
+from gpu_peers import to_int4pack, to_torchao_int4  # noqa: E402
 
 import ipex_llm_tf  # noqa: E402
 import ipex_llm_tf.devices  # noqa: E402
@@ -35,6 +36,8 @@ PEERS = {  # name -> (row label, bits/weight, builder from the fp16 model, gener
     "fp16-compile": ("transformers fp16 static+compile", 16, lambda m: m, {"cache_implementation": "static"}),
     "int4-compile": ("torch _weight_int4pack_mm g128 static+compile", 4.25, to_int4pack,
                      {"cache_implementation": "static"}),
+    "torchao-int4-compile": ("torchao Int4WeightOnlyConfig g128 static+compile", 4.25, to_torchao_int4,
+                             {"cache_implementation": "static"}),
 }
 
 

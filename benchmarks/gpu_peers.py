@@ -3,7 +3,10 @@
 - transformers fp16 with its static cache, which generate() compiles (torch.compile, CUDA graphs) on its own;
 - PyTorch's own int4 weight-only kernel (`aten._weight_int4pack_mm`, the kernel torchao's int4 layout calls) on
   every Linear, group 128, asymmetric, bf16 activations, with the same static cache + compile.
-torchao and bitsandbytes rows need wheels the device lacks; their figures are in ../shared/anchors/results-h100.json.
+- torchao's int4 weight-only quantization (`Int4WeightOnlyConfig`, group 128, tinygemm's packed layout) on a bf16
+  copy, with the same static cache + compile, as ../shared/anchors measured it. It needs the torchao wheel: without
+  it the row reports the ImportError.
+bitsandbytes needs a wheel the device lacks; its figures are in ../shared/anchors/results-h100.json.
 """
 from __future__ import annotations
 
@@ -74,4 +77,13 @@ def to_int4pack(model: nn.Module) -> nn.Module:
     device = next(model.parameters()).device
     if device.type in ("cuda", "xpu"):
         getattr(torch, device.type).empty_cache()
+    return model
+
+
+def to_torchao_int4(model: nn.Module) -> nn.Module:
+    """torchao's int4 weight-only quantization of every Linear (lm_head included), on the model cast to bf16."""
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    model = model.to(torch.bfloat16)
+    quantize_(model, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
     return model
