@@ -209,3 +209,47 @@ def test_early_steps_stay_inside_the_span_and_the_miss_budget(monkeypatch: pytes
     cache.early_misses = 0
     monkeypatch.setenv(EARLY_STEP_ENV, "0")
     assert not early_step_wanted(cache, 10, SPAN_BLOCK)
+
+
+class _DoneEvent:
+    """Stands in for a device event already reached (the CPU has no streams)."""
+
+    def wait(self) -> None:
+        pass
+
+
+def _early_step(length: int, batch: int = 2, span: int = 16):
+    from types import SimpleNamespace
+
+    from ipex_llm_tf.models.early_steps import EarlyStep
+
+    key_ok = torch.zeros(batch, span, dtype=torch.bool)
+    key_ok[:, :length + 1] = True
+    key_ok[1, :3] = False  # row 1 left-padded
+    step = SimpleNamespace(ids=torch.tensor([[5], [7]]), positions=torch.tensor([[length], [length - 3]]),
+                           key_ok=key_ok, version=4)
+    cache = object()
+    return EarlyStep(step, cache, length, _DoneEvent(), _DoneEvent()), cache
+
+
+def test_an_early_step_is_used_only_for_exactly_its_inputs() -> None:
+    length = 9
+    early, cache = _early_step(length)
+    mask = torch.ones(2, length + 1, dtype=torch.long)
+    mask[1, :3] = 0
+    ids, positions = torch.tensor([[5], [7]]), torch.tensor([[length], [length - 3]])
+    assert early.confirmed(cache, length, 4, ids, mask, positions)
+    assert early.confirmed(cache, length, 4, ids, None, None), "no mask, no positions: the ids decide"
+    assert not early.confirmed(cache, length, 4, torch.tensor([[5], [8]]), mask, positions), "another token"
+    assert not early.confirmed(cache, length, 4, ids, mask, positions + 1), "another position"
+    other_mask = mask.clone()
+    other_mask[0, -1] = 0
+    assert not early.confirmed(cache, length, 4, ids, other_mask, positions), "the new token masked out"
+    other_mask = mask.clone()
+    other_mask[1, 1] = 1
+    assert not early.confirmed(cache, length, 4, ids, other_mask, positions), "an earlier column changed"
+    assert not early.confirmed(cache, length, 4, ids, mask[:, 1:], positions), "a mask shorter than the cache"
+    assert not early.confirmed(object(), length, 4, ids, mask, positions), "another generate() call's cache"
+    assert not early.confirmed(cache, length + 1, 4, ids, mask, positions), "another length"
+    assert not early.confirmed(cache, length, 5, ids, mask, positions), "storage moved since"
+    assert not early.confirmed(cache, length, 4, ids[:1], mask[:1], positions[:1]), "another batch size"
