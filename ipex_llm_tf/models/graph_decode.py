@@ -280,7 +280,6 @@ def _graph_generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
             decoder.settle()
 
 
-
 _WRAPPERS: dict[type, dict[str, Any]] = {}
 
 
