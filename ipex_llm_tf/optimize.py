@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import types
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +14,7 @@ from torch import nn
 from . import __version__
 from .convert import check_mixed_precision, convert, quantize_head, resolve_modules_to_not_convert
 from .devices import check_device, CPUEmbedding, move_model
+from .env import env_flag
 from .formats import get_format
 from .loading import SkeletonFiller, parameters_on_meta
 from .low_bit_linear import CPULowBitEmbedding, LowBitEmbedding, LowBitLinear
@@ -112,7 +112,7 @@ def quantized_kv_cache_requested(quantize_kv_cache: "bool | None") -> bool:
     """The explicit argument, else IPEX_LLM_TF_QUANTIZE_KV_CACHE=1."""
     if quantize_kv_cache is not None:
         return bool(quantize_kv_cache)
-    return os.environ.get("IPEX_LLM_TF_QUANTIZE_KV_CACHE", "0").strip().lower() in ("1", "true", "yes")
+    return env_flag("IPEX_LLM_TF_QUANTIZE_KV_CACHE", False)
 
 
 def _generate_with_fp8_cache(model: nn.Module, *args, **kwargs):
@@ -126,7 +126,7 @@ def _generate_with_fp8_cache(model: nn.Module, *args, **kwargs):
 
 def graph_decode_requested() -> bool:
     """IPEX_LLM_TF_GRAPH_DECODE (default 1): 0 keeps CUDA decode steps eager, for debugging and profiling."""
-    return os.environ.get("IPEX_LLM_TF_GRAPH_DECODE", "1").strip().lower() not in ("0", "false", "no")
+    return env_flag("IPEX_LLM_TF_GRAPH_DECODE", True)
 
 
 def finalize(model: nn.Module, low_bit: "str | None", modules_to_not_convert: list[str], cpu_embedding: bool,

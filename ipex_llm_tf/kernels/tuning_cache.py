@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..env import env_flag
+
 _LOG = logging.getLogger("ipex_llm_tf")
 _MEMORY: dict[str, dict[str, Any]] = {}  # what this process read or stored, per scope
 _LOADED: list[Path] = []
@@ -23,7 +25,7 @@ _LOADED: list[Path] = []
 
 def cache_path() -> Path | None:
     """The JSON file holding tuning choices, or None when IPEX_LLM_TF_TUNING_CACHE=0."""
-    if os.environ.get("IPEX_LLM_TF_TUNING_CACHE", "1").strip().lower() in ("0", "false", "no"):
+    if not env_flag("IPEX_LLM_TF_TUNING_CACHE", True):
         return None
     root = Path(os.environ.get("IPEX_LLM_TF_CACHE", Path.home() / ".cache" / "ipex_llm_tf"))
     return root / "triton_tuning.json"

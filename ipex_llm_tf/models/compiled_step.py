@@ -12,18 +12,19 @@ counts each compile as a capture, with its seconds.
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable
 
 import torch
+
+from ..env import env_flag
 
 COMPILE_ENV = "IPEX_LLM_TF_COMPILE_CPU_DECODE"
 
 
 def compiled_cpu_decode_requested() -> bool:
     """Whether IPEX_LLM_TF_COMPILE_CPU_DECODE (default 0) asks for compiled CPU decode steps."""
-    return os.environ.get(COMPILE_ENV, "0").strip().lower() in ("1", "true", "yes")
+    return env_flag(COMPILE_ENV, False)
 
 
 def compiles_steps(device: torch.device, fp8: bool) -> bool:

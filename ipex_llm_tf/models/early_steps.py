@@ -14,12 +14,13 @@ rows of a batch fed pad tokens). `IPEX_LLM_TF_EARLY_STEP=0` turns it off.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..env import env_flag
 
 EARLY_STEP_ENV = "IPEX_LLM_TF_EARLY_STEP"
 EARLY_MISSES_ALLOWED = 2
@@ -57,7 +58,7 @@ def early_step_wanted(cache: Any, length: int, span: int) -> bool:
     """Whether the step at cache length `length` may be replayed early: a greedy call with few misses so far, the
     token still inside the span the step's graph covers, and the feature not turned off."""
     return (bool(getattr(cache, "early_steps", False)) and cache.early_misses < EARLY_MISSES_ALLOWED
-            and length + 1 <= span and os.environ.get(EARLY_STEP_ENV, "1").strip().lower() not in ("0", "false", "no"))
+            and length + 1 <= span and env_flag(EARLY_STEP_ENV, True))
 
 
 def replay_early(api: Any, side: Any, step: Any, cache: Any, length: int) -> EarlyStep:

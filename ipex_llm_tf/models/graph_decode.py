@@ -17,7 +17,6 @@ each one-token step of a patched model is one graph replay:
 from __future__ import annotations
 
 import functools
-import os
 import time
 import types
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import kernels
+from ..env import env_flag
 from . import eager_step
 from .compiled_step import CompiledStep, compiles_steps
 from .early_steps import EarlyStep, early_step_wanted, greedy_call, replay_early
@@ -47,7 +47,7 @@ def graph_api(device: torch.device) -> Any:
     if device.type == "cuda":
         return torch.cuda
     if (device.type == "xpu" and hasattr(getattr(torch, "xpu", None), "XPUGraph")
-            and os.environ.get(XPU_GRAPHS_ENV, "0").strip().lower() in ("1", "true", "yes")):
+            and env_flag(XPU_GRAPHS_ENV, False)):
         return torch.xpu
     return None
 
