@@ -2,7 +2,9 @@
 
 x [batch, heads, seq, head_dim] may be any strided view (the q / k slices of a merged projection are); the output
 is contiguous. Each product and the sum round to x's dtype as the reference's three eager ops do, so results match
-it exactly. Plain tl ops: runs on CUDA, XPU and the interpreter.
+it exactly. That needs the kernel compiled without floating-point contraction: with it, the sm_90 code computed one
+product and the sum as one fused multiply-add (HFMA2 / FFMA), skipping the product's rounding. Plain tl ops: runs on
+CUDA, XPU and the interpreter.
 """
 from __future__ import annotations
 
@@ -51,5 +53,5 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if out.numel():
         _rotary_kernel[(batch * seq, triton.cdiv(heads, block_h))](
             x, cos, sin, out, heads, seq, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
-            dim // 2, BLOCK_D=triton.next_power_of_2(dim // 2), BLOCK_H=block_h)
+            dim // 2, BLOCK_D=triton.next_power_of_2(dim // 2), BLOCK_H=block_h, enable_fp_fusion=False)
     return out

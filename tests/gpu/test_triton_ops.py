@@ -1,8 +1,9 @@
 """Fused Triton ops (RMSNorm, rotary, SiLU-and-mul) against their PyTorch references, on a CUDA or XPU device.
 
-Tolerances, relative to the largest reference value: rotary and RMSNorm round where the reference rounds, so they
-agree to one unit in the last place of the dtype (rsqrt may differ in its last bit); SiLU-and-mul likewise, the
-sigmoid being computed by a different exp. Skipped without a GPU (or run with TRITON_INTERPRET=1 on the CPU).
+Rotary rounds where the reference rounds and must equal it bit for bit. Tolerances for the others, relative to the
+largest reference value: RMSNorm rounds where the reference rounds, so it agrees to one unit in the last place of the
+dtype (rsqrt may differ in its last bit); SiLU-and-mul likewise, the sigmoid being computed by a different exp.
+Skipped without a GPU (or run with TRITON_INTERPRET=1 on the CPU).
 """
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ from ipex_llm_tf.kernels.triton_silu_mul import silu_and_mul  # noqa: E402
 
 ULP = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -22}
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype
+    differ = (got != want).sum().item()
+    largest = (got.float() - want.float()).abs().max().item()
+    assert differ == 0, f"{differ} of {want.numel()} elements differ (the largest by {largest:.3e})"
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, ulps: float = 2) -> None:
@@ -78,15 +86,18 @@ def test_silu_and_mul_rejects_odd_width() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch,heads,seq,dim", [(1, 32, 1, 128), (2, 9, 7, 64), (3, 5, 4, 80)])
+@pytest.mark.parametrize("batch,heads,seq,dim", [(1, 32, 1, 128), (2, 9, 7, 64), (3, 5, 4, 80), (2, 4, 1, 64)])
 def test_rotary_on_strided_views(dtype: torch.dtype, batch: int, heads: int, seq: int, dim: int) -> None:
+    """Bit-equal to the reference: the kernel rounds each product and the sum as its three eager ops do (which needs
+    it compiled without fused multiply-adds). (2, 4, 1, 64) gives one element per thread, where fusing showed."""
+    if INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("the interpreter rounds bfloat16 by truncation, the devices to nearest even")
     gen = torch.Generator().manual_seed(2)
     # the query slice of a merged q/k/v projection, transposed to [batch, heads, seq, dim] as FusedAttention does
     qkv = torch.randn(batch, seq, heads + 4, dim, generator=gen).to(DEVICE, dtype)
     x = qkv[:, :, :heads].transpose(1, 2)
     angles = torch.rand(batch, seq, dim // 2, generator=gen) * 6
     cos, sin = torch.cat([angles.cos()] * 2, -1).to(DEVICE, dtype), torch.cat([angles.sin()] * 2, -1).to(DEVICE, dtype)
-    _close(rotary(x, cos, sin), rotary_reference(x, cos, sin), dtype, ulps=1)
+    _equal(rotary(x, cos, sin), rotary_reference(x, cos, sin))
     # cos/sin shared by the batch (batch dim 1)
-    _close(rotary(x, cos[:1], sin[:1]), rotary_reference(x, cos[:1].expand_as(cos), sin[:1].expand_as(sin)), dtype,
-           ulps=1)
+    _equal(rotary(x, cos[:1], sin[:1]), rotary_reference(x, cos[:1].expand_as(cos), sin[:1].expand_as(sin)))
