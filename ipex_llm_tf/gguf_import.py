@@ -238,16 +238,15 @@ class GgufCheckpoint:
                 order = qk_rows_from_gguf(plan.shape[0], plan.n_heads)
                 parts = {name: part.index_select(0, order) for name, part in parts.items()}
             result.parts, result.low_bit = parts, fmt.name
-            self._release_pages(int(t.data_offset) + int(t.n_bytes))
-            return result
-        values = _gguf_dequantize(data, t.tensor_type)  # float32 for every type it accepts
-        if not values.flags.writeable:  # F32 comes back as a view of the read-only memory map
-            values = values.copy()
-        dense = torch.from_numpy(values).reshape(plan.shape)
-        if plan.n_heads is not None:
-            dense = dense.index_select(0, qk_rows_from_gguf(plan.shape[0], plan.n_heads))
-        result.tensor = dense
-        self._release_pages(int(t.data_offset) + int(t.n_bytes))
+        else:
+            values = _gguf_dequantize(data, t.tensor_type)  # float32 for every type it accepts
+            if not values.flags.writeable:  # F32 comes back as a view of the read-only memory map
+                values = values.copy()
+            dense = torch.from_numpy(values).reshape(plan.shape)
+            if plan.n_heads is not None:
+                dense = dense.index_select(0, qk_rows_from_gguf(plan.shape[0], plan.n_heads))
+            result.tensor = dense
+        self._release_pages(t.data_offset + t.n_bytes)
         return result
 
     def _release_pages(self, end: int) -> None:
