@@ -2,7 +2,8 @@
 
 `rotary_and_write_kv` does RoPE as well, on the merged q/k/v projection of the token: query heads come back rotated,
 key heads are rotated and written, value heads written, all by one kernel where a graph step ran two (triton_rotary,
-then the write). Each product and the sum round as triton_rotary's do, so the results are the same bits.
+then the write). Each product and the sum round as triton_rotary's do (both compiled without fused multiply-adds),
+so the results are the same bits.
 
 Reference: two index_copy_ calls (kernels.write_kv_slot off the Triton backend). The slot is a device tensor, so a
 recorded CUDA graph writes wherever the replayed step says. key / value [batch, kv_heads, 1, head_dim] may be strided
@@ -156,5 +157,6 @@ def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
             key_scales.stride(0), key_scales.stride(1), key_scales.stride(2),
             value_scales.stride(0), value_scales.stride(1), value_scales.stride(2),
-            BLOCK_D=triton.next_power_of_2(dim // 2), QUANT=quant, num_warps=1)
+            BLOCK_D=triton.next_power_of_2(dim // 2), QUANT=quant, num_warps=1,
+            enable_fp_fusion=False)  # no fused multiply-adds: RoPE rounds as triton_rotary does
     return query

@@ -15,19 +15,12 @@ import triton.language as tl
 
 @triton.jit
 def rotate_halves(x1, x2, c1, c2, s1, s2):
-    """x * cos + rotate_half(x) * sin on the halves of x, rotate_half(x) = [-x2 | x1], in x's dtype.
-
-    Each product is taken in float32 (exact for fp16 and bf16 operands) and rounded to x's dtype explicitly, as the
-    reference's eager ops round it: written as a product in x's dtype, LLVM may fuse it into the float32 add as a
-    fused multiply-add (it did for one element per thread), skipping that rounding.
-    """
+    """x * cos + rotate_half(x) * sin on the halves of x, rotate_half(x) = [-x2 | x1], in x's dtype: each product
+    rounds to x's dtype, the sum is taken in float32 and rounded (exact only in a kernel compiled without fusion)."""
     dt = x1.dtype
-    f32 = tl.float32
-    p1 = (x1.to(f32) * c1.to(f32)).to(dt).to(f32)
-    q1 = (-(x2.to(f32)) * s1.to(f32)).to(dt).to(f32)
-    p2 = (x2.to(f32) * c2.to(f32)).to(dt).to(f32)
-    q2 = (x1.to(f32) * s2.to(f32)).to(dt).to(f32)
-    return (p1 + q1).to(dt), (p2 + q2).to(dt)
+    y1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
+    y2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+    return y1.to(dt), y2.to(dt)
 
 
 @triton.jit
