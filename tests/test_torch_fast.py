@@ -71,3 +71,20 @@ def test_cpu_shortcut_leaves_prefill_sized_inputs_to_the_gemm(monkeypatch: pytes
     assert not calls
     layer(torch.randn(2, 64))
     assert calls
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2)])
+def test_rotary_and_write_kv_on_the_cpu_is_rotary_then_the_write(heads: int, kv_heads: int) -> None:
+    """The op a graph step calls: RoPE on the token's query and key heads, its key and value written at the slot."""
+    dim, slot = 16, torch.tensor([5])
+    qkv = torch.randn(2, 1, heads + 2 * kv_heads + 1, dim)[:, :, :heads + 2 * kv_heads]  # a view, as in a step
+    cos, sin = torch.randn(2, 1, dim), torch.randn(2, 1, dim)
+    keys, values = torch.randn(2, kv_heads, 8, dim), torch.randn(2, kv_heads, 8, dim)
+    want_keys, want_values = keys.clone(), values.clone()
+    with torch.no_grad():
+        query = kernels.rotary_and_write_kv(qkv, cos, sin, heads, kv_heads, keys, values, slot)
+        rotated = rotary_reference(qkv[:, :, :heads + kv_heads].transpose(1, 2), cos, sin)
+    want_keys.index_copy_(2, slot, rotated[:, heads:])
+    want_values.index_copy_(2, slot, qkv[:, :, heads + kv_heads:].transpose(1, 2))
+    assert torch.equal(query, rotated[:, :heads])
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)

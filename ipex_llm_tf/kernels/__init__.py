@@ -298,6 +298,20 @@ def write_kv_slot(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, va
         scale_plane.index_copy_(2, slot, scale)
 
 
+def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                        keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
+                        scales: "tuple[torch.Tensor, torch.Tensor] | None" = None) -> torch.Tensor:
+    """RoPE on one token's merged projection qkv [B, 1, H + 2 H_kv, D] and its key and value written at `slot`
+    (write_kv_slot): the rotated query [B, H, 1, D]. One Triton kernel where rotary and kv_write both run Triton."""
+    if op_backend("kv_write", qkv.device) == "triton" and op_backend("rotary", qkv.device) == "triton":
+        from .triton_kv_write import rotary_and_write_kv as triton_rotary_and_write_kv
+        return triton_rotary_and_write_kv(qkv, cos, sin, heads, kv_heads, keys, values, slot, scales)
+    query_key = rotary(qkv[:, :, :heads + kv_heads].transpose(1, 2), cos, sin)
+    query, key = query_key.split([heads, kv_heads], dim=1)
+    write_kv_slot(key, qkv[:, :, heads + kv_heads:].transpose(1, 2), keys, values, slot, scales)
+    return query
+
+
 def describe_op_backends(device: torch.device) -> list[str]:
     """One line per fused-model op: the implementation it gets on `device` and why (for `ipex-llm-tf info`)."""
     name = requested_backend()

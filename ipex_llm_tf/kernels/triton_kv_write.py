@@ -1,5 +1,10 @@
 """Write one decode step's keys and values into a preallocated cache at a slot held on the device, in one kernel.
 
+`rotary_and_write_kv` does RoPE as well, on the merged q/k/v projection of the token: query heads come back rotated,
+key heads are rotated and written, value heads written, all by one kernel where a graph step ran two (triton_rotary,
+then the write). Each product and the sum round as triton_rotary's do (both compiled without fused multiply-adds),
+so the results are the same bits.
+
 Reference: two index_copy_ calls (kernels.write_kv_slot off the Triton backend). The slot is a device tensor, so a
 recorded CUDA graph writes wherever the replayed step says. key / value [batch, kv_heads, 1, head_dim] may be strided
 views (the value is a slice of the merged projection); the planes [batch, kv_heads, capacity, head_dim] need a unit
@@ -14,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_rotary import rotate_halves
+
 
 @triton.jit
 def _store_vector(x, dst, scale_dst, inside, QUANT: tl.constexpr):
@@ -24,6 +31,57 @@ def _store_vector(x, dst, scale_dst, inside, QUANT: tl.constexpr):
         tl.store(scale_dst, scale)
     else:
         tl.store(dst, x, mask=inside)
+
+
+@triton.jit
+def _store_halves(x1, x2, dst, scale_dst, half, inside, QUANT: tl.constexpr):
+    """_store_vector for a vector given as its two halves (the rotary pairing keeps them apart)."""
+    if QUANT:
+        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+        top = tl.maximum(tl.max(tl.abs(x1f), axis=0), tl.max(tl.abs(x2f), axis=0))
+        scale = tl.maximum(top, 1.1754943508222875e-38) / 448.0
+        tl.store(dst, tl.math.div_rn(x1f, scale).to(dst.dtype.element_ty), mask=inside)
+        tl.store(dst + half, tl.math.div_rn(x2f, scale).to(dst.dtype.element_ty), mask=inside)
+        tl.store(scale_dst, scale)
+    else:
+        tl.store(dst, x1, mask=inside)
+        tl.store(dst + half, x2, mask=inside)
+
+
+@triton.jit
+def _rotary_kv_write_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
+                            heads, kv_heads, half, sxb, sxh, scb, ssb, sqb, sqh,
+                            kcb, kch, kcs, vcb, vch, vcs, ksb, ksh, kss, vsb, vsh, vss,
+                            BLOCK_D: tl.constexpr, QUANT: tl.constexpr):
+    """Program (batch row, head of the merged projection): a query head rotated into q, a key head rotated into the
+    key plane at the slot, a value head copied into the value plane."""
+    per_row = heads + 2 * kv_heads
+    b = (tl.program_id(0) // per_row).to(tl.int64)
+    h = tl.program_id(0) % per_row
+    d = tl.arange(0, BLOCK_D)
+    inside = d < half
+    src = x_ptr + b * sxb + h.to(tl.int64) * sxh + d
+    x1 = tl.load(src, mask=inside, other=0.0)
+    x2 = tl.load(src + half, mask=inside, other=0.0)
+    slot = tl.load(slot_ptr).to(tl.int64)
+    if h < heads + kv_heads:
+        c1, c2 = tl.load(cos_ptr + b * scb + d, mask=inside, other=0.0), tl.load(cos_ptr + b * scb + half + d,
+                                                                                  mask=inside, other=0.0)
+        s1, s2 = tl.load(sin_ptr + b * ssb + d, mask=inside, other=0.0), tl.load(sin_ptr + b * ssb + half + d,
+                                                                                  mask=inside, other=0.0)
+        y1, y2 = rotate_halves(x1, x2, c1, c2, s1, s2)
+        if h < heads:
+            dst = q_ptr + b * sqb + h.to(tl.int64) * sqh + d
+            tl.store(dst, y1, mask=inside)
+            tl.store(dst + half, y2, mask=inside)
+        else:
+            kvh = (h - heads).to(tl.int64)
+            _store_halves(y1, y2, kc_ptr + b * kcb + kvh * kch + slot * kcs + d, ks_ptr + b * ksb + kvh * ksh
+                          + slot * kss, half, inside, QUANT)
+    else:
+        kvh = (h - heads - kv_heads).to(tl.int64)
+        _store_halves(x1, x2, vc_ptr + b * vcb + kvh * vch + slot * vcs + d, vs_ptr + b * vsb + kvh * vsh
+                      + slot * vss, half, inside, QUANT)
 
 
 @triton.jit
@@ -67,3 +125,38 @@ def write_kv_slot(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, va
             key_scales.stride(0), key_scales.stride(1), key_scales.stride(2),
             value_scales.stride(0), value_scales.stride(1), value_scales.stride(2),
             BLOCK_D=triton.next_power_of_2(dim), QUANT=quant, num_warps=1)
+
+
+def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                        keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
+                        scales: "tuple[torch.Tensor, torch.Tensor] | None" = None) -> torch.Tensor:
+    """RoPE and the cache write of one token's merged projection qkv [B, 1, H + 2 H_kv, D] (cos / sin [B or 1, 1,
+    D]): returns the rotated query [B, H, 1, D]; the rotated key and the value go to planes [B, H_kv, S, D] at
+    `slot` (float8 codes with `scales`, as write_kv_slot)."""
+    batch, tokens, total, dim = qkv.shape
+    quant = scales is not None
+    if tokens != 1 or total != heads + 2 * kv_heads or dim % 2 or keys.shape[:2] != (batch, kv_heads) \
+            or keys.shape != values.shape or keys.shape[3] != dim or keys.dtype != values.dtype \
+            or (keys.dtype != qkv.dtype and not quant):
+        raise ValueError(f"rotary_and_write_kv takes one token's qkv [B, 1, H + 2 H_kv, D] (even D) and planes "
+                         f"[B, H_kv, S, D] of its dtype, got {tuple(qkv.shape)} {qkv.dtype} with H={heads}, "
+                         f"H_kv={kv_heads} and planes {tuple(keys.shape)} {keys.dtype}")
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("rotary_and_write_kv needs cache planes with a unit last stride")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    cos, sin = (t.to(qkv.dtype).reshape(-1, dim).expand(batch, dim) for t in (cos, sin))
+    if cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    query = torch.empty((batch, heads, 1, dim), dtype=qkv.dtype, device=qkv.device)
+    key_scales, value_scales = scales if quant else (keys, values)
+    if query.numel():
+        _rotary_kv_write_kernel[(batch * total,)](
+            qkv, cos, sin, query, keys, values, key_scales, value_scales, slot, heads, kv_heads, dim // 2,
+            qkv.stride(0), qkv.stride(2), cos.stride(0), sin.stride(0), query.stride(0), query.stride(1),
+            keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+            key_scales.stride(0), key_scales.stride(1), key_scales.stride(2),
+            value_scales.stride(0), value_scales.stride(1), value_scales.stride(2),
+            BLOCK_D=triton.next_power_of_2(dim // 2), QUANT=quant, num_warps=1,
+            enable_fp_fusion=False)  # no fused multiply-adds: RoPE rounds as triton_rotary does
+    return query

@@ -14,6 +14,16 @@ import triton.language as tl
 
 
 @triton.jit
+def rotate_halves(x1, x2, c1, c2, s1, s2):
+    """x * cos + rotate_half(x) * sin on the halves of x, rotate_half(x) = [-x2 | x1], in x's dtype: each product
+    rounds to x's dtype, the sum is taken in float32 and rounded (exact only in a kernel compiled without fusion)."""
+    dt = x1.dtype
+    y1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
+    y2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+    return y1.to(dt), y2.to(dt)
+
+
+@triton.jit
 def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, seq, sxb, sxh, sxs, scb, scs, half,
                    BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
     pos = tl.program_id(0)                 # batch * seq + s
@@ -29,13 +39,10 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, seq, sxb, sxh, sxs, 
     on_d = d < half
     c1, c2 = tl.load(cos_ptr + trig, mask=on_d, other=0.0), tl.load(cos_ptr + trig + half, mask=on_d, other=0.0)
     s1, s2 = tl.load(sin_ptr + trig, mask=on_d, other=0.0), tl.load(sin_ptr + trig + half, mask=on_d, other=0.0)
-    dt = x1.dtype
-    # out = x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2 | x1]
-    y1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
-    y2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+    y1, y2 = rotate_halves(x1, x2, c1, c2, s1, s2)
     dst = out_ptr + ((b * heads + h) * seq + s) * (2 * half) + d
-    tl.store(dst, y1.to(dt), mask=inside)
-    tl.store(dst + half, y2.to(dt), mask=inside)
+    tl.store(dst, y1, mask=inside)
+    tl.store(dst + half, y2, mask=inside)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -289,20 +289,26 @@ class FusedAttention(SeparateProjectionKeys):
         qkv = self.qkv_proj(hidden_states).view(batch, q_len, -1, self.head_dim)
         query, key, value = qkv.split([self.num_heads, self.num_key_value_heads, self.num_key_value_heads], dim=2)
         cos, sin = position_embeddings
-        if self.q_norm is not None:
-            query, key = self.q_norm(query), self.k_norm(key)
-            query = apply_rotary(query.transpose(1, 2), cos, sin)
-            key = apply_rotary(key.transpose(1, 2), cos, sin)
+        if self.q_norm is None and q_len == 1 and hasattr(cache, "rotate_and_update"):
+            # a graph step's cache: RoPE and the cache write in one op
+            query, key, value = cache.rotate_and_update(qkv, cos, sin, self.layer_idx, self.num_heads,
+                                                        self.num_key_value_heads)
         else:
-            # q and k heads sit side by side in the merged projection: rotate them as one tensor, half the ops
-            query_key = apply_rotary(qkv[:, :, :self.num_heads + self.num_key_value_heads].transpose(1, 2), cos, sin)
-            query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=1)
-        value = value.transpose(1, 2)
+            if self.q_norm is not None:
+                query, key = self.q_norm(query), self.k_norm(key)
+                query = apply_rotary(query.transpose(1, 2), cos, sin)
+                key = apply_rotary(key.transpose(1, 2), cos, sin)
+            else:
+                # q and k heads sit side by side in the merged projection: rotate them as one tensor, half the ops
+                query_key = apply_rotary(qkv[:, :, :self.num_heads + self.num_key_value_heads].transpose(1, 2),
+                                         cos, sin)
+                query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=1)
+            value = value.transpose(1, 2)
+            if cache is not None:
+                key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
         kv_scales = None
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-            if key.dtype == torch.float8_e4m3fn:  # a graph step's fp8 storage: codes, with scales beside them
-                kv_scales = cache.kv_scales(self.layer_idx)
+        if cache is not None and key.dtype == torch.float8_e4m3fn:  # a graph step's fp8 storage: codes and scales
+            kv_scales = cache.kv_scales(self.layer_idx)
         # (_mask_for keeps a one-query mask's kind and shape, so asking with the model's mask answers for its result)
         fused_decode = (not self.training or self.attention_dropout == 0.0) and \
             kernels.decode_attention_applies(query, attention_mask)

@@ -106,6 +106,16 @@ class _SpanView:
         kernels.write_kv_slot(key, value, keys, values, self.slot, self.kv_scales(layer_idx))
         return keys, values
 
+    def rotate_and_update(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_idx: int, heads: int,
+                          kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For one token's merged q/k/v [B, 1, H + 2 H_kv, D]: (its query after RoPE, the span's keys, its values),
+        the rotated key and the value written in (kernels.rotary_and_write_kv: one kernel on Triton)."""
+        planes = self.storage[layer_idx]
+        keys, values = planes["keys"][:, :, :self.span], planes["values"][:, :, :self.span]
+        query = kernels.rotary_and_write_kv(qkv, cos, sin, heads, kv_heads, keys, values, self.slot,
+                                            self.kv_scales(layer_idx))
+        return query, keys, values
+
     def kv_scales(self, layer_idx: int) -> "tuple[torch.Tensor, torch.Tensor] | None":
         """The span's per-vector key and value scales of an fp8 cache, else None."""
         planes = self.storage[layer_idx]

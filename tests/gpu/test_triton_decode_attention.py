@@ -1,5 +1,5 @@
 """One-query decode attention (kernels.triton_decode_attention) against SDPA in float32; the decode step's KV write
-(kernels.triton_kv_write) against index_copy_.
+(kernels.triton_kv_write) against index_copy_, and its RoPE-and-write against triton_rotary then the write, bit for bit.
 
 The kernel computes in float32 and rounds once, so it lies within a few units in the last place of the dtype of the
 float32 reference (relative to the largest output). Skipped without a GPU (or run with TRITON_INTERPRET=1 on the CPU).
@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None, reason="needs 
 triton = pytest.importorskip("triton")
 
 from ipex_llm_tf.kernels import triton_decode_attention as TDA  # noqa: E402
-from ipex_llm_tf.kernels.triton_kv_write import write_kv_slot  # noqa: E402
+from ipex_llm_tf.kernels.triton_kv_write import rotary_and_write_kv, write_kv_slot  # noqa: E402
+from ipex_llm_tf.kernels.triton_rotary import rotary  # noqa: E402
 from ipex_llm_tf.kernels.reference import decode_attention_reference, quantize_kv_vectors  # noqa: E402
 from ipex_llm_tf.kernels.triton_linear import fp8_native  # noqa: E402
 
@@ -121,3 +122,67 @@ def test_kv_write_quantizes_like_the_fp8_cache() -> None:
         want_codes, want_scale = quantize_kv_vectors(states)
         assert torch.equal(codes[:, :, 9:10].view(torch.uint8), want_codes.view(torch.uint8))
         assert torch.equal(scale[:, :, 9:10], want_scale)
+
+
+def _merged_token(batch: int, heads: int, kv_heads: int, dim: int, dtype: torch.dtype):
+    """One token's merged q/k/v projection [B, 1, H + 2 H_kv, D] as a step has it (a view of a wider output), with
+    cos / sin as transformers' rotary embedding gives them."""
+    gen = torch.Generator().manual_seed(heads + dim)
+    wide = torch.randn(batch, 1, heads + 2 * kv_heads + 3, dim, generator=gen).to(DEVICE, dtype)
+    angle = torch.rand(batch, 1, dim // 2, generator=gen).to(DEVICE) * 6.0
+    cos, sin = (torch.cat([f(angle), f(angle)], dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    return wide[:, :, :heads + 2 * kv_heads], cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(4, 4, 64), (8, 2, 80)])
+def test_rotary_and_write_kv_equals_rotary_then_write(dtype, heads, kv_heads, dim) -> None:
+    if INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter does not emulate bf16 arithmetic")
+    qkv, cos, sin = _merged_token(2, heads, kv_heads, dim, dtype)
+    planes = [torch.randn(2, kv_heads, 40, dim, device=DEVICE).to(dtype) for _ in range(2)]
+    want_planes = [plane.clone() for plane in planes]
+    slot = torch.tensor([23], device=DEVICE)
+    query_key = rotary(qkv[:, :, :heads + kv_heads].transpose(1, 2), cos, sin)
+    want_query, key = query_key.split([heads, kv_heads], dim=1)
+    write_kv_slot(key, qkv[:, :, heads + kv_heads:].transpose(1, 2), *want_planes, slot)
+    for cos_sin in ((cos, sin), (cos[:1], sin[:1])):  # per-row positions, and one row broadcast
+        if cos_sin[0].shape[0] == 1:
+            query_key = rotary(qkv[:, :, :heads + kv_heads].transpose(1, 2), *cos_sin)
+            want_query, key = query_key.split([heads, kv_heads], dim=1)
+            write_kv_slot(key, qkv[:, :, heads + kv_heads:].transpose(1, 2), *want_planes, slot)
+        query = rotary_and_write_kv(qkv, *cos_sin, heads, kv_heads, planes[0][:, :, :32], planes[1][:, :, :32], slot)
+        assert torch.equal(query, want_query), "query heads"
+        assert torch.equal(planes[0], want_planes[0]) and torch.equal(planes[1], want_planes[1]), "cache planes"
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or not fp8_native(torch.device("cuda")),
+                    reason="quantizing in the kernel needs Triton's float8 conversion (CUDA sm_89+)")
+def test_rotary_and_write_kv_quantizes_like_the_fp8_cache() -> None:
+    qkv, cos, sin = _merged_token(2, 8, 2, 64, torch.float16)
+    qkv = qkv * 3
+    planes = [torch.zeros(2, 2, 40, 64, device=DEVICE, dtype=torch.float8_e4m3fn) for _ in range(2)]
+    scales = tuple(torch.zeros(2, 2, 40, 1, device=DEVICE) for _ in range(2))
+    want_planes = [plane.clone() for plane in planes]
+    want_scales = tuple(scale.clone() for scale in scales)
+    slot = torch.tensor([5], device=DEVICE)
+    query_key = rotary(qkv[:, :, :10].transpose(1, 2), cos, sin)
+    write_kv_slot(query_key[:, 8:], qkv[:, :, 10:].transpose(1, 2), *want_planes, slot, want_scales)
+    query = rotary_and_write_kv(qkv, cos, sin, 8, 2, *planes, slot, scales)
+    assert torch.equal(query, query_key[:, :8])
+    for got, want in zip(planes + list(scales), want_planes + list(want_scales)):
+        assert torch.equal(got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
+                           want.view(torch.uint8) if want.dtype == torch.float8_e4m3fn else want)
+
+
+def test_rotary_and_write_kv_rejects_bad_shapes() -> None:
+    qkv, cos, sin = _merged_token(1, 4, 2, 64, torch.float16)
+    planes = [torch.zeros(1, 2, 8, 64, device=DEVICE, dtype=torch.float16) for _ in range(2)]
+    slot = torch.tensor([0], device=DEVICE)
+    with pytest.raises(ValueError, match="H \\+ 2 H_kv"):
+        rotary_and_write_kv(qkv, cos, sin, 4, 3, *planes, slot)
+    with pytest.raises(ValueError, match="H \\+ 2 H_kv"):
+        rotary_and_write_kv(torch.cat([qkv, qkv], dim=1), cos, sin, 4, 2, *planes, slot)
+    with pytest.raises(ValueError, match="unit last stride"):
+        bad = torch.zeros(1, 2, 64, 8, device=DEVICE, dtype=torch.float16).transpose(2, 3)
+        rotary_and_write_kv(qkv, cos, sin, 4, 2, bad, bad.clone(), slot)
