@@ -19,6 +19,8 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_row_stride, out_row_stride
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < n_cols
+    # the weight is read first: issued after the reduction, its load would start only once the sum was done
+    w = tl.load(w_ptr + cols, mask=inside, other=0.0)
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=inside, other=0.0)
     if res_ptr is not None:
         x = tl.load(res_ptr + row * res_row_stride + cols, mask=inside, other=0.0) + x
@@ -26,7 +28,6 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_row_stride, out_row_stride
     xf = x.to(tl.float32)
     variance = tl.sum(xf * xf, axis=0) / n_cols
     normed = (xf * tl.math.rsqrt(variance + eps)).to(x.dtype)
-    w = tl.load(w_ptr + cols, mask=inside, other=0.0)
     y = w.to(out_ptr.dtype.element_ty) * normed.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * out_row_stride + cols, y, mask=inside)
 

@@ -66,6 +66,28 @@ def test_masked_split_and_broadcast_mask() -> None:
     _check(TDA.decode_attention(q, k, v, key_ok.expand(2, 300), 0.125), want, torch.float16)
 
 
+def test_masked_slots_holding_nan_leave_no_trace() -> None:
+    """Masked keys count for nothing, whatever their slots hold: NaN / inf values, float8 NaN codes or NaN scales
+    give the output of a cache with those slots zeroed."""
+    q, k, v = _inputs(2, 8, 2, 70, 64, torch.float16, 70)
+    key_ok = torch.ones(2, 70, dtype=torch.bool, device=DEVICE)
+    key_ok[0, :33] = False  # a whole key step of row 0 masked, and part of the next
+    key_ok[1, 50:60] = False
+    clean = [t.clone() for t in (k, v)]
+    for t, bad in ((k, float("nan")), (v, float("inf"))):
+        t.masked_fill_(~key_ok[:, None, :, None], bad)
+    want = decode_attention_reference(q.float(), clean[0].float(), clean[1].float(), key_ok, 0.125)
+    _check(TDA.decode_attention(q, k, v, key_ok, 0.125), want, torch.float16)
+    (kc, ks), (vc, vs) = quantize_kv_vectors(clean[0]), quantize_kv_vectors(clean[1])
+    want = decode_attention_reference(q.float(), kc, vc, key_ok, 0.125, (ks, vs))
+    hidden = ~key_ok[:, None, :, None]
+    for codes in (kc, vc):
+        codes.view(torch.uint8).masked_fill_(hidden, 0x7F)  # e4m3fn NaN
+    for scale in (ks, vs):
+        scale.masked_fill_(hidden, float("nan"))
+    _check(TDA.decode_attention(q, kc, vc, key_ok, 0.125, (ks, vs)), want.float(), torch.float16)
+
+
 def test_rejects_bad_shapes() -> None:
     q, k, v = _inputs(1, 6, 4, 8, 64, torch.float16, 8)
     with pytest.raises(ValueError, match="H_kv dividing H"):
