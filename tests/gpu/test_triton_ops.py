@@ -41,6 +41,8 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, ulps: floa
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 4096), (3, 7, 576), (5, 128), (2, 4, 9, 100)])
 def test_rms_norm(dtype: torch.dtype, shape: tuple) -> None:
+    if INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("the interpreter does not emulate bfloat16 arithmetic (its rows come out NaN); run on a device")
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=gen) * 3).to(DEVICE, dtype)
     w = torch.rand(shape[-1], generator=gen).add(0.5).to(DEVICE, dtype)
