@@ -101,8 +101,7 @@ class _SpanView:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The span's keys and values (float8 codes for an fp8 cache: see kv_scales), this token's written in."""
-        planes = self.storage[layer_idx]
-        keys, values = planes["keys"][:, :, :self.span], planes["values"][:, :, :self.span]
+        keys, values = self._span_planes(layer_idx)
         kernels.write_kv_slot(key, value, keys, values, self.slot, self.kv_scales(layer_idx))
         return keys, values
 
@@ -110,11 +109,15 @@ class _SpanView:
                           kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For one token's merged q/k/v [B, 1, H + 2 H_kv, D]: (its query after RoPE, the span's keys, its values),
         the rotated key and the value written in (kernels.rotary_and_write_kv: one kernel on Triton)."""
-        planes = self.storage[layer_idx]
-        keys, values = planes["keys"][:, :, :self.span], planes["values"][:, :, :self.span]
+        keys, values = self._span_planes(layer_idx)
         query = kernels.rotary_and_write_kv(qkv, cos, sin, heads, kv_heads, keys, values, self.slot,
                                             self.kv_scales(layer_idx))
         return query, keys, values
+
+    def _span_planes(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key and value planes, cut to the span this step reads."""
+        planes = self.storage[layer_idx]
+        return planes["keys"][:, :, :self.span], planes["values"][:, :, :self.span]
 
     def kv_scales(self, layer_idx: int) -> "tuple[torch.Tensor, torch.Tensor] | None":
         """The span's per-vector key and value scales of an fp8 cache, else None."""
