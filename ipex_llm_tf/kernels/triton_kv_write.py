@@ -23,10 +23,16 @@ from .triton_rotary import rotate_halves
 
 
 @triton.jit
+def _e4m3_scale(top):
+    """A vector's float8 scale from its largest magnitude: top / 448, top clamped above zero (Fp8BlockKVLayer's)."""
+    return tl.maximum(top, 1.1754943508222875e-38) / 448.0
+
+
+@triton.jit
 def _store_vector(x, dst, scale_dst, inside, QUANT: tl.constexpr):
     if QUANT:
         xf = x.to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(xf), axis=0), 1.1754943508222875e-38) / 448.0
+        scale = _e4m3_scale(tl.max(tl.abs(xf), axis=0))
         tl.store(dst, tl.math.div_rn(xf, scale).to(dst.dtype.element_ty), mask=inside)
         tl.store(scale_dst, scale)
     else:
@@ -38,8 +44,7 @@ def _store_halves(x1, x2, dst, scale_dst, half, inside, QUANT: tl.constexpr):
     """_store_vector for a vector given as its two halves (the rotary pairing keeps them apart)."""
     if QUANT:
         x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-        top = tl.maximum(tl.max(tl.abs(x1f), axis=0), tl.max(tl.abs(x2f), axis=0))
-        scale = tl.maximum(top, 1.1754943508222875e-38) / 448.0
+        scale = _e4m3_scale(tl.maximum(tl.max(tl.abs(x1f), axis=0), tl.max(tl.abs(x2f), axis=0)))
         tl.store(dst, tl.math.div_rn(x1f, scale).to(dst.dtype.element_ty), mask=inside)
         tl.store(dst + half, tl.math.div_rn(x2f, scale).to(dst.dtype.element_ty), mask=inside)
         tl.store(scale_dst, scale)
