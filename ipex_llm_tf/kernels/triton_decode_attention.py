@@ -1,4 +1,6 @@
-"""One-query (decode) attention as Triton kernels: the keys split over programs, then one pass combining the splits.
+"""One-query (decode) attention as Triton kernels: the keys split over programs, and the last program of a query to
+finish combines the splits (an arrival counter per query, left at zero for the next call; a second kernel does it
+instead while a graph is being captured and no counters exist yet).
 
 Reference: decode_attention_reference (PyTorch's SDPA). q [batch, heads, 1, head_dim]; k, v [batch, kv_heads, keys,
 head_dim] with a unit last stride (the first `keys` slots of a preallocated cache are such views); key_ok [batch,
@@ -21,6 +23,7 @@ import triton.language as tl
 
 from .triton_gemv import fp8_bytes_to_float
 from .triton_linear import fp8_native, sm_count
+from .triton_tuning import capturing
 
 BLOCK_S = 32  # keys per step of a program (host side)
 # running-max start: finite, so a split whose keys are all masked yields weight 0, not NaN
@@ -40,14 +43,16 @@ def _load_rows(base, s, stride, d, tile, FP8: tl.constexpr, NATIVE: tl.constexpr
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, ks_ptr, vs_ptr, part_ptr, ml_ptr, out_ptr,
+def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, ks_ptr, vs_ptr, part_ptr, ml_ptr, out_ptr, arrived_ptr,
                   heads, groups, keys, keys_per_split, scale,
                   sqb, sqh, skb, skh, sks, svb, svh, svs, sokb, sksb, sksh, skss, svsb, svsh, svss,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
-                  DIRECT: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr):
+                  DIRECT: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr, LAST_COMBINES: tl.constexpr,
+                  BLOCK_P: tl.constexpr):
     """Online softmax of query (batch, head) = program 0 over its split of the keys (program 1).
 
-    DIRECT (one split): write the normalised output; else the unnormalised sum, its running max and its weight.
+    DIRECT (one split): write the normalised output; else the unnormalised sum, its running max and its weight, and
+    with LAST_COMBINES the query's last program to arrive (arrived_ptr counts them) combines all of them.
     """
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -88,17 +93,31 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, ks_ptr, vs_ptr, part_ptr, ml_ptr,
         out = tl.where(weight > 0, acc / weight, 0.0)
         tl.store(out_ptr + bh.to(tl.int64) * D + d, out.to(out_ptr.dtype.element_ty), mask=on_d)
     else:
-        row = bh.to(tl.int64) * tl.num_programs(1) + split
+        splits = tl.num_programs(1)
+        row = bh.to(tl.int64) * splits + split
         tl.store(part_ptr + row * D + d, acc, mask=on_d)
         tl.store(ml_ptr + row * 2, m)
         tl.store(ml_ptr + row * 2 + 1, weight)
+        if LAST_COMBINES:
+            # every thread's stores come before the arrival (the barrier); the release makes them visible to the
+            # program that arrives last, whose acquire orders its reads after all of them
+            tl.debug_barrier()
+            before = tl.atomic_add(arrived_ptr + bh, 1, sem="acq_rel")
+            if before == splits - 1:
+                _combine(part_ptr, ml_ptr, out_ptr, bh.to(tl.int64), splits, D, BLOCK_D, BLOCK_P)
+                tl.atomic_xchg(arrived_ptr + bh, 0, sem="relaxed")  # zero again; kernel boundaries order it
 
 
 @triton.jit
 def _combine_kernel(part_ptr, ml_ptr, out_ptr, splits,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The combine of query program 0's splits, as a kernel of its own (see _combine)."""
+    _combine(part_ptr, ml_ptr, out_ptr, tl.program_id(0).to(tl.int64), splits, D, BLOCK_D, BLOCK_P)
+
+
+@triton.jit
+def _combine(part_ptr, ml_ptr, out_ptr, bh, splits, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
     """out[bh] = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) weight_i over the splits i of query bh."""
-    bh = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK_P)
     d = tl.arange(0, BLOCK_D)
     on_i = i < splits
@@ -111,6 +130,27 @@ def _combine_kernel(part_ptr, ml_ptr, out_ptr, splits,
     out = tl.sum(acc * scale[:, None], axis=0)
     out = tl.where(total > 0, out / total, 0.0)
     tl.store(out_ptr + bh * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+# Arrival counters per device, shared by every call there: attention calls on one device run one after another
+# (decode is one stream, graph replays included). A buffer outgrown stays alive in _RETIRED, as graphs captured
+# earlier keep its address.
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
+
+
+def _arrival_counters(device: torch.device, queries: int) -> torch.Tensor | None:
+    """Zeroed int32 counters for `queries` queries (each call leaves them zero); None inside a graph capture when
+    none large enough exist yet (a buffer made there would be zeroed only when the graph first replays)."""
+    counters = _ARRIVALS.get(device)
+    if counters is not None and counters.numel() >= queries:
+        return counters
+    if capturing(device):
+        return None
+    if counters is not None:
+        _RETIRED.append(counters)
+    counters = _ARRIVALS[device] = torch.zeros(max(queries, 1024), dtype=torch.int32, device=device)
+    return counters
 
 
 def _splits(programs: int, keys: int, device: torch.device) -> int:
@@ -149,19 +189,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: 
     per_split = -(-keys // (splits * BLOCK_S)) * BLOCK_S
     splits = -(-keys // per_split) if keys else 1
     part = ml = out
+    arrived = None
     if splits > 1:
         part = torch.empty((batch * heads * splits, dim), device=q.device, dtype=torch.float32)
         ml = torch.empty((batch * heads * splits, 2), device=q.device, dtype=torch.float32)
+        arrived = _arrival_counters(q.device, batch * heads)
     block_d = triton.next_power_of_2(dim)
+    block_p = triton.next_power_of_2(splits)
     _split_kernel[(batch * heads, splits)](
-        q, k, v, ok if ok is not None else q, k_scales, v_scales, part, ml, out,
+        q, k, v, ok if ok is not None else q, k_scales, v_scales, part, ml, out, out if arrived is None else arrived,
         heads, heads // kv_heads, keys, per_split, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         ok.stride(0) if ok is not None else 0, *(k_scales.stride()[:3] if fp8 else (0, 0, 0)),
         *(v_scales.stride()[:3] if fp8 else (0, 0, 0)),
         D=dim, BLOCK_D=block_d, BLOCK_S=BLOCK_S, HAS_MASK=ok is not None, DIRECT=splits == 1, FP8=fp8, NATIVE=native,
-        num_warps=4)
-    if splits > 1:
-        _combine_kernel[(batch * heads,)](part, ml, out, splits, D=dim, BLOCK_D=block_d,
-                                          BLOCK_P=triton.next_power_of_2(splits), num_warps=4)
+        LAST_COMBINES=arrived is not None, BLOCK_P=block_p, num_warps=4)
+    if splits > 1 and arrived is None:
+        _combine_kernel[(batch * heads,)](part, ml, out, splits, D=dim, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=4)
     return out

@@ -43,15 +43,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether the device's current stream is capturing a graph (nothing may be timed or allocated afresh then)."""
+    check = getattr(getattr(torch, device.type, None), "is_current_stream_capturing", None)
+    return bool(check is not None and check())
+
+
 def autotune_enabled(device: torch.device) -> bool:
     if device.type not in ("cuda", "xpu") or _interpreting():
         return False
     if os.environ.get("IPEX_LLM_TF_TRITON_AUTOTUNE", "1").strip() in ("0", "false", "no", ""):
         return False
-    capturing = getattr(getattr(torch, device.type), "is_current_stream_capturing", None)
-    if capturing is not None and capturing():  # nothing may be timed (or synchronized) inside a graph capture
-        return False
-    return True
+    return not capturing(device)  # nothing may be timed (or synchronized) inside a graph capture
 
 
 _SM_COUNT: dict[torch.device, int] = {}

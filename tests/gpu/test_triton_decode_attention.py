@@ -88,6 +88,26 @@ def test_masked_slots_holding_nan_leave_no_trace() -> None:
     _check(TDA.decode_attention(q, kc, vc, key_ok, 0.125, (ks, vs)), want.float(), torch.float16)
 
 
+def test_last_split_combines_and_leaves_counters_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last split to arrive combines (counters back at zero after every call, so calls repeat exactly), and
+    equals the separate combine kernel that runs while a graph capture finds no counters."""
+    q, k, v = _inputs(2, 4, 2, 700, 64, torch.float16, 700)
+    key_ok = torch.rand(2, 700, generator=torch.Generator().manual_seed(5)).to(DEVICE) > 0.2
+    want = decode_attention_reference(q.float(), k.float(), v.float(), key_ok, 0.125)
+    first = TDA.decode_attention(q, k, v, key_ok, 0.125)
+    counters = TDA._ARRIVALS[q.device]
+    assert TDA._splits(8, 700, q.device) > 1 and int(counters.abs().sum()) == 0
+    _check(first, want, torch.float16)
+    assert torch.equal(TDA.decode_attention(q, k, v, key_ok, 0.125), first)
+    assert int(counters.abs().sum()) == 0
+    monkeypatch.setattr(TDA, "capturing", lambda device: True)  # a capture with no counters large enough
+    monkeypatch.setattr(TDA, "_ARRIVALS", {})
+    assert TDA._arrival_counters(q.device, 8) is None
+    separate = TDA.decode_attention(q, k, v, key_ok, 0.125)
+    _check(separate, want, torch.float16)
+    torch.testing.assert_close(separate, first, rtol=2 ** -10, atol=0)
+
+
 def test_rejects_bad_shapes() -> None:
     q, k, v = _inputs(1, 6, 4, 8, 64, torch.float16, 8)
     with pytest.raises(ValueError, match="H_kv dividing H"):
