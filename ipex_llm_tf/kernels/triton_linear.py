@@ -52,6 +52,8 @@ GEMV_MAX_ROWS = 2
 # won at 64 rows (126 vs 162 us for sym_int4) and lost from 256 (228 vs 155 us).
 FUSED_MAX_ROWS = 64
 FUSED_MAX_ROWS_FP8 = 64
+# Up to this many rows autotuning times candidates as graph decode runs them (weights from memory, no host time).
+DECODE_TUNING_ROWS = 16
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,8 +284,12 @@ def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
         key = ("mm", kind, _row_bucket(m), n, k, x.dtype)
     else:
         return (dequant_matmul_fp8 if fp8 else dequant_matmul_blocks, None), True
-    plan = _pick(key, options, lambda o: o[0](x, ops, None, n) if o[1] is None else o[0](x, ops, None, n, o[1]),
-                 device)
+    def run(option, replica=ops):
+        launch, cfg = option
+        return launch(x, replica, None, n) if cfg is None else launch(x, replica, None, n, cfg)
+
+    # decode rows (up to a batch of 16) are timed as graph decode runs them (triton_tuning._pick)
+    plan = _pick(key, options, run, device, operands=ops if m <= DECODE_TUNING_ROWS else None)
     return plan, _settled(key, options, device)
 
 
@@ -340,7 +346,8 @@ def linear_silu(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.
         candidates = [c for c in _block_gemv_candidates(m, out_features, ops, x.device)
                       if c.split_k == 1 and c.block_n % 2 == 0]
         tune_key = ("gemv-gated", ops.kind, m, out_features, ops.in_features, x.dtype)
-        cfg = _pick(tune_key, candidates, lambda c: gemv_gated(x, ops, None, out_features, c), x.device)
+        cfg = _pick(tune_key, candidates, lambda c, replica=ops: gemv_gated(x, replica, None, out_features, c),
+                    x.device, operands=ops)
         if _settled(tune_key, candidates, x.device):
             ops.plans[key] = cfg
     return gemv_gated(x, ops, bias, out_features, cfg)

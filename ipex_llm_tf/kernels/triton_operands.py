@@ -47,6 +47,20 @@ class BlockOperands:
                        mins=scales if self.mins is self.scales else self.mins[start:end], qh=self.qh[start:end],
                        table=self.table if self.kind in CODEBOOK_KINDS else scales, plans={})
 
+    def replica(self) -> "BlockOperands":
+        """A copy of the tensors the kernels read, aliases kept (autotuning rotates replicas so weights come from
+        memory, not L2)."""
+        words = self.words.clone()
+        scales = self.scales.clone()
+        return replace(self, words=words, scales=scales, mins=scales if self.mins is self.scales else self.mins.clone(),
+                       qh=words if self.qh is self.words else self.qh.clone(),
+                       table=self.table if self.kind in CODEBOOK_KINDS else scales, plans={})
+
+    def nbytes(self) -> int:
+        """Bytes of weight a GEMV reads (codes, 5th bits or high plane, scales, mins)."""
+        tensors = {id(t): t for t in (self.words, self.qh, self.scales, self.mins)}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
 
 @dataclass
 class Fp8Operands:
@@ -61,6 +75,14 @@ class Fp8Operands:
         """The operands of output rows [start, start + rows) (views)."""
         return replace(self, qweight=self.qweight[start:start + rows], scales=self.scales[start:start + rows],
                        plans={})
+
+    def replica(self) -> "Fp8Operands":
+        """A copy of the tensors the kernels read (see BlockOperands.replica)."""
+        return replace(self, qweight=self.qweight.clone(), scales=self.scales.clone(), plans={})
+
+    def nbytes(self) -> int:
+        """Bytes of weight a GEMV reads."""
+        return self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * 4
 
 
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}

@@ -1,9 +1,15 @@
 """Launch configurations of the Triton low-bit matmuls and their autotuning (used by triton_linear).
 
 Configurations come from a heuristic; with IPEX_LLM_TF_TRITON_AUTOTUNE=1 (the default on CUDA) the first call for
-each (path, format kind, M bucket, N, K, dtype) times a few candidates with triton.testing.do_bench (which clears L2
-between runs) and keeps the fastest for the rest of the process, and on disk for later ones (tuning_cache). Tuning is
-skipped inside graph capture, under the Triton interpreter and when the variable is 0.
+each (path, format kind, M bucket, N, K, dtype) times a few candidates and keeps the fastest for the rest of the
+process, and on disk for later ones (tuning_cache). Tuning is skipped inside graph capture, under the Triton
+interpreter and when the variable is 0.
+
+Decode launches (a few rows) on CUDA are timed as graph decode runs them: one CUDA graph of the launch on several
+replicas of the weight back to back, so each reads its weight from memory and no host time is counted.
+triton.testing.do_bench, which times the rest, zeroes a 256 MB buffer before each call to clear L2; the dirty lines
+it leaves cost the next kernel ~17 us of write-back on an H100, more than a whole 7B decode GEMV (7-15 us), and its
+picks were up to 25% slower than the best tile (session 12). XPU keeps do_bench: graph decode there is opt-in.
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import triton
@@ -95,9 +101,56 @@ def _scope(device: torch.device) -> str:
     return _SCOPES[device]
 
 
-def _pick(key: tuple, candidates: list, run: Callable[[object], object], device: torch.device):
+# Autotuning by graph replays rotates through this many bytes of weight replicas (a few times an H100's 50 MB L2),
+# at most _MAX_REPLICAS of them; they live only while the candidates are timed.
+_ROTATION_BYTES = 160 << 20
+_MAX_REPLICAS = 8
+_REPLAYS = 10
+
+
+def replicas_for(operands: Any) -> list:
+    """operands plus enough copies (operands.replica()) that launches rotating through them read from memory."""
+    count = min(_MAX_REPLICAS, max(1, -(-_ROTATION_BYTES // max(1, operands.nbytes()))))
+    try:
+        return [operands] + [operands.replica() for _ in range(count - 1)]
+    except torch.OutOfMemoryError:  # too little memory to spare: time on the one weight
+        return [operands]
+
+
+_WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _replay_ms(calls: Sequence[Callable[[], object]], device: torch.device) -> float:
+    """Best per-call ms of `calls` recorded back to back in one CUDA graph and replayed (decode's conditions)."""
+    # one side stream per device: cuBLAS keeps a workspace per stream for the life of the process
+    stream = _WARMUP_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # compiles, and raises for a candidate the device cannot run, before capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    best = float("inf")
+    for _ in range(3):
+        start.record()
+        for _ in range(_REPLAYS):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / (_REPLAYS * len(calls)))
+    return best
+
+
+def _pick(key: tuple, candidates: list, run: Callable[..., object], device: torch.device,
+          operands: Any = None):
     """candidates[0], or with autotuning on the fastest candidate for this key: timed once, then remembered for this
-    process and (tuning_cache) later ones."""
+    process and (tuning_cache) later ones. run(candidate) launches one; with `operands` (a decode launch's weight
+    operands) run(candidate, replica) launches it on a replica and CUDA times it by graph replays."""
     if key in _TUNED:
         return _TUNED[key]
     if len(candidates) == 1 or not autotune_enabled(device):
@@ -108,10 +161,19 @@ def _pick(key: tuple, candidates: list, run: Callable[[object], object], device:
         return stored
     from triton.testing import do_bench
 
+    if operands is not None and device.type == "cuda":
+        replicas = replicas_for(operands)
+
+        def time_ms(cfg):
+            return _replay_ms([lambda r=r: run(cfg, r) for r in replicas], device)
+    else:
+        def time_ms(cfg):
+            return do_bench(lambda: run(cfg), warmup=5, rep=25, return_mode="median")
+
     best, best_ms = candidates[0], float("inf")
     for cfg in dict.fromkeys(candidates):
         try:
-            ms = do_bench(lambda: run(cfg), warmup=5, rep=25, return_mode="median")
+            ms = time_ms(cfg)
         except Exception:  # a candidate that does not compile on this device (shared memory, registers)
             continue
         if ms < best_ms:

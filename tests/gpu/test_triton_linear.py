@@ -168,7 +168,7 @@ def test_two_plane_tiles_are_not_software_pipelined(monkeypatch: pytest.MonkeyPa
     table loads into per-element async copies); nf4 (table gathered from registers) and integer formats keep theirs."""
     timed: dict[str, set] = {}
 
-    def record(key, options, run, device):
+    def record(key, options, run, device, operands=None):
         timed[key[1]] = {cfg.num_stages for launch, cfg in options if launch is TL.matmul_blocks}
         return options[0]
 
@@ -178,6 +178,39 @@ def test_two_plane_tiles_are_not_software_pipelined(monkeypatch: pytest.MonkeyPa
         ops = TL.block_operands(fmt, parts)
         TL._plan(torch.randn(4, 128, device=DEVICE).to(torch.float16), ops, 64)
         assert timed[ops.kind] == ({1} if ops.kind in TL.PLANE_KINDS else {3, 4}), fmt_name
+
+
+def test_decode_autotuning_replays_graphs_on_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With autotuning on, a decode row's GEMV is tuned by graph replays over weight replicas (never do_bench), the
+    pick is one of the candidates, the replicas are freed afterwards and the planned launch computes the product."""
+    if DEVICE != "cuda":
+        pytest.skip("graph-replay tuning is CUDA's (XPU and the interpreter keep do_bench or no tuning)")
+    import triton.testing
+    monkeypatch.setenv("IPEX_LLM_TF_TRITON_AUTOTUNE", "1")
+    monkeypatch.setenv("IPEX_LLM_TF_TUNING_CACHE", "0")
+    from ipex_llm_tf.kernels import triton_tuning
+    tuned: dict = {}  # one fresh table for the tuner and the planner that reads it
+    monkeypatch.setattr(triton_tuning, "_TUNED", tuned)
+    monkeypatch.setattr(TL, "_TUNED", tuned)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda *a, **k: pytest.fail("decode rows used do_bench"))
+    n, k = 300, 4160
+    fmt, parts, w_ref = _weight("sym_int4", n, k)
+    ops = TL.block_operands(fmt, parts)
+    x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    (launch, cfg), final = TL._plan(x, ops, n)
+    torch.cuda.synchronize()
+    assert final and launch is TL.gemv_blocks and cfg in TL._block_gemv_candidates(1, n, ops, x.device)
+    assert torch.cuda.memory_allocated() - before < (1 << 20), "replicas and graph pools are released"
+    _check(launch(x, ops, None, n, cfg), F.linear(x.float(), w_ref), torch.float16, "tuned GEMV")
+    # batch rows also time dequantize + cuBLAS, which keeps a workspace per stream: tuning must not add one per key
+    TL._plan(torch.randn(4, k, device=DEVICE, dtype=torch.float16), ops, n)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    TL._plan(torch.randn(16, k, device=DEVICE, dtype=torch.float16), ops, n)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before < (1 << 20), "a second key's tuning kept memory"
 
 
 def test_dispatch_through_low_bit_linear() -> None:

@@ -1,0 +1,133 @@
+"""kernels.triton_tuning._pick: which timer autotuning uses, and the weight replicas decode tuning rotates through.
+
+Pure Python and CPU tensors: the timers are replaced by fakes that record what they were asked to run, so the logic
+(decode launches timed by graph replays over replicas, the rest by do_bench, failing candidates skipped) is checked
+without a GPU. tests/gpu/test_triton_linear.py runs the real replay timer on a device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from ipex_llm_tf.formats import get_format  # noqa: E402
+from ipex_llm_tf.kernels import triton_tuning as TT  # noqa: E402
+from ipex_llm_tf.kernels.triton_operands import block_operands, fp8_operands  # noqa: E402
+
+CUDA = torch.device("cuda")
+
+
+@dataclass
+class FakeOperands:
+    size: int
+    copies: list = field(default_factory=list)
+
+    def nbytes(self) -> int:
+        return self.size
+
+    def replica(self) -> "FakeOperands":
+        copy = FakeOperands(self.size)
+        self.copies.append(copy)
+        return copy
+
+
+@pytest.fixture
+def tuning(monkeypatch: pytest.MonkeyPatch):
+    """Autotuning on for a pretend CUDA device, nothing stored on disk, do_bench and the replay timer recorded."""
+    monkeypatch.setattr(TT, "autotune_enabled", lambda device: True)
+    monkeypatch.setattr(TT, "_scope", lambda device: "test scope")
+    monkeypatch.setattr(TT, "_TUNED", {})
+    monkeypatch.setenv("IPEX_LLM_TF_TUNING_CACHE", "0")
+    seen: dict[str, list] = {"do_bench": [], "replay": []}
+
+    def fake_do_bench(fn, **kwargs):
+        seen["do_bench"].append(fn)
+        fn()
+        return 1.0
+
+    def fake_replay(calls, device):
+        seen["replay"].append(len(calls))
+        return sum(call() for call in calls) / len(calls)
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(TT, "_replay_ms", fake_replay)
+    return seen
+
+
+def test_decode_launches_are_timed_by_replays_over_replicas(tuning) -> None:
+    """With operands, every candidate runs on every replica inside the replay timer and the fastest wins."""
+    ops = FakeOperands(40 << 20)  # 40 MB: four replicas make the 160 MB rotation
+    speed = {"a": 3.0, "b": 1.0, "c": 2.0}
+    ran: list[tuple[str, int]] = []
+
+    def run(cfg, replica=ops):
+        ran.append((cfg, id(replica)))
+        return speed[cfg]
+
+    assert TT._pick(("gemv", 1), ["a", "b", "c"], run, CUDA, operands=ops) == "b"
+    assert not tuning["do_bench"], "decode launches are not timed by do_bench"
+    assert tuning["replay"] == [4, 4, 4]
+    replica_ids = {id(ops)} | {id(copy) for copy in ops.copies}
+    assert len(replica_ids) == 4 and {cfg for cfg, _ in ran} == {"a", "b", "c"}
+    assert all({r for c, r in ran if c == cfg} == replica_ids for cfg in speed), "each candidate on each replica"
+    assert TT._pick(("gemv", 1), ["a", "b", "c"], run, CUDA, operands=ops) == "b"
+    assert tuning["replay"] == [4, 4, 4], "a key is timed once per process"
+
+
+def test_other_launches_and_devices_use_do_bench(tuning) -> None:
+    """Without operands (prefill rows), or on a device other than CUDA, candidates are timed by do_bench."""
+    assert TT._pick(("mm", 64), ["a", "b"], lambda cfg: None, CUDA) == "a"
+    xpu_ops = FakeOperands(1 << 20)
+    assert TT._pick(("gemv", 2), ["a", "b"], lambda cfg, replica=xpu_ops: None, torch.device("xpu"),
+                    operands=xpu_ops) == "a"
+    assert len(tuning["do_bench"]) == 4 and not tuning["replay"] and not xpu_ops.copies
+
+
+def test_a_candidate_that_fails_is_skipped(tuning) -> None:
+    def run(cfg, replica=None):
+        if cfg == "too big":
+            raise RuntimeError("out of shared memory")
+        return 2.0
+
+    assert TT._pick(("gemv", 3), ["too big", "fits"], run, CUDA, operands=FakeOperands(1 << 30)) == "fits"
+
+
+def test_replica_count_follows_weight_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Enough replicas to rotate ~160 MB, at most 8; a weight that large alone is timed alone; out of memory, alone."""
+    assert len(TT.replicas_for(FakeOperands(200 << 20))) == 1
+    assert len(TT.replicas_for(FakeOperands(25 << 20))) == 7
+    assert len(TT.replicas_for(FakeOperands(1 << 20))) == 8
+
+    class NoRoom(FakeOperands):
+        def replica(self):
+            raise torch.OutOfMemoryError("no room")
+
+    assert len(TT.replicas_for(NoRoom(1 << 20))) == 1
+
+
+@pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int5", "nf4", "sym_int8"])
+def test_block_replicas_copy_what_kernels_read(fmt_name: str) -> None:
+    """A replica holds equal values in new storage, keeps the aliases of unused operands, shares the code table."""
+    fmt = get_format(fmt_name)
+    ops = block_operands(fmt, fmt.quantize(torch.randn(64, 256)))
+    copy = ops.replica()
+    for name in ("words", "scales", "mins", "qh"):
+        a, b = getattr(ops, name), getattr(copy, name)
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
+    assert (copy.mins is copy.scales) == (ops.mins is ops.scales)
+    assert (copy.qh is copy.words) == (ops.qh is ops.words)
+    assert copy.plans == {} and copy.nbytes() == ops.nbytes() > 0
+    if fmt_name == "nf4":
+        assert copy.table is ops.table
+
+
+def test_fp8_replicas_copy_what_kernels_read() -> None:
+    fmt = get_format("fp8_e4m3")
+    ops = fp8_operands(fmt, fmt.quantize(torch.randn(64, 256)))
+    copy = ops.replica()
+    assert torch.equal(copy.qweight.view(torch.uint8), ops.qweight.view(torch.uint8))
+    assert copy.qweight.data_ptr() != ops.qweight.data_ptr() and torch.equal(copy.scales, ops.scales)
+    assert ops.nbytes() == 64 * 256 + 64 * 4
