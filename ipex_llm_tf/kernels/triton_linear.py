@@ -138,7 +138,7 @@ def matmul_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None
         x, ops.codes, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
         m, n, kb, x.stride(0), y.stride(0), per_split,
         KIND=ops.kind, SBLK_SHIFT=ops.scale_shift_blocks, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NB=nb,
-        GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even,
+        GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, SWAP=cfg.swap,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y if split == 1 else _finish_split(y, bias, x.dtype)
 
@@ -153,7 +153,7 @@ def matmul_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: 
         x, ops.qweight, ops.scales, ops.scales if bias is None else bias, y,
         m, n, k, x.stride(0), y.stride(0), per_split,
         E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even,
+        GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, SWAP=cfg.swap,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y if split == 1 else _finish_split(y, bias, x.dtype)
 

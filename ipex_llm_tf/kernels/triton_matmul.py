@@ -143,17 +143,47 @@ def _tile_offsets(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     return offs_m, offs_n, xm, rows
 
 
+@triton.jit
+def _zero_tile(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+    """The float32 accumulator of an output tile, [BLOCK_M, BLOCK_N], or transposed with SWAP."""
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _tile_dot(x, w, acc, SWAP: tl.constexpr):
+    """acc + x @ w.T, or with SWAP the transposed acc + w @ x.T: the decoded weights become the dot's first
+    operand, which sm_90 runs as wgmma from a 64-row weight tile where a 16-row activation tile takes mma.sync."""
+    if SWAP:
+        out = tl.dot(w, tl.trans(x), acc)
+    else:
+        out = tl.dot(x, tl.trans(w), acc)
+    return out
+
+
+@triton.jit
+def _unswap(acc, SWAP: tl.constexpr):
+    """The accumulator as [BLOCK_M, BLOCK_N]."""
+    if SWAP:
+        acc = tl.trans(acc)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M", "N", "steps_per_split"])
 def matmul_blocks_kernel(
     x_ptr, w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, b_ptr, y_ptr,
     M, N, KB, stride_xm, stride_ym, steps_per_split,
     KIND: tl.constexpr, SBLK_SHIFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, SWAP: tl.constexpr = False,
 ):
     """y = x @ dequant(w).T (+ bias) for a block format; grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K).
 
-    Split pid_k covers 32-weight blocks [pid_k, pid_k + 1) * steps_per_split * NB."""
+    Split pid_k covers 32-weight blocks [pid_k, pid_k + 1) * steps_per_split * NB. SWAP computes the transposed
+    tile, dequant(w) @ x.T, so that the decoded weights are the dot's first operand (few activation rows)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m, offs_n, xm, rows = _tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -163,7 +193,7 @@ def matmul_blocks_kernel(
     dot_ty = x_ptr.dtype.element_ty
 
     b_begin = pid_k * steps_per_split * NB
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _zero_tile(BLOCK_M, BLOCK_N, SWAP)
     for step in range(0, steps_per_split):
         kb0 = b_begin + step * NB
         blk = kb0 + tl.arange(0, NB)
@@ -179,10 +209,9 @@ def matmul_blocks_kernel(
             umask = (kb0 + u // 16) < KB
             x_lo = tl.load(x_ptrs, mask=umask[None, :], other=0.0)
             x_hi = tl.load(x_ptrs + 16, mask=umask[None, :], other=0.0)
-        acc = tl.dot(x_lo, tl.trans(w_lo), acc)
-        acc = tl.dot(x_hi, tl.trans(w_hi), acc)
-
-    _store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, rows, M, N, stride_ym, SPLIT_K, HAS_BIAS)
+        acc = _tile_dot(x_lo, w_lo, acc, SWAP)
+        acc = _tile_dot(x_hi, w_hi, acc, SWAP)
+    _store_tile(_unswap(acc, SWAP), b_ptr, y_ptr, offs_m, offs_n, rows, M, N, stride_ym, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
@@ -204,9 +233,9 @@ def matmul_fp8_kernel(
     M, N, K, stride_xm, stride_ym, steps_per_split,
     E5M2: tl.constexpr, NATIVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, SWAP: tl.constexpr = False,
 ):
-    """y = (x @ w.T) * scale[n] (+ bias) for fp8 weights [N, K] with a float32 scale per row."""
+    """y = (x @ w.T) * scale[n] (+ bias) for fp8 weights [N, K] with a float32 scale per row (SWAP: _tile_dot)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m, offs_n, xm, rows = _tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -214,7 +243,7 @@ def matmul_fp8_kernel(
     w_rows = w_ptr + rows[:, None] * K
     dot_ty = x_ptr.dtype.element_ty
     k_begin = pid_k * steps_per_split * BLOCK_K
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _zero_tile(BLOCK_M, BLOCK_N, SWAP)
     for step in range(0, steps_per_split):
         k = k_begin + step * BLOCK_K + tl.arange(0, BLOCK_K)
         if EVEN:
@@ -227,11 +256,11 @@ def matmul_fp8_kernel(
         w = fp8_bytes_to_float(q, E5M2, NATIVE, dot_ty)
         if not EVEN:
             w = tl.where(kmask[None, :], w, 0.0)  # masked lanes hold garbage (possibly NaN codes)
-        acc = tl.dot(xt, tl.trans(w), acc)
+        acc = _tile_dot(xt, w, acc, SWAP)
     scale = tl.load(s_ptr + rows)
     if not NATIVE and not E5M2:
         scale = scale * 256.0
-    acc = acc * scale[None, :]
+    acc = _unswap(acc, SWAP) * scale[None, :]
     _store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, rows, M, N, stride_ym, SPLIT_K, HAS_BIAS)
 
 

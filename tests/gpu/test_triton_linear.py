@@ -93,7 +93,8 @@ GEMV_CONFIGS = [TL.GemvConfig(16, 64, 4), TL.GemvConfig(8, 32, 4, 3, 1), TL.Gemv
                 TL.GemvConfig(8, 128, 2, 1, 2)]  # two warps, fewer than the step's words: a layout of its own
 MM_CONFIGS = [TL.MatmulConfig(16, 32, 64, 4, 2, split_k=3), TL.MatmulConfig(64, 64, 128, 4, 3),
               TL.MatmulConfig(32, 64, 256, 4, 2, split_k=2, group_m=2), TL.MatmulConfig(16, 16, 32, 4, 1),
-              TL.MatmulConfig(16, 64, 64, 4, 4, split_k=5), TL.MatmulConfig(16, 64, 64, 4, 3, split_k=16)]
+              TL.MatmulConfig(16, 64, 64, 4, 4, split_k=5), TL.MatmulConfig(16, 64, 64, 4, 3, split_k=16),
+              TL.MatmulConfig(16, 64, 64, 4, 3, split_k=3, swap=True), TL.MatmulConfig(16, 64, 128, 4, 3, swap=True)]
 
 
 @pytest.mark.parametrize("fmt_name", FUSED)
