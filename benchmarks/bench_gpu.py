@@ -98,6 +98,13 @@ def _free(device: str) -> None:
         getattr(torch, device).empty_cache()
 
 
+def report(name: str, rows: list[dict]) -> None:
+    """One stderr line per finished system, so a run cut off before the table still shows what it measured."""
+    cells = ", ".join(f"{row['system'].removeprefix(name).strip() or 'batch 1'} "
+                      f"{row.get('next_token_ms', row.get('note'))}" for row in rows)
+    print(f"  {name} done (next-token ms: {cells})", file=sys.stderr, flush=True)
+
+
 def measure_ours(args: argparse.Namespace, device: str) -> list[dict]:
     """Our rows: each format quantized from the fp16 model, then measured as the peers are."""
     rows = []
@@ -116,10 +123,10 @@ def measure_ours(args: argparse.Namespace, device: str) -> list[dict]:
             ours_kwargs["prefill_chunk_size"] = args.prefill_chunk
         row = measure(label, model, device, args.new_tokens, ipex_llm_tf.get_format(fmt).bits_per_weight,
                       **ours_kwargs)
-        rows.append({**row, "quantize_s": round(quantize_s, 1)})
-        rows += measure_batches(label, model, device, args.new_tokens, row["bits/weight"], args.batches,
-                                **ours_kwargs)
-        print(f"  {fmt} done", file=sys.stderr, flush=True)
+        batch_rows = measure_batches(label, model, device, args.new_tokens, row["bits/weight"], args.batches,
+                                     **ours_kwargs)
+        rows += [{**row, "quantize_s": round(quantize_s, 1)}] + batch_rows
+        report(label, [row] + batch_rows)
         model = None
         _free(device)
     return rows
@@ -150,14 +157,15 @@ def main() -> None:
         label, bits, make, generate_kwargs = PEERS[peer]
         try:
             model = make(build(device, args.tiny))
-            rows.append(measure(label, model, device, args.new_tokens, bits, **generate_kwargs))
-            rows += measure_batches(label, model, device, args.new_tokens, bits, args.batches, **generate_kwargs)
+            peer_rows = [measure(label, model, device, args.new_tokens, bits, **generate_kwargs)]
+            peer_rows += measure_batches(label, model, device, args.new_tokens, bits, args.batches, **generate_kwargs)
         except Exception as err:  # a peer that cannot run here is reported, not fatal
-            rows.append({"system": label, "bits/weight": bits, "note": f"{type(err).__name__}: {err}"[:120]})
+            peer_rows = [{"system": label, "bits/weight": bits, "note": f"{type(err).__name__}: {err}"[:120]}]
+        rows += peer_rows
         model = None
         torch._dynamo.reset()
         _free(device)
-        print(f"  {label} done", file=sys.stderr, flush=True)
+        report(label, peer_rows)
     if not args.ours_first:
         rows += measure_ours(args, device)
     print_table(rows, ["system", "bits/weight", "next_token_ms", "tok_s", "first_token_ms", "first_token_1024_ms",
