@@ -30,6 +30,7 @@ from common import print_table, write_json  # noqa: E402
 from ipex_llm_tf.formats import get_format, list_formats  # noqa: E402
 from ipex_llm_tf.kernels import PackedCache  # noqa: E402
 from ipex_llm_tf.kernels import triton_linear as TL  # noqa: E402
+from ipex_llm_tf.kernels.triton_tuning import _replay_ms  # noqa: E402
 
 SHAPES = ["4096x4096", "4096x11008", "11008x4096"]  # in_features x out_features
 L2_FLUSH_BYTES = 256 << 20  # weight copies per timed sequence cover at least this many bytes
@@ -67,30 +68,22 @@ def copy_bandwidth() -> float:
 
 
 def graph_ms(calls: list, replays: int = 20) -> tuple[float, float]:
-    """(graph, eager) milliseconds per call of a list of zero-argument callables run in sequence."""
+    """(graph, eager) milliseconds per call of a list of zero-argument callables run in sequence. The graph time is
+    the autotuner's decode timer (triton_tuning._replay_ms: one CUDA graph of the calls, best of 3 x 10 replays), so
+    this table and the tiles autotuning picks are measured alike."""
     for c in calls:  # warm-up: compiles, autotuning, allocator
         c()
     torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
+
     def eager():
         for c in calls:
             c()
     e = events_ms(eager, reps=replays) / len(calls)
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for c in calls:
-                c()
+        g = _replay_ms(calls, torch.device("cuda", torch.cuda.current_device()))
     except RuntimeError as err:  # a path that cannot be captured: report eager time only
         print(f"graph capture failed ({str(err)[:100]}); eager timing", flush=True)
         return e, e
-    g = events_ms(graph.replay, reps=replays) / len(calls)
-    del graph
     return g, e
 
 

@@ -1,4 +1,5 @@
-"""kernels.triton_tuning._pick: which timer autotuning uses, and the weight replicas decode tuning rotates through.
+"""kernels.triton_tuning._pick: which timer autotuning uses, and the weight replicas decode tuning rotates through;
+the once-per-device probe that decides whether the GEMV reads codes as float32 subnormals (triton_operands).
 
 Pure Python and CPU tensors: the timers are replaced by fakes that record what they were asked to run, so the logic
 (decode launches timed by graph replays over replicas, the rest by do_bench, failing candidates skipped) is checked
@@ -131,3 +132,52 @@ def test_fp8_replicas_copy_what_kernels_read() -> None:
     assert torch.equal(copy.qweight.view(torch.uint8), ops.qweight.view(torch.uint8))
     assert copy.qweight.data_ptr() != ops.qweight.data_ptr() and torch.equal(copy.scales, ops.scales)
     assert ops.nbytes() == 64 * 256 + 64 * 4
+
+
+class FakeProbe:
+    """Stands in for triton_gemv.subnormal_probe_kernel: writes what a device would, records each launch."""
+
+    def __init__(self, result: float):
+        self.result, self.launches = result, 0
+
+    def __getitem__(self, grid):
+        def launch(bits, x, acc, out):
+            self.launches += 1
+            out.fill_(self.result)
+        return launch
+
+
+@pytest.mark.parametrize("flushes", [False, True])
+def test_subnormal_probe_decides_once_per_device(monkeypatch: pytest.MonkeyPatch, flushes: bool) -> None:
+    """The subnormal-coded GEMV is chosen only where the probe's product comes back exact; the answer is kept, and
+    block formats outside the subnormal kinds never take it."""
+    from ipex_llm_tf.kernels import triton_gemv as G
+    from ipex_llm_tf.kernels import triton_operands as TO
+    probe = FakeProbe(0.0 if flushes else 240 * 2.0 ** -109)
+    monkeypatch.setattr(G, "subnormal_probe_kernel", probe)
+    monkeypatch.setattr(TO, "_interpreting", lambda: True)
+    monkeypatch.setattr(TO, "_KEEPS_SUBNORMALS", {})
+    cpu = torch.device("cpu")
+    assert TO.keeps_subnormals(cpu) is (not flushes)
+    assert TO.keeps_subnormals(cpu) is (not flushes) and probe.launches == 1
+    for name, expected in (("sym_int4", not flushes), ("sym_int8", not flushes), ("nf4", False), ("sym_int5", False)):
+        fmt = get_format(name)
+        assert block_operands(fmt, fmt.quantize(torch.randn(8, 64))).subnormal is expected, name
+
+
+def test_subnormal_probe_waits_outside_graph_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a graph capture nothing is launched or synchronized: the old decoding is used and the probe runs on
+    the next eager call; devices without Triton kernels are never probed."""
+    from ipex_llm_tf.kernels import triton_gemv as G
+    from ipex_llm_tf.kernels import triton_operands as TO
+    probe = FakeProbe(240 * 2.0 ** -109)
+    monkeypatch.setattr(G, "subnormal_probe_kernel", probe)
+    monkeypatch.setattr(TO, "_KEEPS_SUBNORMALS", {})
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(TO, "_interpreting", lambda: False)
+    assert TO.keeps_subnormals(cpu) is False and probe.launches == 0
+    monkeypatch.setattr(TO, "_interpreting", lambda: True)
+    monkeypatch.setattr(TO, "capturing", lambda device: True)
+    assert TO.keeps_subnormals(cpu) is False and probe.launches == 0
+    monkeypatch.setattr(TO, "capturing", lambda device: False)
+    assert TO.keeps_subnormals(cpu) is True and probe.launches == 1

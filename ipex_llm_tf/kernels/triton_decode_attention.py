@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gemv import fp8_bytes_to_float
+from .triton_gemv_fp8 import fp8_bytes_to_float
 from .triton_linear import fp8_native, sm_count
 from .triton_tuning import capturing
 

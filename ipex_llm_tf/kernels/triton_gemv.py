@@ -13,7 +13,19 @@ share a scale d (and min m):
     sym  (w = (q - 2**(bits-1)) * d):  d * (2**bits * F - 1.5 * 2**bits * X)
     asym (w = q * d + m):              2**bits * d * F + (m - 2**bits * d) * X
 
-so a weight costs one shift, one and-or and one fused multiply-add. The 4-bit codebook formats (nf4, fp4) look each
+so a weight costs one shift, one and-or and one fused multiply-add.
+
+Subnormal codes (SUBNORMAL, sym/asym int4 and sym_int8, where the device keeps float32 subnormals) drop the shift.
+A float32 bit pattern below 2**24 is worth exactly pattern * 2**-149, because the subnormals run on linearly into the
+first binade. So a code masked where it lies in its word, at bit POS, reads as q * 2**(POS - 149): one AND. The
+codes above bit 23 (nibbles 6 and 7, byte 3) are read from the word shifted right by 8, one shift per word. The
+activation under code p is pre-scaled by 2**(149 - POS - SUBNORMAL_BIAS) once per step, so every product is
+q * x * 2**-SUBNORMAL_BIAS, a normal float for every fp16 activation (bf16 and float32 ones up to 2**59), and no
+1.0 is summed and taken away:
+
+    sum(q * x) = 2**SUBNORMAL_BIAS * F
+
+The 4-bit codebook formats (nf4, fp4) look each
 code up in a 16-entry float32 table instead: one load per weight, which is what bounds their GEMV (cutting the
 address arithmetic around the loads by a tenth of the loop's instructions changed nothing measurable). fp8 weights
 (e4m3fn / e5m2) have their own kernel; their per-channel scale multiplies the finished dot product.
@@ -40,22 +52,9 @@ CB3 = tl.constexpr(6)  # two-plane codebooks (triton_gemv_planes): 2-bit + 1-bit
 CB6 = tl.constexpr(7)  # 4-bit + 2-bit planes (fp6)
 
 ONE_BITS = 0x3F800000  # float32 1.0, passed to gemv_words_kernel as one_bits
-
-
-@triton.jit
-def fp8_bytes_to_float(q, E5M2: tl.constexpr, NATIVE: tl.constexpr, TY: tl.constexpr):
-    """fp8 codes q as TY: q is float8 when NATIVE, else its uint8 bytes (then e4m3 comes out 2**-8 too small)."""
-    if NATIVE:
-        w = q.to(TY)
-    else:
-        # the byte's bits placed as an fp16 bit pattern: exact for e5m2, e4m3 lands 8 binary exponents low
-        q16 = q.to(tl.int16)
-        if E5M2:
-            h = q16 << 8
-        else:
-            h = ((q16 & 0x80) << 8) | ((q16 & 0x7F) << 7)
-        w = h.to(tl.float16, bitcast=True).to(TY)
-    return w
+# subnormal codes: products come out scaled by 2**-80, normal floats (full precision) for activations of magnitude
+# 2**-46 to 2**59 (every fp16 value; bf16 and float32 ones past 2**59 would overflow)
+SUBNORMAL_BIAS = tl.constexpr(80)
 
 
 @triton.jit
@@ -66,6 +65,31 @@ def place_bits(v, SRC: tl.constexpr, DST: tl.constexpr, MASK: tl.constexpr):
     else:
         out = (v << (DST - SRC)) & MASK
     return out
+
+
+@triton.jit
+def _code_term(words, high, qh, one, x, P: tl.constexpr, KIND: tl.constexpr, tab_ptr, SUBNORMAL: tl.constexpr):
+    """f * x for code P of every word and its activations x [BW]: f from _code_floats, or with SUBNORMAL the code
+    read in place as q * 2**(POS - 149) against x pre-scaled by 2**(149 - POS - SUBNORMAL_BIAS).
+
+    high: the words >> 8 (SUBNORMAL only; for Q8_SYM the words come with their sign bits already flipped).
+    """
+    if SUBNORMAL:
+        # codes above bit 23 (nibbles 6, 7; byte 3) are read from the shifted word, 8 bits lower
+        if KIND == Q8_SYM:
+            POS: tl.constexpr = 8 * P - 8 * (P // 3)
+            MASK: tl.constexpr = 255 << POS
+        else:
+            POS: tl.constexpr = 4 * P - 8 * (P // 6)
+            MASK: tl.constexpr = 15 << POS
+        if (KIND == Q8_SYM and P == 3) or P >= 6:
+            f = (high & MASK).to(tl.float32, bitcast=True)
+        else:
+            f = (words & MASK).to(tl.float32, bitcast=True)
+        x = x * (2.0 ** (149 - POS - SUBNORMAL_BIAS))
+    else:
+        f = _code_floats(words, qh, one, P, KIND, tab_ptr)
+    return f * x[:, None]
 
 
 @triton.jit
@@ -232,6 +256,7 @@ def gemv_words_kernel(
     KIND: tl.constexpr, SCALE_SHIFT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr, GATED: tl.constexpr = False,
+    SUBNORMAL: tl.constexpr = False,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, k] for one activation row m and BLOCK_N weight rows, BLOCK_W words per K step.
 
@@ -245,6 +270,9 @@ def gemv_words_kernel(
     one scale (and min): F and X are summed over each such group in registers, and the scales and mins are gathered
     once per group, [BLOCK_W / 4, BLOCK_N], from the rows' bases (sm_90, the (8, 128, 4) sym_int4 tile: 357 -> 318
     instructions and 18 -> 12 loads a step against one gather per word). 5th bits are still gathered per word.
+
+    SUBNORMAL (Q4_SYM, Q4_ASYM, Q8_SYM only; see the module docstring) reads codes in place as subnormal floats: a
+    device that flushes float32 subnormals to zero must not set it (triton_linear probes each device once).
 
     GATED: the weight is a merged [gate | up] projection of 2N rows and y gets SiLU(gate) * up [M, N]: a program
     takes BLOCK_N / 2 gate rows and their up rows (interleaved), so the activation needs no kernel of its own
@@ -293,20 +321,31 @@ def gemv_words_kernel(
         if KIND == Q5_SYM or KIND == Q5_ASYM:
             t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
             qh = qh >> ((t & 3) * 4)[:, None]
-        F = _code_floats(words, qh, one, 0, KIND, tab_ptr) * x0[:, None]
-        F += _code_floats(words, qh, one, 1, KIND, tab_ptr) * x1[:, None]
-        F += _code_floats(words, qh, one, 2, KIND, tab_ptr) * x2[:, None]
-        F += _code_floats(words, qh, one, 3, KIND, tab_ptr) * x3[:, None]
+        high = words
+        if SUBNORMAL:
+            if KIND == Q8_SYM:
+                words = words ^ -0x7F7F7F80  # 0x80808080: every byte's sign flipped, u = q + 128
+            high = words >> 8
+        F = _code_term(words, high, qh, one, x0, 0, KIND, tab_ptr, SUBNORMAL)
+        F += _code_term(words, high, qh, one, x1, 1, KIND, tab_ptr, SUBNORMAL)
+        F += _code_term(words, high, qh, one, x2, 2, KIND, tab_ptr, SUBNORMAL)
+        F += _code_term(words, high, qh, one, x3, 3, KIND, tab_ptr, SUBNORMAL)
         if EPW == 8:
-            F += _code_floats(words, qh, one, 4, KIND, tab_ptr) * x4[:, None]
-            F += _code_floats(words, qh, one, 5, KIND, tab_ptr) * x5[:, None]
-            F += _code_floats(words, qh, one, 6, KIND, tab_ptr) * x6[:, None]
-            F += _code_floats(words, qh, one, 7, KIND, tab_ptr) * x7[:, None]
+            F += _code_term(words, high, qh, one, x4, 4, KIND, tab_ptr, SUBNORMAL)
+            F += _code_term(words, high, qh, one, x5, 5, KIND, tab_ptr, SUBNORMAL)
+            F += _code_term(words, high, qh, one, x6, 6, KIND, tab_ptr, SUBNORMAL)
+            F += _code_term(words, high, qh, one, x7, 7, KIND, tab_ptr, SUBNORMAL)
         # sums over each group of four words (in one thread's registers), scaled once per group
         F = tl.sum(tl.reshape(F, [BLOCK_W // 4, 4, BLOCK_N]), axis=1)
         X = tl.sum(tl.reshape(X, [BLOCK_W // 4, 4]), axis=1)
         if KIND == CB4:
             acc += d * F
+        elif SUBNORMAL:
+            QX: tl.constexpr = 2.0 ** SUBNORMAL_BIAS  # sum(q * x) = QX * F
+            if KIND == Q4_ASYM:
+                acc += (QX * d) * F + mn * X[:, None]
+            else:
+                acc += d * (QX * F - (0.5 * SCALE) * X[:, None])
         elif KIND == Q4_SYM or KIND == Q5_SYM or KIND == Q8_SYM:
             acc += d * (SCALE * F - (1.5 * SCALE) * X[:, None])
         else:
@@ -315,58 +354,9 @@ def gemv_words_kernel(
     _store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, BLOCK_N, GATED)
 
 
-@triton.jit(do_not_specialize=["M", "N", "steps_per_split"])
-def gemv_fp8_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
-    M, N, K, stride_xm, stride_ym, steps_per_split,
-    E5M2: tl.constexpr, NATIVE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr,
-):
-    """fp8 weights [N, K] with a float32 scale per row: y = scale[n] * sum_k x[m, k] * w[n, k].
-
-    NATIVE reads w through a float8 pointer and lets Triton convert; otherwise w is the uint8 view and the bytes are
-    rebuilt as fp16 bit patterns (exact for both fp8 kinds; e4m3 comes out 2**-8 too small, fixed with the scale).
-    Split pid_k covers K [pid_k, pid_k + 1) * steps_per_split * BLOCK_K.
-    """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1)
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
-    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
-    k_begin = pid_k * steps_per_split * BLOCK_K
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    k_next = k_begin + tl.arange(0, BLOCK_K)
-    if EVEN:
-        q_next = tl.load(w_rows + k_next[None, :])
-    else:
-        q_next = tl.load(w_rows + k_next[None, :], mask=(k_next < K)[None, :])
-    for step in range(0, steps_per_split):
-        k = k_begin + step * BLOCK_K + tl.arange(0, BLOCK_K)
-        kmask = k < K
-        if PREFETCH:
-            q = q_next
-            k_next = k_begin + tl.minimum(step + 1, steps_per_split - 1) * BLOCK_K + tl.arange(0, BLOCK_K)
-            if EVEN:
-                q_next = tl.load(w_rows + k_next[None, :])
-            else:
-                q_next = tl.load(w_rows + k_next[None, :], mask=(k_next < K)[None, :])
-            tl.debug_barrier()  # keeps the prefetch above this step's arithmetic (see gemv_words_kernel)
-        elif EVEN:
-            q = tl.load(w_rows + k[None, :])
-        else:
-            q = tl.load(w_rows + k[None, :], mask=kmask[None, :])
-        if EVEN:
-            xk = tl.load(x_row + k).to(tl.float32)
-        else:
-            xk = tl.load(x_row + k, mask=kmask, other=0.0).to(tl.float32)
-        w = fp8_bytes_to_float(q, E5M2, NATIVE, tl.float32)
-        if not EVEN:
-            w = tl.where(kmask[None, :], w, 0.0)  # masked lanes hold garbage (possibly NaN codes)
-        acc += w * xk[None, :]
-    y = tl.sum(acc, axis=1) * tl.load(s_ptr + rows)
-    if not NATIVE and not E5M2:
-        y = y * 256.0
-    _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS)
+@triton.jit
+def subnormal_probe_kernel(bits_ptr, x_ptr, acc_ptr, out_ptr):
+    """out = bits read as a float32 * x + acc: the product the SUBNORMAL GEMV forms, for the host to check that a
+    subnormal operand survives it on a device."""
+    f = tl.load(bits_ptr).to(tl.float32, bitcast=True)
+    tl.store(out_ptr, f * tl.load(x_ptr) + tl.load(acc_ptr))

@@ -35,11 +35,12 @@ from ..formats.codebooks import CodebookFormat
 from ..formats.float8 import Float8Format
 from ..formats.plain import PlainFormat
 from . import triton_gemv as G
+from . import triton_gemv_fp8 as GF
 from . import triton_gemv_planes as GP
 from . import triton_matmul as MM
 # operands, configs and tuning are also addressed through this module (tests, benchmarks)
 from .triton_operands import (PLANE_KINDS, BlockOperands, Fp8Operands, _table,  # noqa: F401
-                              block_kind, block_operands, fp8_native, fp8_operands)
+                              block_kind, block_operands, fp8_native, fp8_operands, keeps_subnormals)
 from .triton_tuning import (_TUNED, GemvConfig, MatmulConfig, _interpreting, _pick, _row_bucket,  # noqa: F401
                             autotune_enabled, gemv_candidates, gemv_fp8_candidates, matmul_candidates,
                             sm_count, tuned_configs)
@@ -86,13 +87,16 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
     kw = ops.words_per_row
     per_split, split, even = _split_steps(kw, cfg.block_w, split_k)
     per_program = cfg.block_n // 2 if gated else cfg.block_n  # a gated program covers gate and up rows
-    kernel = GP.gemv_planes_kernel if ops.kind in PLANE_KINDS else G.gemv_words_kernel
+    if ops.kind in PLANE_KINDS:
+        kernel, options = GP.gemv_planes_kernel, {}
+    else:
+        kernel, options = G.gemv_words_kernel, {"SUBNORMAL": ops.subnormal}
     kernel[(x.shape[0], triton.cdiv(outputs, per_program), split)](
         x, ops.words, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
         x.shape[0], outputs, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
         KIND=ops.kind, SCALE_SHIFT=ops.scale_shift_blocks, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
         SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, PREFETCH=cfg.prefetch, GATED=gated,
-        num_warps=cfg.num_warps)
+        num_warps=cfg.num_warps, **options)
     return split
 
 
@@ -117,7 +121,7 @@ def gemv_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: in
     m, k = x.shape
     per_split, split, even = _split_steps(k, cfg.block_w, cfg.split_k)
     y = _split_output(x, n, split)
-    G.gemv_fp8_kernel[(m, triton.cdiv(n, cfg.block_n), split)](
+    GF.gemv_fp8_kernel[(m, triton.cdiv(n, cfg.block_n), split)](
         x, ops.qweight, ops.scales, ops.scales if bias is None else bias, y,
         m, n, k, x.stride(0), y.stride(0), per_split,
         E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_w, SPLIT_K=split,

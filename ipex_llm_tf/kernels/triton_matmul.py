@@ -12,7 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv import CB3, CB4, CB6, Q4_ASYM, Q4_SYM, Q5_ASYM, Q5_SYM, Q8_SYM, fp8_bytes_to_float
+from .triton_gemv import CB3, CB4, CB6, Q4_ASYM, Q4_SYM, Q5_ASYM, Q5_SYM, Q8_SYM
+from .triton_gemv_fp8 import fp8_bytes_to_float
 from .triton_gemv_planes import join_planes
 
 

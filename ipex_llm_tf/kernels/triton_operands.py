@@ -16,7 +16,7 @@ from ..formats.codebooks import CodebookFormat
 from ..formats.float8 import Float8Format
 from ..formats.ggml_blocks import GgmlBlockFormat
 from . import triton_gemv as G
-from .triton_tuning import _interpreting
+from .triton_tuning import _interpreting, capturing
 
 # float8 loads and conversions Triton can lower natively (sm_89+: Ada, Hopper and later)
 _FP8_NATIVE_MIN_CAPABILITY = (8, 9)
@@ -37,6 +37,7 @@ class BlockOperands:
     words_per_row: int
     blocks_per_row: int
     plans: dict = field(default_factory=dict)  # (rows, dtype) -> (launcher, config), filled on first use
+    subnormal: bool = False  # the GEMV reads codes in place as float32 subnormals (triton_gemv, SUBNORMAL)
 
     def row_band(self, start: int, rows: int) -> "BlockOperands":
         """The operands of output rows [start, start + rows) (views)."""
@@ -140,7 +141,29 @@ def block_operands(fmt: LowBitFormat, parts: Parts) -> BlockOperands:
     table = _table(fmt, codes.device) if kind in CODEBOOK_KINDS else scales  # type: ignore[arg-type]
     assert words.shape == (n, k // per_word) and scales.shape == (n, k // block)
     return BlockOperands(kind, words, codes, scales, mins, qh, table, k, int(math.log2(block // 32)), k // per_word,
-                         k // 32)
+                         k // 32, subnormal=kind in SUBNORMAL_KINDS and keeps_subnormals(codes.device))
+
+
+# kinds whose GEMV can read codes as float32 subnormals (triton_gemv, SUBNORMAL)
+SUBNORMAL_KINDS = frozenset({G.Q4_SYM.value, G.Q4_ASYM.value, G.Q8_SYM.value})
+_KEEPS_SUBNORMALS: dict[torch.device, bool] = {}
+
+
+def keeps_subnormals(device: torch.device) -> bool:
+    """Whether Triton kernels on the device keep float32 subnormal operands of a multiply-add (probed once: some
+    parts or compilers flush them to zero, which would zero the subnormal-coded GEMV's low codes)."""
+    if device.type not in ("cuda", "xpu") and not _interpreting():
+        return False
+    if device not in _KEEPS_SUBNORMALS:
+        if capturing(device):
+            return False  # no probe launch inside a graph; the next eager call decides
+        bits = torch.tensor([15 << 4], dtype=torch.int32, device=device)  # 240 * 2**-149, a subnormal
+        x = torch.tensor([2.0 ** 40], dtype=torch.float32, device=device)
+        acc = torch.zeros(1, dtype=torch.float32, device=device)
+        out = torch.empty(1, dtype=torch.float32, device=device)
+        G.subnormal_probe_kernel[(1,)](bits, x, acc, out)
+        _KEEPS_SUBNORMALS[device] = out.item() == 240 * 2.0 ** -109
+    return _KEEPS_SUBNORMALS[device]
 
 
 def fp8_native(device: torch.device) -> bool:

@@ -129,11 +129,17 @@ def _replay_ms(calls: Sequence[Callable[[], object]], device: torch.device) -> f
     with torch.cuda.stream(stream):  # compiles, and raises for a candidate the device cannot run, before capture
         for call in calls:
             call()
-    torch.cuda.current_stream(device).wait_stream(stream)
+    # captured on the side stream directly: torch.cuda.graph() would also run gc.collect() and empty_cache() for
+    # every candidate timed
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        try:
+            for call in calls:
+                call()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream(device).wait_stream(stream)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
     best = float("inf")

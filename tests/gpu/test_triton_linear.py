@@ -256,3 +256,30 @@ def test_gated_gemv_equals_gemv_then_silu_and_mul(fmt_name: str) -> None:
                 assert torch.equal(got, want), f"{fmt_name} rows={rows} {cfg} bias={b is not None}"
         assert TL.linear_silu(x, fmt, parts, bias, 2 * half).shape == (rows, half)
     assert TL.linear_silu(torch.randn(3, k, device=DEVICE).to(torch.float16), fmt, parts, None, 2 * half) is None
+
+
+@pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int4", "sym_int8"])
+def test_subnormal_codes(fmt_name: str) -> None:
+    """The GEMV reading codes in place as float32 subnormals (`BlockOperands.subnormal`, set where the device keeps
+    them) and the shift-and-OR decoding it replaces both match the reference, for activations from fp16 subnormals
+    to near the fp16 maximum and bf16 rows scaled by 2**+-40 (each row checked against its own magnitude)."""
+    from dataclasses import replace
+    n, k = 100, 4160
+    fmt, parts, w_ref = _weight(fmt_name, n, k)
+    ops = TL.block_operands(fmt, parts)
+    assert ops.subnormal == TL.keeps_subnormals(torch.device(DEVICE))
+    if not ops.subnormal:
+        pytest.skip("the device flushes float32 subnormals")
+    x = torch.randn(3, k, device=DEVICE)
+    x[1, ::131] = 30000.0  # near the fp16 maximum, few enough that the outputs stay finite
+    x[2] = torch.randn(k, device=DEVICE) * 1e-6  # fp16 subnormals
+    for dtype, scale in ((torch.float16, 1.0), (torch.bfloat16, 2.0 ** 40), (torch.bfloat16, 2.0 ** -40),
+                         (torch.float32, 1.0)):
+        xd = (x * scale).to(dtype)
+        ref = F.linear(xd.double(), w_ref.double())
+        for cfg in GEMV_CONFIGS[:3]:
+            for subnormal in (False, True):
+                y = TL.gemv_blocks(xd, replace(ops, subnormal=subnormal), None, n, cfg)
+                for row in range(3):
+                    _check(y[row:row + 1], ref[row:row + 1], dtype,
+                           f"{fmt_name} {dtype} x{scale:g} row {row} {cfg} subnormal={subnormal}")
