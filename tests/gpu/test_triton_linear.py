@@ -90,7 +90,8 @@ def test_float32_activations(fmt_name: str) -> None:
 
 GEMV_CONFIGS = [TL.GemvConfig(16, 64, 4), TL.GemvConfig(8, 32, 4, 3, 1), TL.GemvConfig(32, 128, 8, 2, 0),
                 TL.GemvConfig(64, 16, 4, 5), TL.GemvConfig(16, 256, 16, 1, 1), TL.GemvConfig(8, 128, 4, 1, 2),
-                TL.GemvConfig(8, 128, 2, 1, 2)]  # two warps, fewer than the step's words: a layout of its own
+                TL.GemvConfig(8, 128, 2, 1, 2),  # two warps, fewer than the step's words: a layout of its own
+                TL.GemvConfig(16, 32, 1, 1, 2)]  # one warp
 MM_CONFIGS = [TL.MatmulConfig(16, 32, 64, 4, 2, split_k=3), TL.MatmulConfig(64, 64, 128, 4, 3),
               TL.MatmulConfig(32, 64, 256, 4, 2, split_k=2, group_m=2), TL.MatmulConfig(16, 16, 32, 4, 1),
               TL.MatmulConfig(16, 64, 64, 4, 4, split_k=5), TL.MatmulConfig(16, 64, 64, 4, 3, split_k=16),
