@@ -8,7 +8,7 @@
 Batch 1, 32-token prompt, greedy with EOS masked. next-token ms = (T(generate 1+N) - T(generate 1)) / N, after two
 warm-up runs at those lengths (compiles and graph captures happen there; warmup_ms is the first of them).
 Also: first token for a 1024-token prompt, and peak GPU memory of a 2048-token context (the fp16 model a low-bit one
-was quantized from is freed first). Peer rows are built by gpu_peers.py (the torchao row needs its wheel installed);
+was quantized from is freed first); for our rows, next-token ms after a 1984-token prompt (63 steps, same method). Peer rows are built by gpu_peers.py (the torchao row needs its wheel installed);
 bitsandbytes figures are in ../shared/anchors (its wheel is not on the device).
 """
 from __future__ import annotations
@@ -68,7 +68,10 @@ def measure_batches(name: str, model, device: str, new_tokens: int, bits: float,
     return rows
 
 
-def measure(name: str, model, device: str, new_tokens: int, bits: float, **generate_kwargs) -> dict:
+def measure(name: str, model, device: str, new_tokens: int, bits: float, long_context: bool = False,
+            **generate_kwargs) -> dict:
+    """One system's batch-1 row; long_context also times decode after a 1984-token prompt (our rows only: a static
+    cache of a second length would make a compiled peer recompile)."""
     ids = torch.randint(100, 30000, (1, 32), device=device, generator=torch.Generator(device).manual_seed(0))
     warm = time_generate(model, ids, 1 + new_tokens, **generate_kwargs)
     time_generate(model, ids, 1, **generate_kwargs)
@@ -79,11 +82,16 @@ def measure(name: str, model, device: str, new_tokens: int, bits: float, **gener
     first_1024 = min(time_generate(model, long_ids, 1, **generate_kwargs) for _ in range(3))
     if device in ("cuda", "xpu"):
         getattr(torch, device).reset_peak_memory_stats()
-    time_generate(model, torch.randint(100, 30000, (1, 1984), device=device), 64, **generate_kwargs)
+    ids_2k = torch.randint(100, 30000, (1, 1984), device=device)
+    time_generate(model, ids_2k, 64, **generate_kwargs)
     row = {"system": name, "bits/weight": bits, "warmup_ms": round(warm * 1e3, 1),
            "first_token_ms": round(first * 1e3, 2), "next_token_ms": round(next_ms, 2),
            "tok_s": round(1e3 / next_ms, 1), "first_token_1024_ms": round(first_1024 * 1e3, 1),
            "peak_gib_2k_ctx": round(peak_memory_mib(device) / 1024, 2)}
+    if long_context:  # the peak run above was the warm-up (graph storage grown, spans captured)
+        first_2k = min(time_generate(model, ids_2k, 1, **generate_kwargs) for _ in range(2))
+        full_2k = min(time_generate(model, ids_2k, 64, **generate_kwargs) for _ in range(2))
+        row["next_token_2k_ms"] = round((full_2k - first_2k) / 63 * 1e3, 2)
     decoder = graph_decoder(model)
     if decoder is not None:
         row["graph_captures"] = f"{decoder.stats.captures} in {decoder.stats.capture_seconds:.2f} s"
@@ -121,7 +129,7 @@ def measure_ours(args: argparse.Namespace, device: str) -> list[dict]:
         if args.prefill_chunk:
             label += f" prefill chunks {args.prefill_chunk}"
             ours_kwargs["prefill_chunk_size"] = args.prefill_chunk
-        row = measure(label, model, device, args.new_tokens, ipex_llm_tf.get_format(fmt).bits_per_weight,
+        row = measure(label, model, device, args.new_tokens, ipex_llm_tf.get_format(fmt).bits_per_weight, True,
                       **ours_kwargs)
         batch_rows = measure_batches(label, model, device, args.new_tokens, row["bits/weight"], args.batches,
                                      **ours_kwargs)
@@ -169,7 +177,8 @@ def main() -> None:
     if not args.ours_first:
         rows += measure_ours(args, device)
     print_table(rows, ["system", "bits/weight", "next_token_ms", "tok_s", "first_token_ms", "first_token_1024_ms",
-                       "peak_gib_2k_ctx", "warmup_ms", "graph_captures", "early_steps", "quantize_s", "note"])
+                       "next_token_2k_ms", "peak_gib_2k_ctx", "warmup_ms", "graph_captures", "early_steps",
+                       "quantize_s", "note"])
     gpu = getattr(torch, device).get_device_name() if device in ("cuda", "xpu") else device
     print(f"wrote {write_json('bench_gpu', {'gpu': gpu, 'rows': rows}, args.json)}")
 
