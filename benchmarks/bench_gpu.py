@@ -8,8 +8,9 @@
 Batch 1, 32-token prompt, greedy with EOS masked. next-token ms = (T(generate 1+N) - T(generate 1)) / N, after two
 warm-up runs at those lengths (compiles and graph captures happen there; warmup_ms is the first of them).
 Also: first token for a 1024-token prompt, and peak GPU memory of a 2048-token context (the fp16 model a low-bit one
-was quantized from is freed first); for our rows, next-token ms after a 1984-token prompt (63 steps, same method). Peer rows are built by gpu_peers.py (the torchao row needs its wheel installed);
-bitsandbytes figures are in ../shared/anchors (its wheel is not on the device).
+was quantized from is freed first); for our rows, next-token ms after a 1984-token prompt (63 steps, same method).
+Peer rows are built by gpu_peers.py (the torchao row needs its wheel installed); bitsandbytes figures are in
+../shared/anchors (its wheel is not on the device).
 """
 from __future__ import annotations
 

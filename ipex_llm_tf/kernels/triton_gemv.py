@@ -25,10 +25,9 @@ q * x * 2**-SUBNORMAL_BIAS, a normal float for every fp16 activation (bf16 and f
 
     sum(q * x) = 2**SUBNORMAL_BIAS * F
 
-The 4-bit codebook formats (nf4, fp4) look each
-code up in a 16-entry float32 table instead: one load per weight, which is what bounds their GEMV (cutting the
-address arithmetic around the loads by a tenth of the loop's instructions changed nothing measurable). fp8 weights
-(e4m3fn / e5m2) have their own kernel; their per-channel scale multiplies the finished dot product.
+The 4-bit codebook formats (nf4, fp4) look each code up in a 16-entry float32 table instead: one load per weight,
+which is what bounds their GEMV (cutting the address arithmetic around the loads by a tenth of the loop's
+instructions changed nothing measurable). fp8 weights (e4m3fn / e5m2) have their own kernel (triton_gemv_fp8).
 
 Every kernel accumulates in float32, handles any N (rows past the end are clamped on load, masked on store) and any
 K that is a multiple of the format's block. SPLIT_K > 1 splits K across programs that add into a float32 output
@@ -272,7 +271,8 @@ def gemv_words_kernel(
     instructions and 18 -> 12 loads a step against one gather per word). 5th bits are still gathered per word.
 
     SUBNORMAL (Q4_SYM, Q4_ASYM, Q8_SYM only; see the module docstring) reads codes in place as subnormal floats: a
-    device that flushes float32 subnormals to zero must not set it (triton_linear probes each device once).
+    device that flushes float32 subnormals to zero must not set it (triton_operands.keeps_subnormals probes each
+    device once).
 
     GATED: the weight is a merged [gate | up] projection of 2N rows and y gets SiLU(gate) * up [M, N]: a program
     takes BLOCK_N / 2 gate rows and their up rows (interleaved), so the activation needs no kernel of its own

@@ -156,7 +156,7 @@ def keeps_subnormals(device: torch.device) -> bool:
         return False
     if device not in _KEEPS_SUBNORMALS:
         if capturing(device):
-            return False  # no probe launch inside a graph; the next eager call decides
+            return False  # no launch inside a graph: weights set up now keep the old decoding; later calls probe
         bits = torch.tensor([15 << 4], dtype=torch.int32, device=device)  # 240 * 2**-149, a subnormal
         x = torch.tensor([2.0 ** 40], dtype=torch.float32, device=device)
         acc = torch.zeros(1, dtype=torch.float32, device=device)
