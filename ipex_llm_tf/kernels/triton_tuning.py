@@ -208,7 +208,7 @@ def _split_for(programs: int, steps: int, device: torch.device, per_sm: int = 2)
 # 16 bytes of codes per row it owns and step (rows per thread grow with block_n), plus the prefetched next step.
 # When block_w reaches 32 * num_warps Triton gives the activation loads a layout of their own and converts them
 # through shared memory every step; on the H100 some such tiles still measured fastest, so they stay candidates.
-# The first entries won most shapes in the last H100 run (see benchmarks/results), so they lead. The last four came
+# The first entries won most shapes in the last H100 run (see benchmarks/results), so they lead. Entries 9-12 came
 # from timing more tiles on a 7B's decode shapes the way decode runs them (graph replays, weights from DRAM): nf4
 # takes them on every shape (3-8% faster: 4096x12288 26.5 -> 24.5 us, 11008x4096 25.4 -> 23.5), sym_int4 on some.
 # The last five (session 13) are small programs of one or two warps, whose per-step barrier waits on fewer warps.
