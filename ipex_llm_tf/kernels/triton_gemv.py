@@ -343,12 +343,6 @@ def gemv_words_kernel(
                                                 0, KW, KIND, WPB_SHIFT, SCALE_SHIFT, BLOCK_W, EVEN)
     n0, n1, n2, n3, n4, n5, n6, n7, nsum = _load_x_step(x_row, w_begin, 0, KW, BLOCK_W, EPW, EVEN)
     for step in range(0, steps_per_split):
-        # further rows' activations of this step (row 0's may be prefetched), issued before any barrier below
-        if BLOCK_M > 1:
-            xs1 = _load_x_step(x_row1, w_begin, step, KW, BLOCK_W, EPW, EVEN)
-        if BLOCK_M > 2:
-            xs2 = _load_x_step(x_row2, w_begin, step, KW, BLOCK_W, EPW, EVEN)
-            xs3 = _load_x_step(x_row3, w_begin, step, KW, BLOCK_W, EPW, EVEN)
         if PREFETCH > 0:
             words, d, mn, qh = n_words, n_d, n_mn, n_qh
             # the last step re-reads itself (a cache hit) rather than branching
@@ -361,6 +355,11 @@ def gemv_words_kernel(
                 n0, n1, n2, n3, n4, n5, n6, n7, nsum = _load_x_step(x_row, w_begin, ahead, KW, BLOCK_W, EPW, EVEN)
             else:
                 x0, x1, x2, x3, x4, x5, x6, x7, X = _load_x_step(x_row, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+            if BLOCK_M > 1:
+                xs1 = _load_x_step(x_row1, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+            if BLOCK_M > 2:
+                xs2 = _load_x_step(x_row2, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+                xs3 = _load_x_step(x_row3, w_begin, step, KW, BLOCK_W, EPW, EVEN)
             # keeps the backend from sinking the prefetch below this step's arithmetic (it would, to reuse the
             # registers of the current step's words, and the next step would wait for memory again)
             tl.debug_barrier()
@@ -368,6 +367,11 @@ def gemv_words_kernel(
             words, d, mn, qh = _load_words_step(w_base, s_base, mn_ptr, qh_ptr, off0, row_base, w_begin, blk_base,
                                                 step, KW, KIND, WPB_SHIFT, SCALE_SHIFT, BLOCK_W, EVEN)
             x0, x1, x2, x3, x4, x5, x6, x7, X = _load_x_step(x_row, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+            if BLOCK_M > 1:
+                xs1 = _load_x_step(x_row1, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+            if BLOCK_M > 2:
+                xs2 = _load_x_step(x_row2, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+                xs3 = _load_x_step(x_row3, w_begin, step, KW, BLOCK_W, EPW, EVEN)
         if KIND == Q5_SYM or KIND == Q5_ASYM:
             t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
             qh = qh >> ((t & 3) * 4)[:, None]
