@@ -181,3 +181,14 @@ def test_subnormal_probe_waits_outside_graph_capture(monkeypatch: pytest.MonkeyP
     assert TO.keeps_subnormals(cpu) is False and probe.launches == 0
     monkeypatch.setattr(TO, "capturing", lambda device: False)
     assert TO.keeps_subnormals(cpu) is True and probe.launches == 1
+
+
+def test_multirow_gemv_candidates_cover_two_to_eight_rows() -> None:
+    """Multi-row GEMV tiles are offered for 2..GEMV_MULTIROW_MAX_ROWS rows: 2 rows a program for 2 rows, 2 or 4
+    beyond; never for one row or past the limit, and their K step never exceeds the row's words."""
+    assert TT.gemv_multirow_candidates(1, 512) == [] and TT.gemv_multirow_candidates(9, 512) == []
+    assert {c.block_m for c in TT.gemv_multirow_candidates(2, 512)} == {2}
+    for m in (3, 4, TT.GEMV_MULTIROW_MAX_ROWS):
+        cands = TT.gemv_multirow_candidates(m, 512)
+        assert {c.block_m for c in cands} == {2, 4} and all(c.split_k == 1 for c in cands)
+    assert max(c.block_w for c in TT.gemv_multirow_candidates(4, 24)) == 32  # next power of two of 24 words

@@ -192,10 +192,11 @@ def _load_x_step(x_row, w_begin, step, KW, BLOCK_W: tl.constexpr, EPW: tl.conste
 
 @triton.jit
 def _gemv_program(x_ptr, N, stride_xm, steps_per_split, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                  GATED: tl.constexpr):
-    """This GEMV program's (pid_m, pid_n, output columns, weight rows clamped in range, activation row pointer, first
-    word of its K split). GATED programs take BLOCK_N / 2 gate rows and their up rows (N further down), interleaved."""
-    pid_m = tl.program_id(0)
+                  GATED: tl.constexpr, BLOCK_M: tl.constexpr = 1):
+    """This GEMV program's (first activation row, pid_n, output columns, weight rows clamped in range, first
+    activation row's pointer, first word of its K split). GATED programs take BLOCK_N / 2 gate rows and their up
+    rows (N further down), interleaved. A program serves activation rows [pid_m, pid_m + 1) * BLOCK_M."""
+    pid_m = tl.program_id(0) * BLOCK_M
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     if GATED:
@@ -210,9 +211,10 @@ def _gemv_program(x_ptr, N, stride_xm, steps_per_split, BLOCK_N: tl.constexpr, B
 
 
 @triton.jit
-def _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Write one output row: bias added once, or accumulated atomically across split-K programs."""
-    nmask = offs_n < N
+def _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+               row_ok=True):
+    """Write one output row (if row_ok): bias added once, or accumulated atomically across split-K programs."""
+    nmask = (offs_n < N) & row_ok
     y_ptrs = y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -223,7 +225,8 @@ def _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K: tl.c
 
 
 @triton.jit
-def _store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 row_ok=True):
     """Write SiLU(gate) * up of the (gate, up) row pairs interleaved in y, rounded where a GEMV storing [gate | up]
     and then triton_silu_mul would round (the sums, SiLU, the product), so the fused result is bit-identical."""
     if HAS_BIAS:
@@ -234,18 +237,51 @@ def _store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS: tl
     silu = (g / (1.0 + tl.exp(-g))).to(out_ty)
     out = (silu.to(tl.float32) * up.to(tl.float32)).to(out_ty)
     offs = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs, out, mask=offs < N)
+    tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs, out, mask=(offs < N) & row_ok)
 
 
 @triton.jit
 def _store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
-    """Reduce a [words, rows] accumulator over K and write it: SiLU(gate) * up when GATED, else one output row."""
+                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr, row_ok=True):
+    """Reduce a [words, rows] accumulator over K and write it (if row_ok): SiLU(gate) * up when GATED, else one
+    output row."""
     y = tl.sum(acc, axis=0)
     if GATED:
-        _store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS, BLOCK_N)
+        _store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS, BLOCK_N, row_ok)
     else:
-        _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS)
+        _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, row_ok)
+
+
+@triton.jit
+def _accumulate(acc, words, high, qh, one, d, mn, xs, tab_ptr, KIND: tl.constexpr, SUBNORMAL: tl.constexpr,
+                EPW: tl.constexpr, SCALE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc [BLOCK_W / 4, BLOCK_N] plus one activation row's products with one K step of codes; xs = _load_x_step's
+    (x0..x7, their sum). Corrected and scaled once per group of four words."""
+    F = _code_term(words, high, qh, one, xs[0], 0, KIND, tab_ptr, SUBNORMAL)
+    F += _code_term(words, high, qh, one, xs[1], 1, KIND, tab_ptr, SUBNORMAL)
+    F += _code_term(words, high, qh, one, xs[2], 2, KIND, tab_ptr, SUBNORMAL)
+    F += _code_term(words, high, qh, one, xs[3], 3, KIND, tab_ptr, SUBNORMAL)
+    if EPW == 8:
+        F += _code_term(words, high, qh, one, xs[4], 4, KIND, tab_ptr, SUBNORMAL)
+        F += _code_term(words, high, qh, one, xs[5], 5, KIND, tab_ptr, SUBNORMAL)
+        F += _code_term(words, high, qh, one, xs[6], 6, KIND, tab_ptr, SUBNORMAL)
+        F += _code_term(words, high, qh, one, xs[7], 7, KIND, tab_ptr, SUBNORMAL)
+    # sums over each group of four words (in one thread's registers), scaled once per group
+    F = tl.sum(tl.reshape(F, [BLOCK_W // 4, 4, BLOCK_N]), axis=1)
+    X = tl.sum(tl.reshape(xs[8], [BLOCK_W // 4, 4]), axis=1)
+    if KIND == CB4:
+        acc += d * F
+    elif SUBNORMAL:
+        QX: tl.constexpr = 2.0 ** SUBNORMAL_BIAS  # sum(q * x) = QX * F
+        if KIND == Q4_ASYM:
+            acc += (QX * d) * F + mn * X[:, None]
+        else:
+            acc += d * (QX * F - (0.5 * SCALE) * X[:, None])
+    elif KIND == Q4_SYM or KIND == Q5_SYM or KIND == Q8_SYM:
+        acc += d * (SCALE * F - (1.5 * SCALE) * X[:, None])
+    else:
+        acc += (SCALE * d) * F + (mn - SCALE * d) * X[:, None]
+    return acc
 
 
 @triton.jit(do_not_specialize=["M", "N", "steps_per_split", "one_bits"])
@@ -255,12 +291,14 @@ def gemv_words_kernel(
     KIND: tl.constexpr, SCALE_SHIFT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr, GATED: tl.constexpr = False,
-    SUBNORMAL: tl.constexpr = False,
+    SUBNORMAL: tl.constexpr = False, BLOCK_M: tl.constexpr = 1,
 ):
-    """y[m, n] = sum_k x[m, k] * w[n, k] for one activation row m and BLOCK_N weight rows, BLOCK_W words per K step.
+    """y[m, n] = sum_k x[m, k] * w[n, k] for BLOCK_M activation rows m and BLOCK_N weight rows, BLOCK_W words per K
+    step.
 
-    Grid: (M, cdiv(N, BLOCK_N), SPLIT_K), the activation row fastest so that programs reading the same weight rows
-    run together and share them through L2. Split pid_k covers words [pid_k, pid_k + 1) * steps_per_split * BLOCK_W.
+    Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K), the activation rows fastest so that programs reading the
+    same weight rows run together and share them through L2. BLOCK_M (1, 2 or 4) rows decode each code once: the
+    cost of a few batch rows is then their multiply-adds and activation loads, not the decoding again. Split pid_k covers words [pid_k, pid_k + 1) * steps_per_split * BLOCK_W.
     SCALE_SHIFT = log2(32-weight blocks per scale) (1 for nf4's 64-blocks, else 0). PREFETCH = 1 issues the loads
     of step i + 1's weights before the arithmetic of step i, so two steps of weight bytes are in flight per thread;
     PREFETCH = 2 also loads step i + 1's activations early; 0 loads each step when it starts.
@@ -278,12 +316,13 @@ def gemv_words_kernel(
     takes BLOCK_N / 2 gate rows and their up rows (interleaved), so the activation needs no kernel of its own
     (SPLIT_K must be 1).
     """
+    tl.static_assert(BLOCK_M == 1 or BLOCK_M == 2 or BLOCK_M == 4, "BLOCK_M is 1, 2 or 4")
     EPW: tl.constexpr = 4 if KIND == Q8_SYM else 8          # codes per word
     WPB_SHIFT: tl.constexpr = 3 if KIND == Q8_SYM else 2     # log2(words per 32-weight block)
     BITS: tl.constexpr = 8 if KIND == Q8_SYM else (5 if (KIND == Q5_SYM or KIND == Q5_ASYM) else 4)
     SCALE: tl.constexpr = 1 << BITS
     pid_m, pid_n, offs_n, rows, x_row, w_begin = _gemv_program(x_ptr, N, stride_xm, steps_per_split, BLOCK_N, BLOCK_W,
-                                                               GATED)
+                                                               GATED, BLOCK_M)
     # word offsets relative to the first word of the split; rows * KW fits int32 for any weight under 2**31 words
     row_base = rows[None, :] * KW
     off0 = row_base + tl.arange(0, BLOCK_W)[:, None]
@@ -295,6 +334,11 @@ def gemv_words_kernel(
     if KIND == Q8_SYM:
         one = one_bits ^ 0x400000
     acc = tl.zeros([BLOCK_W // 4, BLOCK_N], dtype=tl.float32)  # one entry per group of four words
+    # rows past M (a partial last group) read row M - 1 and are not stored
+    acc1, acc2, acc3 = acc, acc, acc
+    x_row1 = x_ptr + tl.minimum(pid_m + 1, M - 1).to(tl.int64) * stride_xm
+    x_row2 = x_ptr + tl.minimum(pid_m + 2, M - 1).to(tl.int64) * stride_xm
+    x_row3 = x_ptr + tl.minimum(pid_m + 3, M - 1).to(tl.int64) * stride_xm
     n_words, n_d, n_mn, n_qh = _load_words_step(w_base, s_base, mn_ptr, qh_ptr, off0, row_base, w_begin, blk_base,
                                                 0, KW, KIND, WPB_SHIFT, SCALE_SHIFT, BLOCK_W, EVEN)
     n0, n1, n2, n3, n4, n5, n6, n7, nsum = _load_x_step(x_row, w_begin, 0, KW, BLOCK_W, EPW, EVEN)
@@ -311,6 +355,11 @@ def gemv_words_kernel(
                 n0, n1, n2, n3, n4, n5, n6, n7, nsum = _load_x_step(x_row, w_begin, ahead, KW, BLOCK_W, EPW, EVEN)
             else:
                 x0, x1, x2, x3, x4, x5, x6, x7, X = _load_x_step(x_row, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+            if BLOCK_M > 1:
+                xs1 = _load_x_step(x_row1, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+            if BLOCK_M > 2:
+                xs2 = _load_x_step(x_row2, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+                xs3 = _load_x_step(x_row3, w_begin, step, KW, BLOCK_W, EPW, EVEN)
             # keeps the backend from sinking the prefetch below this step's arithmetic (it would, to reuse the
             # registers of the current step's words, and the next step would wait for memory again)
             tl.debug_barrier()
@@ -318,6 +367,11 @@ def gemv_words_kernel(
             words, d, mn, qh = _load_words_step(w_base, s_base, mn_ptr, qh_ptr, off0, row_base, w_begin, blk_base,
                                                 step, KW, KIND, WPB_SHIFT, SCALE_SHIFT, BLOCK_W, EVEN)
             x0, x1, x2, x3, x4, x5, x6, x7, X = _load_x_step(x_row, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+            if BLOCK_M > 1:
+                xs1 = _load_x_step(x_row1, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+            if BLOCK_M > 2:
+                xs2 = _load_x_step(x_row2, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+                xs3 = _load_x_step(x_row3, w_begin, step, KW, BLOCK_W, EPW, EVEN)
         if KIND == Q5_SYM or KIND == Q5_ASYM:
             t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
             qh = qh >> ((t & 3) * 4)[:, None]
@@ -326,32 +380,27 @@ def gemv_words_kernel(
             if KIND == Q8_SYM:
                 words = words ^ -0x7F7F7F80  # 0x80808080: every byte's sign flipped, u = q + 128
             high = words >> 8
-        F = _code_term(words, high, qh, one, x0, 0, KIND, tab_ptr, SUBNORMAL)
-        F += _code_term(words, high, qh, one, x1, 1, KIND, tab_ptr, SUBNORMAL)
-        F += _code_term(words, high, qh, one, x2, 2, KIND, tab_ptr, SUBNORMAL)
-        F += _code_term(words, high, qh, one, x3, 3, KIND, tab_ptr, SUBNORMAL)
-        if EPW == 8:
-            F += _code_term(words, high, qh, one, x4, 4, KIND, tab_ptr, SUBNORMAL)
-            F += _code_term(words, high, qh, one, x5, 5, KIND, tab_ptr, SUBNORMAL)
-            F += _code_term(words, high, qh, one, x6, 6, KIND, tab_ptr, SUBNORMAL)
-            F += _code_term(words, high, qh, one, x7, 7, KIND, tab_ptr, SUBNORMAL)
-        # sums over each group of four words (in one thread's registers), scaled once per group
-        F = tl.sum(tl.reshape(F, [BLOCK_W // 4, 4, BLOCK_N]), axis=1)
-        X = tl.sum(tl.reshape(X, [BLOCK_W // 4, 4]), axis=1)
-        if KIND == CB4:
-            acc += d * F
-        elif SUBNORMAL:
-            QX: tl.constexpr = 2.0 ** SUBNORMAL_BIAS  # sum(q * x) = QX * F
-            if KIND == Q4_ASYM:
-                acc += (QX * d) * F + mn * X[:, None]
-            else:
-                acc += d * (QX * F - (0.5 * SCALE) * X[:, None])
-        elif KIND == Q4_SYM or KIND == Q5_SYM or KIND == Q8_SYM:
-            acc += d * (SCALE * F - (1.5 * SCALE) * X[:, None])
-        else:
-            acc += (SCALE * d) * F + (mn - SCALE * d) * X[:, None]
+        acc = _accumulate(acc, words, high, qh, one, d, mn, (x0, x1, x2, x3, x4, x5, x6, x7, X), tab_ptr, KIND,
+                          SUBNORMAL, EPW, SCALE, BLOCK_W, BLOCK_N)
+        # further activation rows reuse the decoded codes (the same expressions, computed once)
+        if BLOCK_M > 1:
+            acc1 = _accumulate(acc1, words, high, qh, one, d, mn, xs1, tab_ptr, KIND, SUBNORMAL, EPW, SCALE, BLOCK_W,
+                               BLOCK_N)
+        if BLOCK_M > 2:
+            acc2 = _accumulate(acc2, words, high, qh, one, d, mn, xs2, tab_ptr, KIND, SUBNORMAL, EPW, SCALE, BLOCK_W,
+                               BLOCK_N)
+            acc3 = _accumulate(acc3, words, high, qh, one, d, mn, xs3, tab_ptr, KIND, SUBNORMAL, EPW, SCALE, BLOCK_W,
+                               BLOCK_N)
 
     _store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, BLOCK_N, GATED)
+    if BLOCK_M > 1:
+        _store_words_result(acc1, b_ptr, y_ptr, pid_m + 1, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS,
+                            BLOCK_N, GATED, pid_m + 1 < M)
+    if BLOCK_M > 2:
+        _store_words_result(acc2, b_ptr, y_ptr, pid_m + 2, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS,
+                            BLOCK_N, GATED, pid_m + 2 < M)
+        _store_words_result(acc3, b_ptr, y_ptr, pid_m + 3, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS,
+                            BLOCK_N, GATED, pid_m + 3 < M)
 
 
 @triton.jit

@@ -5,10 +5,10 @@ Paths, by format and number of activation rows M:
   * block formats (sym_int4, asym_int4, sym_int5, asym_int5, sym_int8, nf4, fp4, and the two-plane nf3, fp6) and
     fp8 (e4m3, e5m2):
       M <= GEMV_MAX_ROWS  fused dequantize + GEMV (triton_gemv; triton_gemv_planes for nf3 / fp6), one program
-                          per (row, BLOCK_N outputs, K split)
+                          per (1, 2 or 4 rows, BLOCK_N outputs, K split)
       M <= FUSED_MAX_ROWS fused dequantize-in-tile matmul with tl.dot (triton_matmul), split-K for small M
                           (fp16 / bf16 activations; float32 ones take the next path); autotuning also times the
-                          next path and, up to 8 rows, the GEMV against it (see _plan)
+                          next path and, up to 8 rows, the GEMV (multi-row tiles included) against it (see _plan)
       larger M            dequantize once to a temporary in the activation dtype (a Triton kernel) and multiply
                           with torch (cuBLAS / oneDNN), which wins once the matmul is compute-bound
   * fp16 / bf16: torch's own F.linear on the stored weight
@@ -41,9 +41,10 @@ from . import triton_matmul as MM
 # operands, configs and tuning are also addressed through this module (tests, benchmarks)
 from .triton_operands import (PLANE_KINDS, BlockOperands, Fp8Operands, _table,  # noqa: F401
                               block_kind, block_operands, fp8_native, fp8_operands, keeps_subnormals)
-from .triton_tuning import (_TUNED, GemvConfig, MatmulConfig, _interpreting, _pick, _row_bucket,  # noqa: F401
-                            autotune_enabled, gemv_candidates, gemv_fp8_candidates, matmul_candidates,
-                            sm_count, tuned_configs)
+from .triton_silu_mul import silu_and_mul
+from .triton_tuning import (_TUNED, GEMV_MULTIROW_MAX_ROWS, GemvConfig, MatmulConfig, _interpreting,  # noqa: F401
+                            _pick, _row_bucket, autotune_enabled, gemv_candidates, gemv_fp8_candidates,
+                            gemv_multirow_candidates, matmul_candidates, sm_count, tuned_configs)
 
 # Up to this many activation rows the GEMV kernel runs (once per row, rows sharing weight reads through L2); on
 # the H100 it beat the tl.dot matmul at 2 rows and lost from 4 (benchmarks/bench_gpu_linear.py, sym_int4).
@@ -88,10 +89,11 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
     per_split, split, even = _split_steps(kw, cfg.block_w, split_k)
     per_program = cfg.block_n // 2 if gated else cfg.block_n  # a gated program covers gate and up rows
     if ops.kind in PLANE_KINDS:
-        kernel, options = GP.gemv_planes_kernel, {}
+        kernel, options, block_m = GP.gemv_planes_kernel, {}, 1
     else:
-        kernel, options = G.gemv_words_kernel, {"SUBNORMAL": ops.subnormal}
-    kernel[(x.shape[0], triton.cdiv(outputs, per_program), split)](
+        block_m = cfg.block_m
+        kernel, options = G.gemv_words_kernel, {"SUBNORMAL": ops.subnormal, "BLOCK_M": block_m}
+    kernel[(triton.cdiv(x.shape[0], block_m), triton.cdiv(outputs, per_program), split)](
         x, ops.words, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
         x.shape[0], outputs, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
         KIND=ops.kind, SCALE_SHIFT=ops.scale_shift_blocks, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
@@ -251,18 +253,19 @@ def _codebook_dequantize(fmt: CodebookFormat, parts: Parts, dtype: torch.dtype) 
 
 
 def _block_gemv_candidates(m: int, n: int, ops: BlockOperands, device: torch.device) -> list[GemvConfig]:
-    """gemv_candidates for this weight; the two-plane GEMV has no prefetch (it measured slower), so one per tile."""
+    """gemv_candidates for this weight, and for 2 rows the multi-row tiles; the two-plane GEMV has no prefetch (it
+    measured slower), so one per tile, and serves one row per program."""
     cands = gemv_candidates(m, n, ops.words_per_row, device)
     if ops.kind in PLANE_KINDS:
-        cands = list(dict.fromkeys(replace(c, prefetch=0) for c in cands))
-    return cands
+        return list(dict.fromkeys(replace(c, prefetch=0) for c in cands))
+    return cands + (gemv_multirow_candidates(m, ops.words_per_row) if m == 2 else [])
 
 
 def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
     """(launcher, config) for these activations: GEMV, fused matmul or dequantize + matmul; (plan, final).
 
     Between GEMV_MAX_ROWS and the fused matmul's limit, autotuning times the fused matmul, dequantize + torch's
-    matmul and (up to 8 rows) the per-row GEMV, as any of them can win there. The two-plane codebooks' tiles run
+    matmul and (up to 8 rows) the GEMV, one row or several per program, as any of them can win there. The two-plane codebooks' tiles run
     unpipelined (matmul_candidates); with that, and nf4's table lookups as register gathers (triton_matmul), every
     format's tile beats dequantize + matmul at 4 and 16 rows (H200, 4096x11008: nf4 49 vs 94 us, nf3 66 vs 105,
     fp6 71 vs 107), so the fused matmul is every format's choice without autotuning.
@@ -285,6 +288,8 @@ def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
             gemv = (gemv_fp8, gemv_fp8_candidates(m, n, k, device)[0]) if fp8 else \
                 (gemv_blocks, _block_gemv_candidates(m, n, ops, device)[0])
             options.append(gemv)
+        if not fp8 and kind not in PLANE_KINDS:
+            options += [(gemv_blocks, c) for c in gemv_multirow_candidates(m, ops.words_per_row)]
         key = ("mm", kind, _row_bucket(m), n, k, x.dtype)
     else:
         return (dequant_matmul_fp8 if fp8 else dequant_matmul_blocks, None), True
@@ -332,26 +337,50 @@ def linear(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.Tenso
     return launch(x, ops, bias, n, cfg)
 
 
+UNFUSED = "unfused"  # linear_silu's tuning choice of the plain plan followed by silu_and_mul
+
+
+def _gated_candidates(m: int, n: int, ops: BlockOperands, device: torch.device) -> list:
+    """What linear_silu may run for m rows: GEMV tiles that keep whole row pairs in a program and do not split K;
+    past GEMV_MAX_ROWS the multi-row ones, after UNFUSED (the plan for the rows, then silu_and_mul)."""
+    if m <= GEMV_MAX_ROWS:
+        tiles = _block_gemv_candidates(m, n, ops, device)
+    elif ops.kind in PLANE_KINDS:
+        return [UNFUSED]
+    else:
+        tiles = [UNFUSED] + gemv_multirow_candidates(m, ops.words_per_row)
+    return [c for c in tiles if c == UNFUSED or (c.split_k == 1 and c.block_n % 2 == 0)]
+
+
 def linear_silu(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.Tensor | None, out_features: int,
                 cache=None) -> torch.Tensor | None:
     """SiLU(gate) * up [M, out_features / 2] of a merged [gate | up] projection in one GEMV launch (decode rows of a
-    block format); None where that kernel does not apply, for the caller to run linear then silu_and_mul."""
+    block format, where autotuning found it faster); None where that kernel does not apply or lost, for the caller
+    to run linear then silu_and_mul."""
     ops = _operands(fmt, parts, cache)
     x = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     m = x.shape[0]
-    if not isinstance(ops, BlockOperands) or not 0 < m <= GEMV_MAX_ROWS or out_features % 2:
+    if not isinstance(ops, BlockOperands) or not 0 < m <= GEMV_MULTIROW_MAX_ROWS or out_features % 2:
         return None
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     key = ("gated", m, x.dtype)
     cfg = ops.plans.get(key)
     if cfg is None:
-        # the plain GEMV's candidates that keep whole row pairs in a program and do not split K
-        candidates = [c for c in _block_gemv_candidates(m, out_features, ops, x.device)
-                      if c.split_k == 1 and c.block_n % 2 == 0]
+        candidates = _gated_candidates(m, out_features, ops, x.device)
+        # the unfused plan is tuned first, so that timing UNFUSED below does not tune inside the timing
+        timed_unfused = len(candidates) > 1 and candidates[0] == UNFUSED
+        launch, plan_cfg = _plan(x, ops, out_features)[0] if timed_unfused else (None, None)
+
+        def run(choice, replica=ops):
+            if choice != UNFUSED:
+                return gemv_gated(x, replica, None, out_features, choice)
+            y = launch(x, replica, None, out_features) if plan_cfg is None else \
+                launch(x, replica, None, out_features, plan_cfg)
+            return silu_and_mul(y)
+
         tune_key = ("gemv-gated", ops.kind, m, out_features, ops.in_features, x.dtype)
-        cfg = _pick(tune_key, candidates, lambda c, replica=ops: gemv_gated(x, replica, None, out_features, c),
-                    x.device, operands=ops)
+        cfg = _pick(tune_key, candidates, run, x.device, operands=ops)
         if _settled(tune_key, candidates, x.device):
             ops.plans[key] = cfg
-    return gemv_gated(x, ops, bias, out_features, cfg)
+    return None if cfg == UNFUSED else gemv_gated(x, ops, bias, out_features, cfg)

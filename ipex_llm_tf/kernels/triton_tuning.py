@@ -32,6 +32,7 @@ class GemvConfig:
     num_warps: int
     split_k: int = 1
     prefetch: int = 2  # 0: none, 1: next step's weights, 2: next step's weights and activations
+    block_m: int = 1   # activation rows a program serves (block formats' words kernel: 1, 2 or 4)
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,25 @@ def _gemv_configs(tiles: tuple, m: int, n: int, extent: int, min_width: int,
 def gemv_candidates(m: int, n: int, words: int, device: torch.device) -> list[GemvConfig]:
     """GEMV configurations for a block format (K measured in 32-bit code words per row)."""
     return _gemv_configs(_GEMV_TILES, m, n, words, 16, device)
+
+
+# Tiles for GEMV programs that serve 2 or 4 activation rows each (block_m), decoding each code once for all of them.
+# H100, timed as decode runs them (session 14): they pay where decoding dominates. nf4 at 2 rows: 4096x12288 38.0 ->
+# 26.9 us, gated 4096x22016 67.0 -> 48.1; at 4 rows against the tile matmul 50.0 -> 46.1 and (gated) 87.9 -> 82.8.
+# sym_int8 at 4 rows: 4096x12288 43.6 -> 35.8, gated 69.9 -> 61.4. The 4-bit integer kinds decode with one AND a
+# code, so each further row costs about as much as the first (sm_90: 3.5 -> 2.8 instructions a code and row) and
+# they keep the tile matmul from 4 rows; at 16 rows no multi-row tile came within 3x of it.
+_GEMV_MULTIROW_TILES = ((16, 64, 2, 2), (16, 32, 1, 2), (16, 128, 4, 1), (8, 128, 4, 2), (8, 128, 4, 1))
+GEMV_MULTIROW_MAX_ROWS = 8
+
+
+def gemv_multirow_candidates(m: int, words: int) -> list[GemvConfig]:
+    """GEMV configurations serving 2 or 4 of `m` (2..GEMV_MULTIROW_MAX_ROWS) activation rows per program."""
+    if not 2 <= m <= GEMV_MULTIROW_MAX_ROWS:
+        return []
+    row_blocks = (2,) if m == 2 else (2, 4)
+    return [GemvConfig(bn, min(w, max(16, triton.next_power_of_2(words))), warps, 1, prefetch, block_m)
+            for bn, w, warps, prefetch in _GEMV_MULTIROW_TILES for block_m in row_blocks]
 
 
 def gemv_fp8_candidates(m: int, n: int, k: int, device: torch.device) -> list[GemvConfig]:

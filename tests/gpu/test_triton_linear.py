@@ -91,7 +91,9 @@ def test_float32_activations(fmt_name: str) -> None:
 GEMV_CONFIGS = [TL.GemvConfig(16, 64, 4), TL.GemvConfig(8, 32, 4, 3, 1), TL.GemvConfig(32, 128, 8, 2, 0),
                 TL.GemvConfig(64, 16, 4, 5), TL.GemvConfig(16, 256, 16, 1, 1), TL.GemvConfig(8, 128, 4, 1, 2),
                 TL.GemvConfig(8, 128, 2, 1, 2),  # two warps, fewer than the step's words: a layout of its own
-                TL.GemvConfig(16, 32, 1, 1, 2)]  # one warp
+                TL.GemvConfig(16, 32, 1, 1, 2),  # one warp
+                # programs serving 4 / 2 activation rows (block formats; the others serve one row per program)
+                TL.GemvConfig(8, 32, 4, 3, 1, block_m=4), TL.GemvConfig(16, 64, 2, 1, 2, block_m=2)]
 MM_CONFIGS = [TL.MatmulConfig(16, 32, 64, 4, 2, split_k=3), TL.MatmulConfig(64, 64, 128, 4, 3),
               TL.MatmulConfig(32, 64, 256, 4, 2, split_k=2, group_m=2), TL.MatmulConfig(16, 16, 32, 4, 1),
               TL.MatmulConfig(16, 64, 64, 4, 4, split_k=5), TL.MatmulConfig(16, 64, 64, 4, 3, split_k=16),
@@ -107,7 +109,7 @@ def test_configs(fmt_name: str) -> None:
     fp8 = fmt_name.startswith("fp8")
     ops = TL.fp8_operands(fmt, parts) if fp8 else TL.block_operands(fmt, parts)
     gemv_configs = GEMV_CONFIGS + ([TL.GemvConfig(8, 1024, 4, 1, 0)] if fp8 else [])  # fp8's widest step
-    paths = [("gemv", (1, 3), gemv_configs, TL.gemv_fp8 if fp8 else TL.gemv_blocks),
+    paths = [("gemv", (1, 3, 5), gemv_configs, TL.gemv_fp8 if fp8 else TL.gemv_blocks),
              ("matmul", (16, 40), MM_CONFIGS, TL.matmul_fp8 if fp8 else TL.matmul_blocks)]
     for path, rows, configs, launch in paths:
         for m in rows:
@@ -248,15 +250,52 @@ def test_gated_gemv_equals_gemv_then_silu_and_mul(fmt_name: str) -> None:
     fmt, parts, _ = _weight(fmt_name, 2 * half, k)
     ops = TL.block_operands(fmt, parts)
     bias = torch.randn(2 * half, device=DEVICE).to(torch.float16)
-    for rows in (1, 2):
+    for rows in (1, 2, 3):
         x = torch.randn(rows, k, device=DEVICE).to(torch.float16)
-        for cfg in (TL.GemvConfig(8, 32, 4, 1, 1), TL.GemvConfig(2, 16, 1, 1, 0), TL.GemvConfig(16, 64, 4, 1, 2)):
+        for cfg in (TL.GemvConfig(8, 32, 4, 1, 1), TL.GemvConfig(2, 16, 1, 1, 0), TL.GemvConfig(16, 64, 4, 1, 2),
+                    TL.GemvConfig(8, 32, 4, 1, 1, block_m=4), TL.GemvConfig(16, 64, 2, 1, 2, block_m=2)):
             for b in (None, bias):
                 want = silu_and_mul(TL.gemv_blocks(x, ops, b, 2 * half, cfg))
                 got = TL.gemv_gated(x, ops, b, 2 * half, cfg)
                 assert torch.equal(got, want), f"{fmt_name} rows={rows} {cfg} bias={b is not None}"
-        assert TL.linear_silu(x, fmt, parts, bias, 2 * half).shape == (rows, half)
-    assert TL.linear_silu(torch.randn(3, k, device=DEVICE).to(torch.float16), fmt, parts, None, 2 * half) is None
+        if rows <= TL.GEMV_MAX_ROWS:
+            assert TL.linear_silu(x, fmt, parts, bias, 2 * half).shape == (rows, half)
+    # past GEMV_MAX_ROWS the fused kernel must win autotuning against the plain plan; untuned, the plain plan runs
+    x = torch.randn(3, k, device=DEVICE).to(torch.float16)
+    assert TL.linear_silu(x, fmt, parts, None, 2 * half) is None
+    x = torch.randn(TL.GEMV_MULTIROW_MAX_ROWS + 1, k, device=DEVICE).to(torch.float16)
+    assert TL.linear_silu(x, fmt, parts, None, 2 * half) is None
+
+
+def test_batch_rows_offer_multirow_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """3..8 rows: autotuning also times the multi-row GEMV (block formats but the two-plane ones), for the plain and
+    the gated projection; when it picks one, linear and linear_silu run it and compute the product."""
+    from ipex_llm_tf.kernels.triton_silu_mul import silu_and_mul
+    offered: dict = {}
+
+    def multirow(option) -> bool:
+        cfg = option[1] if isinstance(option, tuple) else option  # (launcher, config) or a gated candidate
+        return isinstance(cfg, TL.GemvConfig) and cfg.block_m > 1
+
+    def pick_multirow(key, options, run, device, operands=None):
+        offered[key] = options
+        return next((option for option in options if multirow(option)), options[0])
+
+    monkeypatch.setattr(TL, "_pick", pick_multirow)
+    monkeypatch.setattr(TL, "_settled", lambda *a: False)
+    for fmt_name in ("nf4", "sym_int8", "fp6"):
+        fmt, parts, w_ref = _weight(fmt_name, 64, 128)
+        x = torch.randn(5, 128, device=DEVICE).to(torch.float16)
+        y = TL.linear(x, fmt, parts, None, 64)
+        _check(y, F.linear(x.float(), w_ref), torch.float16, f"{fmt_name} multi-row plan")
+        fused = TL.linear_silu(x, fmt, parts, None, 64)
+        plane = TL.block_operands(fmt, parts).kind in TL.PLANE_KINDS
+        if plane:
+            assert fused is None
+        else:  # the same tile as the plain plan's: test_gated_gemv_equals_gemv_then_silu_and_mul checks the bits
+            assert torch.equal(fused, silu_and_mul(y)), fmt_name
+        key = next(k for k in offered if k[0] == "mm" and k[1] == TL.block_operands(fmt, parts).kind)
+        assert any(multirow(option) for option in offered[key]) != plane, fmt_name
 
 
 @pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int4", "sym_int8"])
