@@ -298,10 +298,11 @@ def gemv_words_kernel(
 
     Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K), the activation rows fastest so that programs reading the
     same weight rows run together and share them through L2. BLOCK_M (1, 2 or 4) rows decode each code once: the
-    cost of a few batch rows is then their multiply-adds and activation loads, not the decoding again. Split pid_k covers words [pid_k, pid_k + 1) * steps_per_split * BLOCK_W.
-    SCALE_SHIFT = log2(32-weight blocks per scale) (1 for nf4's 64-blocks, else 0). PREFETCH = 1 issues the loads
-    of step i + 1's weights before the arithmetic of step i, so two steps of weight bytes are in flight per thread;
-    PREFETCH = 2 also loads step i + 1's activations early; 0 loads each step when it starts.
+    cost of a few batch rows is then their multiply-adds and activation loads, not the decoding again. Split pid_k
+    covers words [pid_k, pid_k + 1) * steps_per_split * BLOCK_W. SCALE_SHIFT = log2(32-weight blocks per scale) (1
+    for nf4's 64-blocks, else 0). PREFETCH = 1 issues the loads of step i + 1's weights before the arithmetic of step
+    i, so two steps of weight bytes are in flight per thread; PREFETCH = 2 also loads step i + 1's activations early
+    (row 0's; further rows load theirs at the start of the step); 0 loads each step when it starts.
 
     Tiles are [BLOCK_W words, BLOCK_N rows] (K first). A thread's 16-byte load holds four aligned words, which share
     one scale (and min): F and X are summed over each such group in registers, and the scales and mins are gathered

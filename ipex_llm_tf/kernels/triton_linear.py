@@ -265,10 +265,10 @@ def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
     """(launcher, config) for these activations: GEMV, fused matmul or dequantize + matmul; (plan, final).
 
     Between GEMV_MAX_ROWS and the fused matmul's limit, autotuning times the fused matmul, dequantize + torch's
-    matmul and (up to 8 rows) the GEMV, one row or several per program, as any of them can win there. The two-plane codebooks' tiles run
-    unpipelined (matmul_candidates); with that, and nf4's table lookups as register gathers (triton_matmul), every
-    format's tile beats dequantize + matmul at 4 and 16 rows (H200, 4096x11008: nf4 49 vs 94 us, nf3 66 vs 105,
-    fp6 71 vs 107), so the fused matmul is every format's choice without autotuning.
+    matmul and (up to 8 rows) the GEMV, one row or several per program, as any of them can win there. The
+    two-plane codebooks' tiles run unpipelined (matmul_candidates); with that, and nf4's table lookups as register
+    gathers (triton_matmul), every format's tile beats dequantize + matmul at 4 and 16 rows (H200, 4096x11008: nf4
+    49 vs 94 us, nf3 66 vs 105, fp6 71 vs 107), so the fused matmul is every format's choice without autotuning.
     """
     m, k = x.shape
     device = x.device
