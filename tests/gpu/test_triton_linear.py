@@ -92,6 +92,7 @@ GEMV_CONFIGS = [TL.GemvConfig(16, 64, 4), TL.GemvConfig(8, 32, 4, 3, 1), TL.Gemv
                 TL.GemvConfig(64, 16, 4, 5), TL.GemvConfig(16, 256, 16, 1, 1), TL.GemvConfig(8, 128, 4, 1, 2),
                 TL.GemvConfig(8, 128, 2, 1, 2),  # two warps, fewer than the step's words: a layout of its own
                 TL.GemvConfig(16, 32, 1, 1, 2),  # one warp
+                TL.GemvConfig(4, 256, 2, 1, 2),  # four weight rows a program
                 # programs serving 4 / 2 activation rows (block formats; the others serve one row per program)
                 TL.GemvConfig(8, 32, 4, 3, 1, block_m=4), TL.GemvConfig(16, 64, 2, 1, 2, block_m=2)]
 MM_CONFIGS = [TL.MatmulConfig(16, 32, 64, 4, 2, split_k=3), TL.MatmulConfig(64, 64, 128, 4, 3),
