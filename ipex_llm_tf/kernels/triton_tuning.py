@@ -229,12 +229,17 @@ _GEMV_FP8_TILES = ((8, 512, 4, 1, False), (16, 256, 4, 0, False), (32, 128, 8, 1
                    (32, 256, 16, 1, False), (16, 256, 4, 1, True), (8, 1024, 4, 0, False), (8, 512, 8, 0, False))
 
 
+def _step_width(width: int, extent: int, min_width: int) -> int:
+    """A tile's K step, no wider than the row (`extent` words or elements, rounded up to a power of two) needs."""
+    return min(width, max(min_width, triton.next_power_of_2(extent)))
+
+
 def _gemv_configs(tiles: tuple, m: int, n: int, extent: int, min_width: int,
                   device: torch.device) -> list[GemvConfig]:
     """GEMV configurations from a tile table, the heuristic choice first (split-K variants for few programs)."""
     out: list[GemvConfig] = []
     for bn, w, warps, prefetch, may_split in tiles:
-        w = min(w, max(min_width, triton.next_power_of_2(extent)))
+        w = _step_width(w, extent, min_width)
         out.append(GemvConfig(bn, w, warps, 1, prefetch))
         split = _split_for(m * -(-n // bn), max(1, extent // w), device) if may_split else 1
         if split > 1:
@@ -262,7 +267,7 @@ def gemv_multirow_candidates(m: int, words: int) -> list[GemvConfig]:
     if not 2 <= m <= GEMV_MULTIROW_MAX_ROWS:
         return []
     row_blocks = (2,) if m == 2 else (2, 4)
-    return [GemvConfig(bn, min(w, max(16, triton.next_power_of_2(words))), warps, 1, prefetch, block_m)
+    return [GemvConfig(bn, _step_width(w, words, 16), warps, 1, prefetch, block_m)
             for bn, w, warps, prefetch in _GEMV_MULTIROW_TILES for block_m in row_blocks]
 
 
