@@ -41,7 +41,9 @@ def kernel_table(model: torch.nn.Module, ids: torch.Tensor, steps: int, rows: in
     ordered = sorted(kernels, key=lambda e: e.time_range.start)
     gaps = sorted(b.time_range.start - a.time_range.end for a, b in zip(ordered, ordered[1:]))
     if gaps:
-        lines.append(f"median gap between kernels {gaps[len(gaps) // 2]:.2f} us")
+        overlapping = sum(gap < 0 for gap in gaps)  # a kernel launched early (programmatic dependent launch)
+        lines.append(f"median gap between kernels {gaps[len(gaps) // 2]:.2f} us; {overlapping} of {len(gaps)} "
+                     f"kernels start before the previous one ends")
     return lines
 
 

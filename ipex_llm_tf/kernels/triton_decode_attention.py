@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_overlap import overlap_options, release_next, wait_previous
 from .triton_gemv_fp8 import fp8_bytes_to_float
 from .triton_linear import fp8_native, sm_count
 from .triton_tuning import capturing
@@ -48,12 +49,14 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, ks_ptr, vs_ptr, part_ptr, ml_ptr,
                   sqb, sqh, skb, skh, sks, svb, svh, svs, sokb, sksb, sksh, skss, svsb, svsh, svss,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
                   DIRECT: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr, LAST_COMBINES: tl.constexpr,
-                  BLOCK_P: tl.constexpr):
+                  BLOCK_P: tl.constexpr, OVERLAP: tl.constexpr = False):
     """Online softmax of query (batch, head) = program 0 over its split of the keys (program 1).
 
     DIRECT (one split): write the normalised output; else the unnormalised sum, its running max and its weight, and
     with LAST_COMBINES the query's last program to arrive (arrived_ptr counts them) combines all of them.
     """
+    release_next(OVERLAP)
+    wait_previous(OVERLAP)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // heads).to(tl.int64)
@@ -210,7 +213,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: 
         ok.stride(0) if ok is not None else 0, *(k_scales.stride()[:3] if fp8 else (0, 0, 0)),
         *(v_scales.stride()[:3] if fp8 else (0, 0, 0)),
         D=dim, BLOCK_D=block_d, BLOCK_S=BLOCK_S, HAS_MASK=ok is not None, DIRECT=splits == 1, FP8=fp8, NATIVE=native,
-        LAST_COMBINES=arrived is not None, BLOCK_P=block_p, num_warps=4)
+        LAST_COMBINES=arrived is not None, BLOCK_P=block_p, num_warps=4,
+        **overlap_options(q.device))
     if splits > 1 and arrived is None:
         _combine_kernel[(batch * heads,)](part, ml, out, splits, D=dim, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=4)
     return out

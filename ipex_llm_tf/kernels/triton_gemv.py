@@ -32,12 +32,15 @@ instructions changed nothing measurable). fp8 weights (e4m3fn / e5m2) have their
 Every kernel accumulates in float32, handles any N (rows past the end are clamped on load, masked on store) and any
 K that is a multiple of the format's block. SPLIT_K > 1 splits K across programs that add into a float32 output
 with atomics (the caller zeroes it, then casts and adds the bias). No vendor intrinsics: the same source runs on
-Triton's Intel XPU backend and in the Triton interpreter.
+Triton's Intel XPU backend and in the Triton interpreter. (OVERLAP, set only on CUDA sm_90+, compiles in
+launch_overlap's two launch-ordering instructions; everywhere else those lines compile to nothing.)
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .launch_overlap import release_next, wait_previous
 
 # Kind codes shared with triton_matmul and triton_linear (the KIND constexpr of every kernel); constexpr so that
 # kernels can read them as globals. Host code uses `.value`.
@@ -291,7 +294,7 @@ def gemv_words_kernel(
     KIND: tl.constexpr, SCALE_SHIFT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr, GATED: tl.constexpr = False,
-    SUBNORMAL: tl.constexpr = False, BLOCK_M: tl.constexpr = 1,
+    SUBNORMAL: tl.constexpr = False, BLOCK_M: tl.constexpr = 1, OVERLAP: tl.constexpr = False,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, k] for BLOCK_M activation rows m and BLOCK_N weight rows, BLOCK_W words per K
     step.
@@ -316,6 +319,9 @@ def gemv_words_kernel(
     GATED: the weight is a merged [gate | up] projection of 2N rows and y gets SiLU(gate) * up [M, N]: a program
     takes BLOCK_N / 2 gate rows and their up rows (interleaved), so the activation needs no kernel of its own
     (SPLIT_K must be 1).
+
+    OVERLAP (launch_overlap): the program reads its first step of weights, then waits for the previous kernel;
+    it lets the next kernel launch once its K loop is done.
     """
     tl.static_assert(BLOCK_M == 1 or BLOCK_M == 2 or BLOCK_M == 4, "BLOCK_M is 1, 2 or 4")
     EPW: tl.constexpr = 4 if KIND == Q8_SYM else 8          # codes per word
@@ -342,6 +348,7 @@ def gemv_words_kernel(
     x_row3 = x_ptr + tl.minimum(pid_m + 3, M - 1).to(tl.int64) * stride_xm
     n_words, n_d, n_mn, n_qh = _load_words_step(w_base, s_base, mn_ptr, qh_ptr, off0, row_base, w_begin, blk_base,
                                                 0, KW, KIND, WPB_SHIFT, SCALE_SHIFT, BLOCK_W, EVEN)
+    wait_previous(OVERLAP)  # the first weights are in flight; the activations are the previous kernel's output
     n0, n1, n2, n3, n4, n5, n6, n7, nsum = _load_x_step(x_row, w_begin, 0, KW, BLOCK_W, EPW, EVEN)
     for step in range(0, steps_per_split):
         if PREFETCH > 0:
@@ -393,6 +400,7 @@ def gemv_words_kernel(
             acc3 = _accumulate(acc3, words, high, qh, one, d, mn, xs3, tab_ptr, KIND, SUBNORMAL, EPW, SCALE, BLOCK_W,
                                BLOCK_N)
 
+    release_next(OVERLAP)  # the next kernel's programs take the SMs this one's tail leaves idle
     _store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, BLOCK_N, GATED)
     if BLOCK_M > 1:
         _store_words_result(acc1, b_ptr, y_ptr, pid_m + 1, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS,

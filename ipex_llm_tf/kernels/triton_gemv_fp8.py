@@ -9,6 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .launch_overlap import release_next, wait_previous
 from .triton_gemv import _store_row
 
 
@@ -35,7 +36,7 @@ def gemv_fp8_kernel(
     M, N, K, stride_xm, stride_ym, steps_per_split,
     E5M2: tl.constexpr, NATIVE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr, OVERLAP: tl.constexpr = False,
 ):
     """fp8 weights [N, K] with a float32 scale per row: y = scale[n] * sum_k x[m, k] * w[n, k].
 
@@ -57,6 +58,7 @@ def gemv_fp8_kernel(
         q_next = tl.load(w_rows + k_next[None, :])
     else:
         q_next = tl.load(w_rows + k_next[None, :], mask=(k_next < K)[None, :])
+    wait_previous(OVERLAP)  # the first weights are in flight; the activations are the previous kernel's output
     for step in range(0, steps_per_split):
         k = k_begin + step * BLOCK_K + tl.arange(0, BLOCK_K)
         kmask = k < K
@@ -80,6 +82,7 @@ def gemv_fp8_kernel(
         if not EVEN:
             w = tl.where(kmask[None, :], w, 0.0)  # masked lanes hold garbage (possibly NaN codes)
         acc += w * xk[None, :]
+    release_next(OVERLAP)  # the next kernel's programs take the SMs this one's tail leaves idle
     y = tl.sum(acc, axis=1) * tl.load(s_ptr + rows)
     if not NATIVE and not E5M2:
         y = y * 256.0

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_overlap import overlap_options, release_next, wait_previous
 from .triton_rotary import rotate_halves
 
 
@@ -57,9 +58,11 @@ def _store_halves(x1, x2, dst, scale_dst, half, inside, QUANT: tl.constexpr):
 def _rotary_kv_write_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
                             heads, kv_heads, half, sxb, sxh, scb, ssb, sqb, sqh,
                             kcb, kch, kcs, vcb, vch, vcs, ksb, ksh, kss, vsb, vsh, vss,
-                            BLOCK_D: tl.constexpr, QUANT: tl.constexpr):
+                            BLOCK_D: tl.constexpr, QUANT: tl.constexpr, OVERLAP: tl.constexpr = False):
     """Program (batch row, head of the merged projection): a query head rotated into q, a key head rotated into the
     key plane at the slot, a value head copied into the value plane."""
+    release_next(OVERLAP)
+    wait_previous(OVERLAP)
     per_row = heads + 2 * kv_heads
     b = (tl.program_id(0) // per_row).to(tl.int64)
     h = tl.program_id(0) % per_row
@@ -163,5 +166,6 @@ def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             key_scales.stride(0), key_scales.stride(1), key_scales.stride(2),
             value_scales.stride(0), value_scales.stride(1), value_scales.stride(2),
             BLOCK_D=triton.next_power_of_2(dim // 2), QUANT=quant, num_warps=1,
-            enable_fp_fusion=False)  # no fused multiply-adds: RoPE rounds as triton_rotary does
+            enable_fp_fusion=False,  # no fused multiply-adds: RoPE rounds as triton_rotary does
+            **overlap_options(qkv.device))
     return query

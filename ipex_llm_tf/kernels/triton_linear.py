@@ -41,6 +41,7 @@ from . import triton_matmul as MM
 # operands, configs and tuning are also addressed through this module (tests, benchmarks)
 from .triton_operands import (PLANE_KINDS, BlockOperands, Fp8Operands, _table,  # noqa: F401
                               block_kind, block_operands, fp8_native, fp8_operands, keeps_subnormals)
+from .launch_overlap import overlap_options
 from .triton_silu_mul import silu_and_mul
 from .triton_tuning import (_TUNED, GEMV_MULTIROW_MAX_ROWS, GemvConfig, MatmulConfig, _interpreting,  # noqa: F401
                             _pick, _row_bucket, autotune_enabled, gemv_candidates, gemv_fp8_candidates,
@@ -92,7 +93,8 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
         kernel, options, block_m = GP.gemv_planes_kernel, {}, 1
     else:
         block_m = cfg.block_m
-        kernel, options = G.gemv_words_kernel, {"SUBNORMAL": ops.subnormal, "BLOCK_M": block_m}
+        kernel, options = G.gemv_words_kernel, {"SUBNORMAL": ops.subnormal, "BLOCK_M": block_m,
+                                                 **overlap_options(x.device)}
     kernel[(triton.cdiv(x.shape[0], block_m), triton.cdiv(outputs, per_program), split)](
         x, ops.words, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
         x.shape[0], outputs, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
@@ -127,7 +129,8 @@ def gemv_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: in
         x, ops.qweight, ops.scales, ops.scales if bias is None else bias, y,
         m, n, k, x.stride(0), y.stride(0), per_split,
         E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_w, SPLIT_K=split,
-        HAS_BIAS=bias is not None and split == 1, EVEN=even, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps)
+        HAS_BIAS=bias is not None and split == 1, EVEN=even, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps,
+        **overlap_options(x.device))
     return y if split == 1 else _finish_split(y, bias, x.dtype)
 
 
@@ -145,7 +148,7 @@ def matmul_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None
         m, n, kb, x.stride(0), y.stride(0), per_split,
         KIND=ops.kind, SBLK_SHIFT=ops.scale_shift_blocks, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NB=nb,
         GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, SWAP=cfg.swap,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **overlap_options(x.device))
     return y if split == 1 else _finish_split(y, bias, x.dtype)
 
 
@@ -160,7 +163,7 @@ def matmul_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: 
         m, n, k, x.stride(0), y.stride(0), per_split,
         E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, SWAP=cfg.swap,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **overlap_options(x.device))
     return y if split == 1 else _finish_split(y, bias, x.dtype)
 
 

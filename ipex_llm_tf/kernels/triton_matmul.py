@@ -12,6 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .launch_overlap import release_next, wait_previous
 from .triton_gemv import CB3, CB4, CB6, Q4_ASYM, Q4_SYM, Q5_ASYM, Q5_SYM, Q8_SYM
 from .triton_gemv_fp8 import fp8_bytes_to_float
 from .triton_gemv_planes import join_planes
@@ -187,11 +188,14 @@ def matmul_blocks_kernel(
     KIND: tl.constexpr, SBLK_SHIFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, SWAP: tl.constexpr = False,
+    OVERLAP: tl.constexpr = False,
 ):
     """y = x @ dequant(w).T (+ bias) for a block format; grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K).
 
     Split pid_k covers 32-weight blocks [pid_k, pid_k + 1) * steps_per_split * NB. SWAP computes the transposed
     tile, dequant(w) @ x.T, so that the decoded weights are the dot's first operand (few activation rows)."""
+    release_next(OVERLAP)
+    wait_previous(OVERLAP)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m, offs_n, xm, rows = _tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -242,8 +246,11 @@ def matmul_fp8_kernel(
     E5M2: tl.constexpr, NATIVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, SWAP: tl.constexpr = False,
+    OVERLAP: tl.constexpr = False,
 ):
     """y = (x @ w.T) * scale[n] (+ bias) for fp8 weights [N, K] with a float32 scale per row (SWAP: _tile_dot)."""
+    release_next(OVERLAP)
+    wait_previous(OVERLAP)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m, offs_n, xm, rows = _tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)

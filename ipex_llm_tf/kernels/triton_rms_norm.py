@@ -12,15 +12,20 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_overlap import overlap_options, release_next, wait_previous
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_row_stride, out_row_stride, eps,
-                     BLOCK: tl.constexpr, res_ptr=None, sum_ptr=None, res_row_stride=0):
+                     BLOCK: tl.constexpr, res_ptr=None, sum_ptr=None, res_row_stride=0,
+                     OVERLAP: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < n_cols
     # the weight is read first: issued after the reduction, its load would start only once the sum was done
+    release_next(OVERLAP)
     w = tl.load(w_ptr + cols, mask=inside, other=0.0)
+    wait_previous(OVERLAP)
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=inside, other=0.0)
     if res_ptr is not None:
         x = tl.load(res_ptr + row * res_row_stride + cols, mask=inside, other=0.0) + x
@@ -46,7 +51,7 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor, eps: float, res: torch.Ten
         _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, n, rows.stride(0), out.stride(0), eps,
                                            BLOCK=triton.next_power_of_2(n), res_ptr=res, sum_ptr=summed,
                                            res_row_stride=0 if res is None else res.stride(0),
-                                           num_warps=4 if n <= 4096 else 8)
+                                           num_warps=4 if n <= 4096 else 8, **overlap_options(rows.device))
     return out
 
 

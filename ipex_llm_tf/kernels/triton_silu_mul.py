@@ -9,9 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_overlap import overlap_options, release_next, wait_previous
+
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, half, x_row_stride, out_row_stride, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, half, x_row_stride, out_row_stride, BLOCK: tl.constexpr,
+                     OVERLAP: tl.constexpr = False):
+    release_next(OVERLAP)
+    wait_previous(OVERLAP)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < half
@@ -36,5 +41,5 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(half))
     if rows.shape[0]:
         _silu_mul_kernel[(rows.shape[0], triton.cdiv(half, block))](rows, out, half, rows.stride(0), out.stride(0),
-                                                                    BLOCK=block)
+                                                                    BLOCK=block, **overlap_options(out.device))
     return out.view(*gate_up.shape[:-1], half)

@@ -1,0 +1,102 @@
+"""Programmatic dependent launch (kernels.launch_overlap): where it is switched on, and what the kernels compile to.
+
+No GPU is needed: the switch logic runs with a faked device capability, and the kernels are compiled for an sm_90
+target by Triton (PTX, not run). tests/gpu/test_graph_decode_cuda.py checks on a device that decode gives the same
+bits with it on and off.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from ipex_llm_tf.kernels import launch_overlap as LO  # noqa: E402
+from ipex_llm_tf.kernels import triton_gemv as G  # noqa: E402
+from ipex_llm_tf.kernels import triton_rms_norm  # noqa: E402
+
+_CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def capability(monkeypatch):
+    """Sets the capability the faked CUDA device reports; the probe cache starts empty."""
+    monkeypatch.setattr(LO, "_SUPPORTED", {})
+    monkeypatch.delenv(LO.OVERLAP_ENV, raising=False)
+
+    def set_capability(major: int, minor: int = 0) -> None:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+    return set_capability
+
+
+def test_on_for_hopper_and_later(capability) -> None:
+    capability(9, 0)
+    assert LO.overlap_supported(_CUDA)
+    assert LO.overlap_options(_CUDA) == {"OVERLAP": True, "launch_pdl": True}
+
+
+def test_off_before_hopper(capability) -> None:
+    capability(8, 9)
+    assert not LO.overlap_supported(_CUDA)
+    assert LO.overlap_options(_CUDA) == {}
+
+
+@pytest.mark.parametrize("device", ["cpu", "xpu"])
+def test_off_on_other_devices(capability, device: str) -> None:
+    capability(9, 0)
+    assert LO.overlap_options(torch.device(device)) == {}
+
+
+@pytest.mark.parametrize("value", ["0", "false", "no"])
+def test_switched_off_by_the_environment(capability, monkeypatch, value: str) -> None:
+    capability(9, 0)
+    monkeypatch.setenv(LO.OVERLAP_ENV, value)
+    assert LO.overlap_options(_CUDA) == {}
+
+
+def test_off_without_triton_cuda_extras(capability, monkeypatch) -> None:
+    capability(9, 0)
+    monkeypatch.setattr(LO, "gdc_wait", None)
+    assert LO.overlap_options(_CUDA) == {}
+
+
+def _ptx(fn, signature: dict, constexprs: dict, **options) -> str:
+    """The PTX Triton makes of `fn` for an sm_90 device (compiled on the host, never run), every pointer and integer
+    argument taken as 16-aligned (as the launches find them, so that the weights are read 16 bytes at a time)."""
+    aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind != "fp32"}
+    source = ASTSource(fn, {**signature, **{name: "constexpr" for name in constexprs}}, constexprs=constexprs,
+                       attrs=aligned)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+_GEMV_SIGNATURE = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "mn_ptr": "*fp16", "qh_ptr": "*i32",
+                   "tab_ptr": "*fp32", "b_ptr": "*fp16", "y_ptr": "*fp16", "M": "i32", "N": "i32", "KW": "i32",
+                   "stride_xm": "i32", "stride_ym": "i32", "steps_per_split": "i32", "one_bits": "i32"}
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_gemv_waits_after_its_first_weights(overlap: bool) -> None:
+    consts = dict(KIND=G.Q4_SYM.value, SCALE_SHIFT=0, BLOCK_N=16, BLOCK_W=128, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
+                  PREFETCH=1, GATED=False, SUBNORMAL=True, BLOCK_M=1, OVERLAP=overlap)
+    ptx = _ptx(G.gemv_words_kernel, _GEMV_SIGNATURE, consts, num_warps=4, launch_pdl=overlap)
+    if not overlap:
+        assert "griddepcontrol" not in ptx  # the same code as before the switch existed
+        return
+    lines = ptx.splitlines()
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    release = next(i for i, line in enumerate(lines) if "griddepcontrol.launch_dependents" in line)
+    first_words = next(i for i, line in enumerate(lines) if "ld.global" in line and ".v4" in line)
+    assert first_words < wait < release, "weights are read before the wait; the next kernel is let in after the loop"
+
+
+def test_rms_norm_reads_its_weight_before_the_wait() -> None:
+    signature = {"x_ptr": "*fp16", "w_ptr": "*fp16", "out_ptr": "*fp16", "n_cols": "i32", "x_row_stride": "i32",
+                 "out_row_stride": "i32", "eps": "fp32"}
+    ptx = _ptx(triton_rms_norm._rms_norm_kernel, signature, dict(BLOCK=4096, OVERLAP=True), num_warps=4,
+               launch_pdl=True)
+    lines = ptx.splitlines()
+    loads = [i for i, line in enumerate(lines) if "ld.global" in line]
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    assert loads[0] < wait < loads[-1]
