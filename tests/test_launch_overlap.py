@@ -94,8 +94,8 @@ def test_gemv_waits_after_its_first_weights(overlap: bool) -> None:
 def test_rms_norm_reads_its_weight_before_the_wait() -> None:
     signature = {"x_ptr": "*fp16", "w_ptr": "*fp16", "out_ptr": "*fp16", "n_cols": "i32", "x_row_stride": "i32",
                  "out_row_stride": "i32", "eps": "fp32"}
-    ptx = _ptx(triton_rms_norm._rms_norm_kernel, signature, dict(BLOCK=4096, OVERLAP=True), num_warps=4,
-               launch_pdl=True)
+    consts = dict(BLOCK=4096, res_ptr=None, sum_ptr=None, res_row_stride=0, OVERLAP=True)  # no residual
+    ptx = _ptx(triton_rms_norm._rms_norm_kernel, signature, consts, num_warps=4, launch_pdl=True)
     lines = ptx.splitlines()
     loads = [i for i, line in enumerate(lines) if "ld.global" in line]
     wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
