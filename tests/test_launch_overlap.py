@@ -80,7 +80,7 @@ _GEMV_SIGNATURE = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "mn_ptr"
 def test_gemv_waits_after_its_first_weights(overlap: bool) -> None:
     consts = dict(KIND=G.Q4_SYM.value, SCALE_SHIFT=0, BLOCK_N=16, BLOCK_W=128, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
                   PREFETCH=1, GATED=False, SUBNORMAL=True, BLOCK_M=1, OVERLAP=overlap)
-    ptx = _ptx(G.gemv_words_kernel, _GEMV_SIGNATURE, consts, num_warps=4, launch_pdl=overlap)
+    ptx = _ptx(G.gemv_words_kernel, _GEMV_SIGNATURE, consts, num_warps=4, launch_pdl=overlap, enable_fp_fusion=True)
     if not overlap:
         assert "griddepcontrol" not in ptx  # the same code as before the switch existed
         return
@@ -95,7 +95,7 @@ def test_rms_norm_reads_its_weight_before_the_wait() -> None:
     signature = {"x_ptr": "*fp16", "w_ptr": "*fp16", "out_ptr": "*fp16", "n_cols": "i32", "x_row_stride": "i32",
                  "out_row_stride": "i32", "eps": "fp32"}
     consts = dict(BLOCK=4096, res_ptr=None, sum_ptr=None, res_row_stride=0, OVERLAP=True)  # no residual
-    ptx = _ptx(triton_rms_norm._rms_norm_kernel, signature, consts, num_warps=4, launch_pdl=True)
+    ptx = _ptx(triton_rms_norm._rms_norm_kernel, signature, consts, num_warps=4, launch_pdl=True, enable_fp_fusion=True)
     lines = ptx.splitlines()
     loads = [i for i, line in enumerate(lines) if "ld.global" in line]
     wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)

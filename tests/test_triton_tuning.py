@@ -141,7 +141,7 @@ class FakeProbe:
         self.result, self.launches = result, 0
 
     def __getitem__(self, grid):
-        def launch(bits, x, acc, out):
+        def launch(bits, x, acc, out, **options):
             self.launches += 1
             out.fill_(self.result)
         return launch

@@ -213,8 +213,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: 
         ok.stride(0) if ok is not None else 0, *(k_scales.stride()[:3] if fp8 else (0, 0, 0)),
         *(v_scales.stride()[:3] if fp8 else (0, 0, 0)),
         D=dim, BLOCK_D=block_d, BLOCK_S=BLOCK_S, HAS_MASK=ok is not None, DIRECT=splits == 1, FP8=fp8, NATIVE=native,
-        LAST_COMBINES=arrived is not None, BLOCK_P=block_p, num_warps=4,
+        LAST_COMBINES=arrived is not None, BLOCK_P=block_p, num_warps=4, enable_fp_fusion=True,
         **overlap_options(q.device))
     if splits > 1 and arrived is None:
-        _combine_kernel[(batch * heads,)](part, ml, out, splits, D=dim, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=4)
+        _combine_kernel[(batch * heads,)](part, ml, out, splits, D=dim, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=4,
+                                          enable_fp_fusion=True)
     return out

@@ -132,7 +132,7 @@ def write_kv_slot(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, va
             keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
             key_scales.stride(0), key_scales.stride(1), key_scales.stride(2),
             value_scales.stride(0), value_scales.stride(1), value_scales.stride(2),
-            BLOCK_D=triton.next_power_of_2(dim), QUANT=quant, num_warps=1)
+            BLOCK_D=triton.next_power_of_2(dim), QUANT=quant, num_warps=1, enable_fp_fusion=True)
 
 
 def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,

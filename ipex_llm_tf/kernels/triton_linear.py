@@ -100,7 +100,7 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
         x.shape[0], outputs, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
         KIND=ops.kind, SCALE_SHIFT=ops.scale_shift_blocks, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
         SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, PREFETCH=cfg.prefetch, GATED=gated,
-        num_warps=cfg.num_warps, **options)
+        num_warps=cfg.num_warps, enable_fp_fusion=True, **options)
     return split
 
 
@@ -130,7 +130,7 @@ def gemv_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: in
         m, n, k, x.stride(0), y.stride(0), per_split,
         E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_w, SPLIT_K=split,
         HAS_BIAS=bias is not None and split == 1, EVEN=even, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps,
-        **overlap_options(x.device))
+        enable_fp_fusion=True, **overlap_options(x.device))
     return y if split == 1 else _finish_split(y, bias, x.dtype)
 
 
@@ -148,7 +148,8 @@ def matmul_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None
         m, n, kb, x.stride(0), y.stride(0), per_split,
         KIND=ops.kind, SBLK_SHIFT=ops.scale_shift_blocks, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NB=nb,
         GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, SWAP=cfg.swap,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **overlap_options(x.device))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
+        **overlap_options(x.device))
     return y if split == 1 else _finish_split(y, bias, x.dtype)
 
 
@@ -163,7 +164,8 @@ def matmul_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: 
         m, n, k, x.stride(0), y.stride(0), per_split,
         E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, SWAP=cfg.swap,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **overlap_options(x.device))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
+        **overlap_options(x.device))
     return y if split == 1 else _finish_split(y, bias, x.dtype)
 
 
@@ -224,7 +226,8 @@ def dequantize_fp8(ops: Fp8Operands, n: int, dtype: torch.dtype) -> torch.Tensor
     k = ops.in_features
     out = torch.empty((n, k), device=ops.qweight.device, dtype=dtype)
     MM.dequant_fp8_kernel[(triton.cdiv(n, 16), triton.cdiv(k, 256))](
-        ops.qweight, ops.scales, out, n, k, E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_N=16, BLOCK_K=256, num_warps=4)
+        ops.qweight, ops.scales, out, n, k, E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_N=16, BLOCK_K=256, num_warps=4,
+        enable_fp_fusion=True)
     return out
 
 

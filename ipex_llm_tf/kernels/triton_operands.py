@@ -161,7 +161,7 @@ def keeps_subnormals(device: torch.device) -> bool:
         x = torch.tensor([2.0 ** 40], dtype=torch.float32, device=device)
         acc = torch.zeros(1, dtype=torch.float32, device=device)
         out = torch.empty(1, dtype=torch.float32, device=device)
-        G.subnormal_probe_kernel[(1,)](bits, x, acc, out)
+        G.subnormal_probe_kernel[(1,)](bits, x, acc, out, enable_fp_fusion=True)  # a fused multiply-add, as the GEMV's
         _KEEPS_SUBNORMALS[device] = out.item() == 240 * 2.0 ** -109
     return _KEEPS_SUBNORMALS[device]
 

@@ -51,7 +51,8 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor, eps: float, res: torch.Ten
         _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, n, rows.stride(0), out.stride(0), eps,
                                            BLOCK=triton.next_power_of_2(n), res_ptr=res, sum_ptr=summed,
                                            res_row_stride=0 if res is None else res.stride(0),
-                                           num_warps=4 if n <= 4096 else 8, **overlap_options(rows.device))
+                                           num_warps=4 if n <= 4096 else 8, enable_fp_fusion=True,
+                                           **overlap_options(rows.device))
     return out
 
 

@@ -41,5 +41,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(half))
     if rows.shape[0]:
         _silu_mul_kernel[(rows.shape[0], triton.cdiv(half, block))](rows, out, half, rows.stride(0), out.stride(0),
-                                                                    BLOCK=block, **overlap_options(out.device))
+                                                                    BLOCK=block, enable_fp_fusion=True,
+                                                                    **overlap_options(out.device))
     return out.view(*gate_up.shape[:-1], half)
