@@ -6,6 +6,8 @@ bits with it on and off.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -14,8 +16,13 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from ipex_llm_tf.kernels import launch_overlap as LO  # noqa: E402
+from ipex_llm_tf.kernels import triton_decode_attention as DA  # noqa: E402
 from ipex_llm_tf.kernels import triton_gemv as G  # noqa: E402
+from ipex_llm_tf.kernels import triton_gemv_fp8 as GF  # noqa: E402
+from ipex_llm_tf.kernels import triton_kv_write as KV  # noqa: E402
+from ipex_llm_tf.kernels import triton_matmul as MM  # noqa: E402
 from ipex_llm_tf.kernels import triton_rms_norm  # noqa: E402
+from ipex_llm_tf.kernels import triton_silu_mul as SM  # noqa: E402
 
 _CUDA = torch.device("cuda", 0)
 
@@ -89,6 +96,70 @@ def test_gemv_waits_after_its_first_weights(overlap: bool) -> None:
     release = next(i for i, line in enumerate(lines) if "griddepcontrol.launch_dependents" in line)
     first_words = next(i for i, line in enumerate(lines) if "ld.global" in line and ".v4" in line)
     assert first_words < wait < release, "weights are read before the wait; the next kernel is let in after the loop"
+
+
+def _signature(kernel, pointers: dict, constexprs: dict) -> dict:
+    """Every runtime argument of `kernel`: the given pointer types, fp32 for scale / eps, i32 for the rest."""
+    names = [p.name for p in kernel.params if p.name not in constexprs]
+    return {name: pointers.get(name, "fp32" if name in ("scale", "eps") else "i32") for name in names}
+
+
+_F16 = "*fp16"
+_WRITE = re.compile(r"\s*(@!?%p\d+\s+)?(st|atom|red)\.")  # a PTX store or atomic, predicated or not
+_WORDS = {"w_ptr": "*i32", "qh_ptr": "*i32", "tab_ptr": "*fp32",
+          **{name: _F16 for name in ("x_ptr", "s_ptr", "mn_ptr", "b_ptr", "y_ptr")}}
+# (kernel, pointer types, constexprs): each overlapped kernel in a configuration that writes all it can (atomics,
+# residual sums, cache planes, split partials)
+_OVERLAPPED = {
+    "gemv_words split-K, two rows": (
+        G.gemv_words_kernel, {**_WORDS, "y_ptr": "*fp32"},
+        dict(KIND=G.Q4_ASYM.value, SCALE_SHIFT=0, BLOCK_N=16, BLOCK_W=128, SPLIT_K=2, HAS_BIAS=False, EVEN=False,
+             PREFETCH=2, GATED=False, SUBNORMAL=False, BLOCK_M=2)),
+    "gemv_words gated, four rows": (
+        G.gemv_words_kernel, _WORDS,
+        dict(KIND=G.CB4.value, SCALE_SHIFT=1, BLOCK_N=16, BLOCK_W=64, SPLIT_K=1, HAS_BIAS=True, EVEN=True,
+             PREFETCH=1, GATED=True, SUBNORMAL=False, BLOCK_M=4)),
+    "gemv_fp8": (GF.gemv_fp8_kernel, {"x_ptr": _F16, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": _F16,
+                                      "y_ptr": _F16},
+                 dict(E5M2=False, NATIVE=True, BLOCK_N=16, BLOCK_K=256, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
+                      PREFETCH=1)),
+    "matmul_blocks": (MM.matmul_blocks_kernel, {"w_ptr": "*u8", "qh_ptr": "*u8", "tab_ptr": "*fp32",
+                                                **{k: _F16 for k in ("x_ptr", "s_ptr", "mn_ptr", "b_ptr", "y_ptr")}},
+                      dict(KIND=G.Q4_SYM.value, SBLK_SHIFT=0, BLOCK_M=16, BLOCK_N=64, NB=2, GROUP_M=8, SPLIT_K=1,
+                           HAS_BIAS=False, EVEN=True, SWAP=True)),
+    "matmul_fp8": (MM.matmul_fp8_kernel, {"x_ptr": _F16, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": _F16,
+                                          "y_ptr": "*fp32"},
+                   dict(E5M2=False, NATIVE=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_K=2,
+                        HAS_BIAS=False, EVEN=True, SWAP=False)),
+    "attention split": (DA._split_kernel, {"ok_ptr": "*u8", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "part_ptr": "*fp32",
+                                           "ml_ptr": "*fp32", "arrived_ptr": "*i32",
+                                           **{k: _F16 for k in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}},
+                        dict(D=128, BLOCK_D=128, BLOCK_S=32, HAS_MASK=True, DIRECT=False, FP8=False, NATIVE=False,
+                             LAST_COMBINES=True, BLOCK_P=16)),
+    "rotary + KV write": (KV._rotary_kv_write_kernel, {"slot_ptr": "*i64", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
+                                                       "kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv",
+                                                       **{k: _F16 for k in ("x_ptr", "cos_ptr", "sin_ptr", "q_ptr")}},
+                          dict(BLOCK_D=64, QUANT=True)),
+    "silu_mul": (SM._silu_mul_kernel, {"x_ptr": _F16, "out_ptr": _F16}, dict(BLOCK=1024)),
+    "rms_norm + residual": (triton_rms_norm._rms_norm_kernel, {k: _F16 for k in ("x_ptr", "w_ptr", "out_ptr",
+                                                                                 "res_ptr", "sum_ptr")},
+                            dict(BLOCK=4096)),
+}
+
+
+@pytest.mark.parametrize("name", list(_OVERLAPPED))
+def test_overlapped_kernels_write_nothing_before_the_wait(name: str) -> None:
+    """The contract that makes the overlap safe, checked in each overlapped kernel's sm_90 code: one wait, and no
+    store or atomic before it (a write there could land while the previous kernel still reads)."""
+    kernel, pointers, consts = _OVERLAPPED[name]
+    consts = {**consts, "OVERLAP": True}
+    ptx = _ptx(kernel, _signature(kernel, pointers, consts), consts, num_warps=4, launch_pdl=True,
+               enable_fp_fusion=True)
+    lines = ptx.splitlines()
+    waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
+    assert len(waits) == 1 and "griddepcontrol.launch_dependents" in ptx
+    writes = [line.strip() for line in lines[:waits[0]] if _WRITE.match(line)]
+    assert not writes, writes
 
 
 def test_rms_norm_reads_its_weight_before_the_wait() -> None:
