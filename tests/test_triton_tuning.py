@@ -135,7 +135,7 @@ def test_fp8_replicas_copy_what_kernels_read() -> None:
 
 
 class FakeProbe:
-    """Stands in for triton_gemv.subnormal_probe_kernel: writes what a device would, records each launch."""
+    """Stands in for triton_operands.subnormal_probe_kernel: writes what a device would, records each launch."""
 
     def __init__(self, result: float):
         self.result, self.launches = result, 0
@@ -151,10 +151,9 @@ class FakeProbe:
 def test_subnormal_probe_decides_once_per_device(monkeypatch: pytest.MonkeyPatch, flushes: bool) -> None:
     """The subnormal-coded GEMV is chosen only where the probe's product comes back exact; the answer is kept, and
     block formats outside the subnormal kinds never take it."""
-    from ipex_llm_tf.kernels import triton_gemv as G
     from ipex_llm_tf.kernels import triton_operands as TO
     probe = FakeProbe(0.0 if flushes else 240 * 2.0 ** -109)
-    monkeypatch.setattr(G, "subnormal_probe_kernel", probe)
+    monkeypatch.setattr(TO, "subnormal_probe_kernel", probe)
     monkeypatch.setattr(TO, "_interpreting", lambda: True)
     monkeypatch.setattr(TO, "_KEEPS_SUBNORMALS", {})
     cpu = torch.device("cpu")
@@ -168,10 +167,9 @@ def test_subnormal_probe_decides_once_per_device(monkeypatch: pytest.MonkeyPatch
 def test_subnormal_probe_waits_outside_graph_capture(monkeypatch: pytest.MonkeyPatch) -> None:
     """Inside a graph capture nothing is launched or synchronized: the old decoding is used and the probe runs on
     the next eager call; devices without Triton kernels are never probed."""
-    from ipex_llm_tf.kernels import triton_gemv as G
     from ipex_llm_tf.kernels import triton_operands as TO
     probe = FakeProbe(240 * 2.0 ** -109)
-    monkeypatch.setattr(G, "subnormal_probe_kernel", probe)
+    monkeypatch.setattr(TO, "subnormal_probe_kernel", probe)
     monkeypatch.setattr(TO, "_KEEPS_SUBNORMALS", {})
     cpu = torch.device("cpu")
     monkeypatch.setattr(TO, "_interpreting", lambda: False)

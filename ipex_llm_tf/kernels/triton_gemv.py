@@ -410,11 +410,3 @@ def gemv_words_kernel(
                             BLOCK_N, GATED, pid_m + 2 < M)
         _store_words_result(acc3, b_ptr, y_ptr, pid_m + 3, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS,
                             BLOCK_N, GATED, pid_m + 3 < M)
-
-
-@triton.jit
-def subnormal_probe_kernel(bits_ptr, x_ptr, acc_ptr, out_ptr):
-    """out = bits read as a float32 * x + acc: the product the SUBNORMAL GEMV forms, for the host to check that a
-    subnormal operand survives it on a device."""
-    f = tl.load(bits_ptr).to(tl.float32, bitcast=True)
-    tl.store(out_ptr, f * tl.load(x_ptr) + tl.load(acc_ptr))

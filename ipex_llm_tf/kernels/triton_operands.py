@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field, replace
 
 import torch
+import triton
+import triton.language as tl
 
 from ..formats import LowBitFormat, Parts
 from ..formats.codebooks import CodebookFormat
@@ -144,6 +146,14 @@ def block_operands(fmt: LowBitFormat, parts: Parts) -> BlockOperands:
                          k // 32, subnormal=kind in SUBNORMAL_KINDS and keeps_subnormals(codes.device))
 
 
+@triton.jit
+def subnormal_probe_kernel(bits_ptr, x_ptr, acc_ptr, out_ptr):
+    """out = bits read as a float32 * x + acc: the product the SUBNORMAL GEMV forms, for the host to check that a
+    subnormal operand survives it on a device."""
+    f = tl.load(bits_ptr).to(tl.float32, bitcast=True)
+    tl.store(out_ptr, f * tl.load(x_ptr) + tl.load(acc_ptr))
+
+
 # kinds whose GEMV can read codes as float32 subnormals (triton_gemv, SUBNORMAL)
 SUBNORMAL_KINDS = frozenset({G.Q4_SYM.value, G.Q4_ASYM.value, G.Q8_SYM.value})
 _KEEPS_SUBNORMALS: dict[torch.device, bool] = {}
@@ -161,7 +171,7 @@ def keeps_subnormals(device: torch.device) -> bool:
         x = torch.tensor([2.0 ** 40], dtype=torch.float32, device=device)
         acc = torch.zeros(1, dtype=torch.float32, device=device)
         out = torch.empty(1, dtype=torch.float32, device=device)
-        G.subnormal_probe_kernel[(1,)](bits, x, acc, out, enable_fp_fusion=True)  # a fused multiply-add, as the GEMV's
+        subnormal_probe_kernel[(1,)](bits, x, acc, out, enable_fp_fusion=True)  # a fused multiply-add, as the GEMV's
         _KEEPS_SUBNORMALS[device] = out.item() == 240 * 2.0 ** -109
     return _KEEPS_SUBNORMALS[device]
 
