@@ -216,7 +216,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
     from .bench import environment_report
     from .devices import available_devices
-    from .kernels import describe_op_backends, ipex_ops
+    from .kernels import describe_op_backends, ipex_ops, triton_available
     try:
         report = environment_report()
     except ipex_ops.IpexUnavailableError:
@@ -227,6 +227,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     for dev in available_devices():
         for line in describe_op_backends(torch.device(dev)):
             print(f"  {dev}: {line}")
+        if dev != "cpu" and triton_available():
+            from .kernels.launch_overlap import describe_overlap
+            print(f"  {dev}: {describe_overlap(torch.device(dev))}")
     if report is None:
         ipex_ops.require()
     return 0

@@ -69,6 +69,18 @@ def test_off_without_triton_cuda_extras(capability, monkeypatch) -> None:
     assert LO.overlap_options(_CUDA) == {}
 
 
+def test_info_says_whether_and_why(capability, monkeypatch) -> None:
+    capability(9, 0)
+    assert LO.describe_overlap(_CUDA).startswith("kernel launches: overlapped")
+    assert "CUDA-only" in LO.describe_overlap(torch.device("xpu"))
+    monkeypatch.setenv(LO.OVERLAP_ENV, "0")
+    assert "IPEX_LLM_TF_OVERLAP=0" in LO.describe_overlap(_CUDA)
+    monkeypatch.delenv(LO.OVERLAP_ENV)
+    capability(8, 0)
+    LO._SUPPORTED.clear()
+    assert "compute capability 8.0; programmatic dependent launch needs 9.0+" in LO.describe_overlap(_CUDA)
+
+
 def _ptx(fn, signature: dict, constexprs: dict, **options) -> str:
     """The PTX Triton makes of `fn` for an sm_90 device (compiled on the host, never run), every pointer and integer
     argument taken as 16-aligned (as the launches find them, so that the weights are read 16 bytes at a time)."""

@@ -65,3 +65,19 @@ def overlap_supported(device: torch.device) -> bool:
 def overlap_options(device: torch.device) -> dict:
     """Launch keywords for a kernel with an OVERLAP constexpr: PDL on where supported, else none."""
     return {"OVERLAP": True, "launch_pdl": True} if overlap_supported(device) else {}
+
+
+def describe_overlap(device: torch.device) -> str:
+    """Whether decode kernels on `device` overlap their launches, and why (for `ipex-llm-tf info`)."""
+    if device.type != "cuda":
+        return f"kernel launches: one after another (programmatic dependent launch is CUDA-only; {device.type} " \
+               f"runs the kernels unchanged)"
+    if gdc_wait is None:
+        return "kernel launches: one after another (this Triton has no CUDA launch-ordering functions)"
+    if not env_flag(OVERLAP_ENV, True):
+        return f"kernel launches: one after another ({OVERLAP_ENV}=0)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if not overlap_supported(device):
+        return (f"kernel launches: one after another (compute capability {major}.{minor}; programmatic dependent "
+                f"launch needs 9.0+)")
+    return f"kernel launches: overlapped (programmatic dependent launch, compute capability {major}.{minor})"
