@@ -29,8 +29,9 @@ _CUDA = torch.device("cuda", 0)
 
 @pytest.fixture
 def capability(monkeypatch):
-    """Sets the capability the faked CUDA device reports; the probe cache starts empty."""
+    """Sets the capability the faked CUDA device reports; the probe and option caches start empty."""
     monkeypatch.setattr(LO, "_SUPPORTED", {})
+    monkeypatch.setattr(LO, "_OPTIONS", {})
     monkeypatch.delenv(LO.OVERLAP_ENV, raising=False)
 
     def set_capability(major: int, minor: int = 0) -> None:

@@ -14,6 +14,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..env import raw_env_reader
 from ..formats import LowBitFormat, Parts
 from . import cpu_int4, ipex_ops, torch_fast
 from .reference import (decode_attention_reference, linear_reference, quantize_kv_vectors, rms_norm_reference,
@@ -36,16 +37,8 @@ CPU_GEMM_MIN_ROWS = 48
 
 _PARSED_BACKENDS: dict[object, str] = {}
 
-# os.environ.get encodes the key and decodes the value on every call (~2 us), and the backend is asked ~300 times per
-# decoded token: read the mapping os.environ keeps in sync instead, where this Python has one
-_ENV_DATA = getattr(os.environ, "_data", None)
-_ENV_KEY = os.environ.encodekey("IPEX_LLM_TF_BACKEND") if hasattr(os.environ, "encodekey") else None
-
-
-def _raw_backend() -> object:
-    if _ENV_DATA is not None and _ENV_KEY is not None:
-        return _ENV_DATA.get(_ENV_KEY)
-    return os.environ.get("IPEX_LLM_TF_BACKEND")
+# the backend is asked ~300 times per decoded token
+_raw_backend = raw_env_reader("IPEX_LLM_TF_BACKEND")
 
 
 def opaque_under_compile(x: torch.Tensor) -> bool:

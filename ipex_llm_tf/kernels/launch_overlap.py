@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..env import env_flag
+from ..env import env_flag, raw_env_reader
 
 try:  # the CUDA extras of Triton; a build without them (an XPU one may lack them) never sets OVERLAP
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -37,6 +37,9 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 OVERLAP_ENV = "IPEX_LLM_TF_OVERLAP"
 _MIN_CAPABILITY = (9, 0)
 _SUPPORTED: dict[torch.device, bool] = {}
+# every launch asks, so the answer is kept per device and switch value (the eager prefill is bound by host time)
+_OPTIONS: dict[tuple[torch.device, object], dict] = {}
+_raw_switch = raw_env_reader(OVERLAP_ENV)
 
 
 @triton.jit
@@ -63,8 +66,12 @@ def overlap_supported(device: torch.device) -> bool:
 
 
 def overlap_options(device: torch.device) -> dict:
-    """Launch keywords for a kernel with an OVERLAP constexpr: PDL on where supported, else none."""
-    return {"OVERLAP": True, "launch_pdl": True} if overlap_supported(device) else {}
+    """Launch keywords for a kernel with an OVERLAP constexpr: PDL on where supported, else none (do not modify)."""
+    key = (device, _raw_switch())
+    options = _OPTIONS.get(key)
+    if options is None:
+        options = _OPTIONS[key] = {"OVERLAP": True, "launch_pdl": True} if overlap_supported(device) else {}
+    return options
 
 
 def describe_overlap(device: torch.device) -> str:
