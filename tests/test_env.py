@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ipex_llm_tf.env import env_flag
+from ipex_llm_tf.env import env_flag, raw_env_reader
 
 NAME = "IPEX_LLM_TF_TEST_SWITCH"
 
@@ -18,3 +18,16 @@ def test_env_flag(monkeypatch: pytest.MonkeyPatch, value, default_on: bool, defa
         monkeypatch.setenv(NAME, value)
     assert env_flag(NAME, True) is default_on
     assert env_flag(NAME, False) is default_off
+
+
+def test_raw_env_reader_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hot-path reader sees every change made through os.environ (set, changed, removed), as distinct keys."""
+    read = raw_env_reader(NAME)
+    monkeypatch.delenv(NAME, raising=False)
+    assert read() is None
+    monkeypatch.setenv(NAME, "1")
+    one = read()
+    monkeypatch.setenv(NAME, "0")
+    assert read() != one and read() is not None
+    monkeypatch.delenv(NAME)
+    assert read() is None
