@@ -82,45 +82,39 @@ def test_info_says_whether_and_why(capability, monkeypatch) -> None:
     assert "compute capability 8.0; programmatic dependent launch needs 9.0+" in LO.describe_overlap(_CUDA)
 
 
-def _ptx(fn, signature: dict, constexprs: dict, **options) -> str:
-    """The PTX Triton makes of `fn` for an sm_90 device (compiled on the host, never run), every pointer and integer
-    argument taken as 16-aligned (as the launches find them, so that the weights are read 16 bytes at a time)."""
-    aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind != "fp32"}
-    source = ASTSource(fn, {**signature, **{name: "constexpr" for name in constexprs}}, constexprs=constexprs,
-                       attrs=aligned)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-
-
-_GEMV_SIGNATURE = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "mn_ptr": "*fp16", "qh_ptr": "*i32",
-                   "tab_ptr": "*fp32", "b_ptr": "*fp16", "y_ptr": "*fp16", "M": "i32", "N": "i32", "KW": "i32",
-                   "stride_xm": "i32", "stride_ym": "i32", "steps_per_split": "i32", "one_bits": "i32"}
-
-
-@pytest.mark.parametrize("overlap", [False, True])
-def test_gemv_waits_after_its_first_weights(overlap: bool) -> None:
-    consts = dict(KIND=G.Q4_SYM.value, SCALE_SHIFT=0, BLOCK_N=16, BLOCK_W=128, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
-                  PREFETCH=1, GATED=False, SUBNORMAL=True, BLOCK_M=1, OVERLAP=overlap)
-    ptx = _ptx(G.gemv_words_kernel, _GEMV_SIGNATURE, consts, num_warps=4, launch_pdl=overlap, enable_fp_fusion=True)
-    if not overlap:
-        assert "griddepcontrol" not in ptx  # the same code as before the switch existed
-        return
-    lines = ptx.splitlines()
-    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
-    release = next(i for i, line in enumerate(lines) if "griddepcontrol.launch_dependents" in line)
-    first_words = next(i for i, line in enumerate(lines) if "ld.global" in line and ".v4" in line)
-    assert first_words < wait < release, "weights are read before the wait; the next kernel is let in after the loop"
-
-
-def _signature(kernel, pointers: dict, constexprs: dict) -> dict:
-    """Every runtime argument of `kernel`: the given pointer types, fp32 for scale / eps, i32 for the rest."""
+def _ptx_lines(kernel, pointers: dict, constexprs: dict) -> list[str]:
+    """The PTX lines Triton makes of `kernel` for an sm_90 device (compiled on the host, never run), launched as
+    the package launches it: the given pointer types, fp32 for scale / eps, i32 for the other runtime arguments,
+    every pointer and integer 16-aligned (so that the weights are read 16 bytes at a time)."""
     names = [p.name for p in kernel.params if p.name not in constexprs]
-    return {name: pointers.get(name, "fp32" if name in ("scale", "eps") else "i32") for name in names}
+    signature = {name: pointers.get(name, "fp32" if name in ("scale", "eps") else "i32") for name in names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind != "fp32"}
+    source = ASTSource(kernel, {**signature, **{name: "constexpr" for name in constexprs}}, constexprs=constexprs,
+                       attrs=aligned)
+    options = dict(num_warps=4, launch_pdl=constexprs["OVERLAP"], enable_fp_fusion=True)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"].splitlines()
 
 
 _F16 = "*fp16"
 _WRITE = re.compile(r"\s*(@!?%p\d+\s+)?(st|atom|red)\.")  # a PTX store or atomic, predicated or not
 _WORDS = {"w_ptr": "*i32", "qh_ptr": "*i32", "tab_ptr": "*fp32",
           **{name: _F16 for name in ("x_ptr", "s_ptr", "mn_ptr", "b_ptr", "y_ptr")}}
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_gemv_waits_after_its_first_weights(overlap: bool) -> None:
+    consts = dict(KIND=G.Q4_SYM.value, SCALE_SHIFT=0, BLOCK_N=16, BLOCK_W=128, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
+                  PREFETCH=1, GATED=False, SUBNORMAL=True, BLOCK_M=1, OVERLAP=overlap)
+    lines = _ptx_lines(G.gemv_words_kernel, _WORDS, consts)
+    if not overlap:
+        assert not any("griddepcontrol" in line for line in lines)  # the same code as before the switch existed
+        return
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    release = next(i for i, line in enumerate(lines) if "griddepcontrol.launch_dependents" in line)
+    first_words = next(i for i, line in enumerate(lines) if "ld.global" in line and ".v4" in line)
+    assert first_words < wait < release, "weights are read before the wait; the next kernel is let in after the loop"
+
+
 # (kernel, pointer types, constexprs): each overlapped kernel in a configuration that writes all it can (atomics,
 # residual sums, cache planes, split partials)
 _OVERLAPPED = {
@@ -136,8 +130,7 @@ _OVERLAPPED = {
                                       "y_ptr": _F16},
                  dict(E5M2=False, NATIVE=True, BLOCK_N=16, BLOCK_K=256, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
                       PREFETCH=1)),
-    "matmul_blocks": (MM.matmul_blocks_kernel, {"w_ptr": "*u8", "qh_ptr": "*u8", "tab_ptr": "*fp32",
-                                                **{k: _F16 for k in ("x_ptr", "s_ptr", "mn_ptr", "b_ptr", "y_ptr")}},
+    "matmul_blocks": (MM.matmul_blocks_kernel, {**_WORDS, "w_ptr": "*u8", "qh_ptr": "*u8"},
                       dict(KIND=G.Q4_SYM.value, SBLK_SHIFT=0, BLOCK_M=16, BLOCK_N=64, NB=2, GROUP_M=8, SPLIT_K=1,
                            HAS_BIAS=False, EVEN=True, SWAP=True)),
     "matmul_fp8": (MM.matmul_fp8_kernel, {"x_ptr": _F16, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": _F16,
@@ -165,22 +158,16 @@ def test_overlapped_kernels_write_nothing_before_the_wait(name: str) -> None:
     """The contract that makes the overlap safe, checked in each overlapped kernel's sm_90 code: one wait, and no
     store or atomic before it (a write there could land while the previous kernel still reads)."""
     kernel, pointers, consts = _OVERLAPPED[name]
-    consts = {**consts, "OVERLAP": True}
-    ptx = _ptx(kernel, _signature(kernel, pointers, consts), consts, num_warps=4, launch_pdl=True,
-               enable_fp_fusion=True)
-    lines = ptx.splitlines()
+    lines = _ptx_lines(kernel, pointers, {**consts, "OVERLAP": True})
     waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
-    assert len(waits) == 1 and "griddepcontrol.launch_dependents" in ptx
+    assert len(waits) == 1 and any("griddepcontrol.launch_dependents" in line for line in lines)
     writes = [line.strip() for line in lines[:waits[0]] if _WRITE.match(line)]
     assert not writes, writes
 
 
 def test_rms_norm_reads_its_weight_before_the_wait() -> None:
-    signature = {"x_ptr": "*fp16", "w_ptr": "*fp16", "out_ptr": "*fp16", "n_cols": "i32", "x_row_stride": "i32",
-                 "out_row_stride": "i32", "eps": "fp32"}
     consts = dict(BLOCK=4096, res_ptr=None, sum_ptr=None, res_row_stride=0, OVERLAP=True)  # no residual
-    ptx = _ptx(triton_rms_norm._rms_norm_kernel, signature, consts, num_warps=4, launch_pdl=True, enable_fp_fusion=True)
-    lines = ptx.splitlines()
+    lines = _ptx_lines(triton_rms_norm._rms_norm_kernel, {k: _F16 for k in ("x_ptr", "w_ptr", "out_ptr")}, consts)
     loads = [i for i, line in enumerate(lines) if "ld.global" in line]
     wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
     assert loads[0] < wait < loads[-1]
