@@ -85,7 +85,10 @@ def test_info_says_whether_and_why(capability, monkeypatch) -> None:
 def _ptx_lines(kernel, pointers: dict, constexprs: dict) -> list[str]:
     """The PTX lines Triton makes of `kernel` for an sm_90 device (compiled on the host, never run), launched as
     the package launches it: the given pointer types, fp32 for scale / eps, i32 for the other runtime arguments,
-    every pointer and integer 16-aligned (so that the weights are read 16 bytes at a time)."""
+    every pointer and integer 16-aligned (so that the weights are read 16 bytes at a time); constexprs not given
+    take their defaults, as at a launch."""
+    defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
+    constexprs = {**defaults, **constexprs}
     names = [p.name for p in kernel.params if p.name not in constexprs]
     signature = {name: pointers.get(name, "fp32" if name in ("scale", "eps") else "i32") for name in names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind != "fp32"}
@@ -126,6 +129,10 @@ _OVERLAPPED = {
         G.gemv_words_kernel, _WORDS,
         dict(KIND=G.CB4.value, SCALE_SHIFT=1, BLOCK_N=16, BLOCK_W=64, SPLIT_K=1, HAS_BIAS=True, EVEN=True,
              PREFETCH=1, GATED=True, SUBNORMAL=False, BLOCK_M=4)),
+    "gemv_words, the partial step read apart": (
+        G.gemv_words_kernel, _WORDS,
+        dict(KIND=G.Q4_SYM.value, SCALE_SHIFT=0, BLOCK_N=8, BLOCK_W=128, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
+             PREFETCH=2, GATED=False, SUBNORMAL=True, BLOCK_M=1, TAIL=True)),
     "gemv_fp8": (GF.gemv_fp8_kernel, {"x_ptr": _F16, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": _F16,
                                       "y_ptr": _F16},
                  dict(E5M2=False, NATIVE=True, BLOCK_N=16, BLOCK_K=256, SPLIT_K=1, HAS_BIAS=False, EVEN=True,

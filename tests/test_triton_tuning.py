@@ -190,3 +190,20 @@ def test_multirow_gemv_candidates_cover_two_to_eight_rows() -> None:
         cands = TT.gemv_multirow_candidates(m, 512)
         assert {c.block_m for c in cands} == {2, 4} and all(c.split_k == 1 for c in cands)
     assert max(c.block_w for c in TT.gemv_multirow_candidates(4, 24)) == 32  # next power of two of 24 words
+
+
+def test_gemv_reads_a_partial_last_step_apart_only_where_it_can() -> None:
+    """TAIL (triton_gemv) for K not a multiple of the step, in one program per row band with the prefetch it needs;
+    everything else keeps masking every step (or needs no mask)."""
+    from ipex_llm_tf.kernels.triton_linear import _split_steps, _tail_step
+
+    def tail(words: int, cfg: TT.GemvConfig) -> bool:
+        _, split, even = _split_steps(words, cfg.block_w, cfg.split_k)
+        return _tail_step(words, cfg, split, even)
+
+    assert tail(1376, TT.GemvConfig(8, 128, 4))                      # 11008 / 8 words: 10 full steps and a partial
+    assert not tail(512, TT.GemvConfig(8, 128, 4))                   # full steps only
+    assert not tail(1376, TT.GemvConfig(8, 128, 4, prefetch=1))      # its activations load in the loop
+    assert not tail(1376, TT.GemvConfig(8, 128, 4, split_k=2))       # K splits
+    assert not tail(1376, TT.GemvConfig(8, 128, 4, block_m=2))       # further rows load in the loop
+    assert not tail(100, TT.GemvConfig(8, 128, 4))                   # no full step

@@ -295,6 +295,7 @@ def gemv_words_kernel(
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr, GATED: tl.constexpr = False,
     SUBNORMAL: tl.constexpr = False, BLOCK_M: tl.constexpr = 1, OVERLAP: tl.constexpr = False,
+    TAIL: tl.constexpr = False,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, k] for BLOCK_M activation rows m and BLOCK_N weight rows, BLOCK_W words per K
     step.
@@ -322,6 +323,11 @@ def gemv_words_kernel(
 
     OVERLAP (launch_overlap): the program reads its first step of weights, then waits for the previous kernel;
     it lets the next kernel launch once its K loop is done.
+
+    TAIL (PREFETCH = 2, BLOCK_M = 1, SPLIT_K = 1, EVEN; for K not a multiple of the step): the steps_per_split full
+    steps are followed by a partial one, which the program reads first, masked, as its prefetched step 0; the loop
+    then reads full steps only, unmasked. Masking every step instead cost the 11008x4096 GEMV ~10% (a compare and a
+    select per activation load).
     """
     tl.static_assert(BLOCK_M == 1 or BLOCK_M == 2 or BLOCK_M == 4, "BLOCK_M is 1, 2 or 4")
     EPW: tl.constexpr = 4 if KIND == Q8_SYM else 8          # codes per word
@@ -346,15 +352,21 @@ def gemv_words_kernel(
     x_row1 = x_ptr + tl.minimum(pid_m + 1, M - 1).to(tl.int64) * stride_xm
     x_row2 = x_ptr + tl.minimum(pid_m + 2, M - 1).to(tl.int64) * stride_xm
     x_row3 = x_ptr + tl.minimum(pid_m + 3, M - 1).to(tl.int64) * stride_xm
+    if TAIL:
+        tl.static_assert(PREFETCH == 2 and BLOCK_M == 1 and SPLIT_K == 1 and EVEN,
+                         "TAIL needs PREFETCH 2, one activation row, no K split and full steps")
+    TAIL_STEPS: tl.constexpr = 1 if TAIL else 0
+    first = steps_per_split * TAIL_STEPS  # the partial step (after the full ones), read first
     n_words, n_d, n_mn, n_qh = _load_words_step(w_base, s_base, mn_ptr, qh_ptr, off0, row_base, w_begin, blk_base,
-                                                0, KW, KIND, WPB_SHIFT, SCALE_SHIFT, BLOCK_W, EVEN)
+                                                first, KW, KIND, WPB_SHIFT, SCALE_SHIFT, BLOCK_W, EVEN and not TAIL)
     wait_previous(OVERLAP)  # the first weights are in flight; the activations are the previous kernel's output
-    n0, n1, n2, n3, n4, n5, n6, n7, nsum = _load_x_step(x_row, w_begin, 0, KW, BLOCK_W, EPW, EVEN)
-    for step in range(0, steps_per_split):
+    n0, n1, n2, n3, n4, n5, n6, n7, nsum = _load_x_step(x_row, w_begin, first, KW, BLOCK_W, EPW, EVEN and not TAIL)
+    for step in range(0, steps_per_split + TAIL_STEPS):
         if PREFETCH > 0:
             words, d, mn, qh = n_words, n_d, n_mn, n_qh
-            # the last step re-reads itself (a cache hit) rather than branching
-            ahead = tl.minimum(step + 1, steps_per_split - 1)
+            # the last step re-reads itself (a cache hit) rather than branching; with TAIL iteration i prefetches
+            # full step i (iteration 0 works on the partial step)
+            ahead = tl.minimum(step + 1 - TAIL_STEPS, steps_per_split - 1)
             n_words, n_d, n_mn, n_qh = _load_words_step(w_base, s_base, mn_ptr, qh_ptr, off0, row_base, w_begin,
                                                         blk_base, ahead, KW, KIND, WPB_SHIFT, SCALE_SHIFT, BLOCK_W,
                                                         EVEN)

@@ -83,6 +83,11 @@ def _split_steps(total: int, step: int, split: int) -> tuple[int, int, bool]:
     return per_split, splits, total == splits * per_split * step
 
 
+def _tail_step(words: int, cfg: GemvConfig, split: int, even: bool) -> bool:
+    """Whether gemv_words_kernel reads a row's partial last step apart (TAIL) rather than masking every step."""
+    return not even and split == 1 and cfg.prefetch == 2 and cfg.block_m == 1 and words >= cfg.block_w
+
+
 def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, y: torch.Tensor, outputs: int,
                 cfg: GemvConfig, split_k: int, gated: bool) -> int:
     """Launch gemv_words_kernel for `outputs` columns of y (gated: SiLU(gate) * up); returns the K splits used."""
@@ -95,6 +100,8 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
         block_m = cfg.block_m
         kernel, options = G.gemv_words_kernel, {"SUBNORMAL": ops.subnormal, "BLOCK_M": block_m,
                                                  **overlap_options(x.device)}
+        if _tail_step(kw, cfg, split, even):  # full steps unmasked, the partial one read first
+            per_split, even, options["TAIL"] = kw // cfg.block_w, True, True
     kernel[(triton.cdiv(x.shape[0], block_m), triton.cdiv(outputs, per_program), split)](
         x, ops.words, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
         x.shape[0], outputs, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,

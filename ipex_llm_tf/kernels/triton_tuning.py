@@ -218,12 +218,14 @@ def _split_for(programs: int, steps: int, device: torch.device, per_sm: int = 2)
 # nf4 and sym_int8; on the gated gate/up shape 4096x22016 by 13% for sym_int4 (24.75 -> 21.61 us), 5% for asym_int4
 # and 2.5% for sym_int8. They were level or slower on 4096x4096 and 11008x4096. The last, four rows a program
 # (session 14), is sym_int8's on the 4096-output shapes: 11008x4096 22.75 -> 20.53 us, 4096x4096 9.77 -> 9.13; the
-# 4-bit kinds lost with every 4-row tile tried.
+# 4-bit kinds lost with every 4-row tile tried. The last two (session 16) are for K that is not a multiple of the
+# step, with the partial step read apart (triton_gemv TAIL): on 11008x4096 sym_int4 13.15 -> 12.07 us, asym_int4
+# 13.50 -> 12.93, nf4 20.26 -> 19.75 against the best earlier tile.
 _GEMV_TILES = ((8, 128, 4, 2, False), (8, 128, 4, 1, False), (16, 64, 4, 2, True), (32, 64, 4, 2, True),
                (16, 128, 8, 2, False), (32, 64, 4, 1, True), (16, 256, 16, 2, False), (8, 64, 4, 2, False),
                (16, 128, 4, 2, False), (8, 128, 2, 2, False), (8, 128, 2, 1, False), (8, 64, 2, 2, False),
                (16, 64, 2, 2, False), (8, 64, 1, 2, False), (32, 64, 2, 2, False), (16, 32, 1, 2, False),
-               (8, 128, 1, 2, False), (4, 256, 2, 2, False))
+               (8, 128, 1, 2, False), (4, 256, 2, 2, False), (16, 256, 8, 2, False), (8, 256, 4, 2, False))
 # The last two fp8 tiles came from a sweep on the H100 (session 8) timed as decode runs them: on 11008x4096 the best
 # earlier candidate took 24.2 us (63% of copy), (8, 1024, 4) without prefetch 19.2 us (79%), (8, 512, 8) 20.9 us.
 _GEMV_FP8_TILES = ((8, 512, 4, 1, False), (16, 256, 4, 0, False), (32, 128, 8, 1, True), (64, 128, 8, 1, True),
