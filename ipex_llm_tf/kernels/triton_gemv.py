@@ -326,8 +326,8 @@ def gemv_words_kernel(
 
     TAIL (PREFETCH = 2, BLOCK_M = 1, SPLIT_K = 1, EVEN; for K not a multiple of the step): the steps_per_split full
     steps are followed by a partial one, which the program reads first, masked, as its prefetched step 0; the loop
-    then reads full steps only, unmasked. Masking every step instead cost the 11008x4096 GEMV ~10% (a compare and a
-    select per activation load).
+    then reads full steps only, unmasked (H100, 11008x4096, the best tile of each format: 1-4% faster than masking
+    every step).
     """
     tl.static_assert(BLOCK_M == 1 or BLOCK_M == 2 or BLOCK_M == 4, "BLOCK_M is 1, 2 or 4")
     EPW: tl.constexpr = 4 if KIND == Q8_SYM else 8          # codes per word

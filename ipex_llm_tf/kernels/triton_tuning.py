@@ -218,9 +218,9 @@ def _split_for(programs: int, steps: int, device: torch.device, per_sm: int = 2)
 # nf4 and sym_int8; on the gated gate/up shape 4096x22016 by 13% for sym_int4 (24.75 -> 21.61 us), 5% for asym_int4
 # and 2.5% for sym_int8. They were level or slower on 4096x4096 and 11008x4096. The last, four rows a program
 # (session 14), is sym_int8's on the 4096-output shapes: 11008x4096 22.75 -> 20.53 us, 4096x4096 9.77 -> 9.13; the
-# 4-bit kinds lost with every 4-row tile tried. The last two (session 16) are for K that is not a multiple of the
-# step, with the partial step read apart (triton_gemv TAIL): on 11008x4096 sym_int4 13.15 -> 12.07 us, asym_int4
-# 13.50 -> 12.93, nf4 20.26 -> 19.75 against the best earlier tile.
+# 4-bit kinds lost with every 4-row tile tried. The last two (session 16) are wide steps for K that is not a
+# multiple of the step, with the partial step read apart (triton_gemv TAIL): on 11008x4096 sym_int4 13.15 -> 12.07
+# us (12.31 with every step masked), asym_int4 13.50 -> 12.93, nf4 20.26 -> 19.75 against the best earlier tile.
 _GEMV_TILES = ((8, 128, 4, 2, False), (8, 128, 4, 1, False), (16, 64, 4, 2, True), (32, 64, 4, 2, True),
                (16, 128, 8, 2, False), (32, 64, 4, 1, True), (16, 256, 16, 2, False), (8, 64, 4, 2, False),
                (16, 128, 4, 2, False), (8, 128, 2, 2, False), (8, 128, 2, 1, False), (8, 64, 2, 2, False),
