@@ -217,7 +217,8 @@ def _gemv_program(x_ptr, N, stride_xm, steps_per_split, BLOCK_N: tl.constexpr, B
 def _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                row_ok=True):
     """Write one output row (if row_ok): bias added once, or accumulated atomically across split-K programs."""
-    nmask = (offs_n < N) & row_ok
+    # a select, not `& row_ok`: Triton's interpreter turns a vector AND a scalar flag into an int32 mask it rejects
+    nmask = tl.where(row_ok, offs_n < N, False)
     y_ptrs = y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -240,7 +241,7 @@ def _store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS: tl
     silu = (g / (1.0 + tl.exp(-g))).to(out_ty)
     out = (silu.to(tl.float32) * up.to(tl.float32)).to(out_ty)
     offs = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs, out, mask=(offs < N) & row_ok)
+    tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs, out, mask=tl.where(row_ok, offs < N, False))
 
 
 @triton.jit
