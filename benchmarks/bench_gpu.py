@@ -8,7 +8,10 @@
 Batch 1, 32-token prompt, greedy with EOS masked. next-token ms = (T(generate 1+N) - T(generate 1)) / N, after two
 warm-up runs at those lengths (compiles and graph captures happen there; warmup_ms is the first of them).
 Also: first token for a 1024-token prompt, and peak GPU memory of a 2048-token context (the fp16 model a low-bit one
-was quantized from is freed first); for our rows, next-token ms after a 1984-token prompt (63 steps, same method).
+was quantized from is freed first). For our rows also: next-token ms after a 1984-token prompt (63 steps, same
+method), and step_replay_ms, the device time of one batch-1 step at the 32-token prompt's span from back-to-back
+CUDA graph replays (GraphDecoder.replay_ms): free of the host noise that moves next-token ms by up to 25% between
+rounds on the lent H100s.
 Peer rows are built by gpu_peers.py (the torchao row needs its wheel installed); bitsandbytes figures are in
 ../shared/anchors (its wheel is not on the device).
 """
@@ -98,6 +101,9 @@ def measure(name: str, model, device: str, new_tokens: int, bits: float, long_co
         row["graph_captures"] = f"{decoder.stats.captures} in {decoder.stats.capture_seconds:.2f} s"
         # greedy steps replayed early (models/early_steps.py) and how many of those generate() then asked for
         row["early_steps"] = f"{decoder.stats.early_hits}/{decoder.stats.early_steps}"
+        time_generate(model, ids, 1 + new_tokens, **generate_kwargs)  # the 2k runs regrew the storage: re-record
+        replay = decoder.replay_ms(1)
+        row["step_replay_ms"] = None if replay is None else round(replay, 3)
     return row
 
 
@@ -183,8 +189,8 @@ def main() -> None:
     if not args.ours_first:
         rows += measure_ours(args, device)
     print_table(rows, ["system", "bits/weight", "next_token_ms", "tok_s", "first_token_ms", "first_token_1024_ms",
-                       "next_token_2k_ms", "peak_gib_2k_ctx", "warmup_ms", "graph_captures", "early_steps",
-                       "quantize_s", "note"])
+                       "next_token_2k_ms", "step_replay_ms", "peak_gib_2k_ctx", "warmup_ms", "graph_captures",
+                       "early_steps", "quantize_s", "note"])
     gpu = getattr(torch, device).get_device_name() if device in ("cuda", "xpu") else device
     print(f"wrote {write_json('bench_gpu', {'gpu': gpu, 'rows': rows}, args.json)}")
 

@@ -55,6 +55,7 @@ def test_static_step_matches_eager_with_left_padding(patched) -> None:
         assert isinstance(cache, GraphKVCache) and cache.get_seq_length() == 39
     assert len(decoder.buffers.storage) == patched.config.num_hidden_layers
     assert decoder.buffers.version == patched.config.num_hidden_layers, "the second call must reuse the storage"
+    assert decoder.steps and decoder.replay_ms(2) is None, "steps run eagerly here record no graph to time"
 
 
 def test_static_step_across_span_boundary_and_storage_growth() -> None:

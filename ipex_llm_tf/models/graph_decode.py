@@ -166,6 +166,31 @@ class GraphDecoder:
         cache.advance()
         return step.logits.clone()
 
+    def replay_ms(self, batch: int = 1, replays: int = 100, rounds: int = 5) -> float | None:
+        """Device ms of one recorded decode step at `batch` (its shortest span), median of `rounds` timings of
+        `replays` back-to-back replays: the step's GPU work without generate()'s host time. None if none recorded.
+
+        Replays rewrite the step's own cache slot, which the next generate() call overwrites anyway.
+        """
+        recorded = sorted((span, step) for (rows, span), step in self.steps.items()
+                          if rows == batch and step.graph is not None and step.version == self.buffers.version)
+        if not recorded:
+            return None
+        self.settle()
+        graph = recorded[0][1].graph
+        api = graph_api(recorded[0][1].ids.device)
+        times = []
+        for _ in range(rounds):
+            graph.replay()  # a warm replay outside the timing
+            start, stop = api.Event(enable_timing=True), api.Event(enable_timing=True)
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / replays)
+        return sorted(times)[len(times) // 2]
+
     def settle(self) -> None:
         """Make the current stream wait for an early step still running, and drop it: call before anything else
         reads or writes the KV storage."""

@@ -67,6 +67,19 @@ def test_graph_decode_crosses_spans_and_batch_sizes() -> None:
     assert sorted(set(decoder.stats.spans)) == [SPAN_BLOCK, 2 * SPAN_BLOCK]
 
 
+def test_replay_ms_times_a_recorded_step_and_leaves_generate_unchanged() -> None:
+    model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa").half(), low_bit="sym_int4").to("cuda")
+    decoder = graph_decoder(model)
+    assert decoder.replay_ms(1) is None, "nothing recorded yet"
+    ids = torch.randint(2, 128, (1, 12), generator=torch.Generator().manual_seed(6)).cuda()
+    first, _ = _generate(model, ids, torch.ones_like(ids), 10)
+    ms = decoder.replay_ms(1, replays=5, rounds=3)
+    assert ms is not None and 0 < ms < 1e3
+    assert decoder.replay_ms(2) is None, "no step recorded at batch 2"
+    again, _ = _generate(model, ids, torch.ones_like(ids), 10)
+    assert torch.equal(again, first)
+
+
 def test_graph_decode_beam_search_and_sampling() -> None:
     model = ipex_llm_tf.optimize_model(tiny_model("qwen2", attn_implementation="sdpa").half(), low_bit="sym_int8").to("cuda")
     ids = torch.randint(2, 128, (1, 10), generator=torch.Generator().manual_seed(3)).cuda()
