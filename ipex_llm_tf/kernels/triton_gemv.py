@@ -27,7 +27,12 @@ q * x * 2**-SUBNORMAL_BIAS, a normal float for every fp16 activation (bf16 and f
 
 The 4-bit codebook formats (nf4, fp4) look each code up in a 16-entry float32 table instead: one load per weight,
 which is what bounds their GEMV (cutting the address arithmetic around the loads by a tenth of the loop's
-instructions changed nothing measurable). fp8 weights (e4m3fn / e5m2) have their own kernel (triton_gemv_fp8).
+instructions changed nothing measurable; register gathers, tl.gather, ran 4x slower on an H100). fp4's table is
+e2m1, a float format itself, so with SUBNORMAL its GEMV reads the codes in place too: the three exponent and mantissa
+bits moved to float32 bits 22..24 and the sign to bit 31 are worth value * 2**-126 exactly (exponent 0 as the
+subnormal 2**-127), the activations are pre-scaled by 2**(126 - SUBNORMAL_BIAS), and every product and sum is the
+table path's times 2**-SUBNORMAL_BIAS (bit-equal results for fp16 and bf16 activations) for two shifts and an
+and-or a weight instead of a load: 43 -> 59-64% of copy on the H100 (triton_gemv_planes does the same for fp6). fp8 weights (e4m3fn / e5m2) have their own kernel (triton_gemv_fp8).
 
 Every kernel accumulates in float32, handles any N (rows past the end are clamped on load, masked on store) and any
 K that is a multiple of the format's block. SPLIT_K > 1 splits K across programs that add into a float32 output
@@ -76,7 +81,13 @@ def _code_term(words, high, qh, one, x, P: tl.constexpr, KIND: tl.constexpr, tab
 
     high: the words >> 8 (SUBNORMAL only; for Q8_SYM the words come with their sign bits already flipped).
     """
-    if SUBNORMAL:
+    if SUBNORMAL and KIND == CB4:
+        # fp4's e2m1 codes: exponent and mantissa bits moved to float32 bits 22..24 and the sign to bit 31 read as
+        # value * 2**-126 (exponent 0 gives the subnormal 2**-127 for 0.5)
+        f = (place_bits(words, 4 * P, 22, 0x1C00000)
+             | place_bits(words, 4 * P + 3, 31, -0x80000000)).to(tl.float32, bitcast=True)
+        x = x * (2.0 ** (126 - SUBNORMAL_BIAS))
+    elif SUBNORMAL:
         # codes above bit 23 (nibbles 6, 7; byte 3) are read from the shifted word, 8 bits lower
         if KIND == Q8_SYM:
             POS: tl.constexpr = 8 * P - 8 * (P // 3)
@@ -273,7 +284,9 @@ def _accumulate(acc, words, high, qh, one, d, mn, xs, tab_ptr, KIND: tl.constexp
     # sums over each group of four words (in one thread's registers), scaled once per group
     F = tl.sum(tl.reshape(F, [BLOCK_W // 4, 4, BLOCK_N]), axis=1)
     X = tl.sum(tl.reshape(xs[8], [BLOCK_W // 4, 4]), axis=1)
-    if KIND == CB4:
+    if KIND == CB4 and SUBNORMAL:
+        acc += ((2.0 ** SUBNORMAL_BIAS) * d) * F
+    elif KIND == CB4:
         acc += d * F
     elif SUBNORMAL:
         QX: tl.constexpr = 2.0 ** SUBNORMAL_BIAS  # sum(q * x) = QX * F
@@ -314,7 +327,8 @@ def gemv_words_kernel(
     once per group, [BLOCK_W / 4, BLOCK_N], from the rows' bases (sm_90, the (8, 128, 4) sym_int4 tile: 357 -> 318
     instructions and 18 -> 12 loads a step against one gather per word). 5th bits are still gathered per word.
 
-    SUBNORMAL (Q4_SYM, Q4_ASYM, Q8_SYM only; see the module docstring) reads codes in place as subnormal floats: a
+    SUBNORMAL (Q4_SYM, Q4_ASYM, Q8_SYM, and CB4 with fp4's e2m1 table; see the module docstring) reads codes in
+    place as float32 bit patterns, subnormals among them: a
     device that flushes float32 subnormals to zero must not set it (triton_operands.keeps_subnormals probes each
     device once).
 
@@ -397,7 +411,7 @@ def gemv_words_kernel(
             t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
             qh = qh >> ((t & 3) * 4)[:, None]
         high = words
-        if SUBNORMAL:
+        if SUBNORMAL and KIND != CB4:
             if KIND == Q8_SYM:
                 words = words ^ -0x7F7F7F80  # 0x80808080: every byte's sign flipped, u = q + 128
             high = words >> 8

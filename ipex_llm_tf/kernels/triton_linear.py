@@ -95,7 +95,7 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
     per_split, split, even = _split_steps(kw, cfg.block_w, split_k)
     per_program = cfg.block_n // 2 if gated else cfg.block_n  # a gated program covers gate and up rows
     if ops.kind in PLANE_KINDS:
-        kernel, options, block_m = GP.gemv_planes_kernel, {}, 1
+        kernel, options, block_m = GP.gemv_planes_kernel, {"SUBNORMAL": ops.subnormal}, 1
     else:
         block_m = cfg.block_m
         kernel, options = G.gemv_words_kernel, {"SUBNORMAL": ops.subnormal, "BLOCK_M": block_m,

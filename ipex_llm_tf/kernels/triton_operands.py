@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..formats import LowBitFormat, Parts
-from ..formats.codebooks import CodebookFormat
+from ..formats.codebooks import CodebookFormat, minifloat_values
 from ..formats.float8 import Float8Format
 from ..formats.ggml_blocks import GgmlBlockFormat
 from . import triton_gemv as G
@@ -39,7 +39,7 @@ class BlockOperands:
     words_per_row: int
     blocks_per_row: int
     plans: dict = field(default_factory=dict)  # (rows, dtype) -> (launcher, config), filled on first use
-    subnormal: bool = False  # the GEMV reads codes in place as float32 subnormals (triton_gemv, SUBNORMAL)
+    subnormal: bool = False  # the GEMV reads codes in place as float32 bit patterns (triton_gemv, SUBNORMAL)
 
     def row_band(self, start: int, rows: int) -> "BlockOperands":
         """The operands of output rows [start, start + rows) (views)."""
@@ -143,7 +143,7 @@ def block_operands(fmt: LowBitFormat, parts: Parts) -> BlockOperands:
     table = _table(fmt, codes.device) if kind in CODEBOOK_KINDS else scales  # type: ignore[arg-type]
     assert words.shape == (n, k // per_word) and scales.shape == (n, k // block)
     return BlockOperands(kind, words, codes, scales, mins, qh, table, k, int(math.log2(block // 32)), k // per_word,
-                         k // 32, subnormal=kind in SUBNORMAL_KINDS and keeps_subnormals(codes.device))
+                         k // 32, subnormal=reads_codes_in_place(fmt, kind) and keeps_subnormals(codes.device))
 
 
 @triton.jit
@@ -157,6 +157,17 @@ def subnormal_probe_kernel(bits_ptr, x_ptr, acc_ptr, out_ptr):
 # kinds whose GEMV can read codes as float32 subnormals (triton_gemv, SUBNORMAL)
 SUBNORMAL_KINDS = frozenset({G.Q4_SYM.value, G.Q4_ASYM.value, G.Q8_SYM.value})
 _KEEPS_SUBNORMALS: dict[torch.device, bool] = {}
+# codebook kinds whose GEMV reads a float format's codes in place, and the one table each does that for
+_IN_PLACE_TABLES = {G.CB4.value: minifloat_values(exp_bits=2, man_bits=1, bias=1),   # e2m1 (fp4)
+                    G.CB6.value: minifloat_values(exp_bits=3, man_bits=2, bias=3)}   # e3m2 (fp6)
+
+
+def reads_codes_in_place(fmt: LowBitFormat, kind: int) -> bool:
+    """Whether the GEMV can read this format's codes in place as float32 bit patterns (triton_gemv, SUBNORMAL):
+    the integer kinds of SUBNORMAL_KINDS, and codebooks whose table is the float format the kernel decodes."""
+    if kind in SUBNORMAL_KINDS:
+        return True
+    return isinstance(fmt, CodebookFormat) and fmt.values.tolist() == _IN_PLACE_TABLES.get(kind)
 
 
 def keeps_subnormals(device: torch.device) -> bool:

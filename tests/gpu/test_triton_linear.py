@@ -299,7 +299,7 @@ def test_batch_rows_offer_multirow_gemv(monkeypatch: pytest.MonkeyPatch) -> None
         assert any(multirow(option) for option in offered[key]) != plane, fmt_name
 
 
-@pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int4", "sym_int8"])
+@pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int4", "sym_int8", "fp4"])
 def test_subnormal_codes(fmt_name: str) -> None:
     """The GEMV reading codes in place as float32 subnormals (`BlockOperands.subnormal`, set where the device keeps
     them) and the shift-and-OR decoding it replaces both match the reference, for activations from fp16 subnormals
@@ -324,3 +324,29 @@ def test_subnormal_codes(fmt_name: str) -> None:
                 for row in range(3):
                     _check(y[row:row + 1], ref[row:row + 1], dtype,
                            f"{fmt_name} {dtype} x{scale:g} row {row} {cfg} subnormal={subnormal}")
+
+
+@pytest.mark.parametrize("fmt_name", ["fp4", "fp6"])
+def test_float_codes_read_in_place_equal_the_table_lookups(fmt_name: str) -> None:
+    """fp4's (e2m1) and fp6's (e3m2) GEMV reading their codes in place (SUBNORMAL) gives the table path's bits for
+    fp16 and bf16 activations, whose products with the codes are exact and come out scaled by a power of two (float32
+    ones round their products, where the compiler may fuse differently: checked against the reference). nf4's and
+    nf3's tables are no float format: always lookups."""
+    from dataclasses import replace
+    n, k = 40, 320
+    assert not any(TL.block_operands(*_weight(name, n, k)[:2]).subnormal for name in ("nf4", "nf3"))
+    fmt, parts, w_ref = _weight(fmt_name, n, k)
+    ops = TL.block_operands(fmt, parts)
+    assert ops.subnormal == TL.keeps_subnormals(torch.device(DEVICE))
+    if not ops.subnormal:
+        pytest.skip("the device flushes float32 subnormals")
+    x = torch.randn(4, k, device=DEVICE)
+    x[1, ::7] = 30000.0
+    x[2] = torch.randn(k, device=DEVICE) * 1e-6  # fp16 subnormals
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        xd = x.to(dtype)
+        for cfg in (GEMV_CONFIGS[0], GEMV_CONFIGS[1], GEMV_CONFIGS[-2]):  # plain, split K, four rows a program
+            y = TL.gemv_blocks(xd, ops, None, n, cfg)
+            table = TL.gemv_blocks(xd, replace(ops, subnormal=False), None, n, cfg)
+            assert dtype == torch.float32 or torch.equal(y, table), f"{fmt_name} {dtype} {cfg}"
+            _check(y, F.linear(xd.double(), w_ref.double()), dtype, f"{fmt_name} {dtype} {cfg}")
