@@ -1,0 +1,43 @@
+"""What the decode GEMV compiles to for an sm_90 target (PTX from Triton on the host, never run; no GPU needed).
+
+The kinds whose codes are read in place (triton_gemv, SUBNORMAL: the 4- and 8-bit integers, and fp4's e2m1 through
+the 16-entry codebook kind) must neither gather from a table nor convert their tiles between layouts: a per-code
+gather gets a layout of its own from Triton's coalescing pass, and each code's tile then goes through shared memory
+(nf4's table path: 256 shared-memory accesses of 64-bit pointers in the 128x16 tile's loop).
+"""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("triton")
+from test_launch_overlap import _WORDS, _ptx_lines  # noqa: E402
+
+from ipex_llm_tf.kernels import triton_gemv as G  # noqa: E402
+
+TILES = [(16, 64), (16, 128), (8, 128)]  # (BLOCK_N, BLOCK_W) of the H100's tuned decode tiles
+# the tile sums' reductions and the scale and min tiles' conversions: 6-35 shared-memory accesses in these tiles
+SHARED_LIMIT = 48
+
+
+def _loads(kind: int, block_n: int, block_w: int, subnormal: bool) -> list[str]:
+    consts = dict(KIND=kind, SCALE_SHIFT=0, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
+                  PREFETCH=2, GATED=False, SUBNORMAL=subnormal, BLOCK_M=1, OVERLAP=False, TAIL=False)
+    lines = [line.strip() for line in _ptx_lines(G.gemv_words_kernel, _WORDS, consts)]
+    return [line for line in lines if ".global." in line or ".shared." in line]
+
+
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("kind", ["Q4_SYM", "Q4_ASYM", "Q8_SYM", "CB4"])
+def test_in_place_codes_gather_nothing_and_keep_one_layout(kind: str, tile: tuple[int, int]) -> None:
+    accesses = _loads(getattr(G, kind).value, *tile, subnormal=True)
+    gathers = [a for a in accesses if "ld.global.b32" in a]  # one 4-byte load a code: a table or a per-word gather
+    shared = [a for a in accesses if ".shared." in a]
+    assert not gathers, f"{kind} {tile}: {len(gathers)} scalar 4-byte loads"
+    assert len(shared) <= SHARED_LIMIT, f"{kind} {tile}: {len(shared)} shared-memory accesses"
+
+
+def test_table_path_is_what_the_check_catches() -> None:
+    """The same counts on nf4's table path (CB4 without SUBNORMAL) fail both checks, so they can fail."""
+    accesses = _loads(G.CB4.value, 16, 128, subnormal=False)
+    assert sum("ld.global.b32" in a for a in accesses) == 8 * 16  # 8 codes a word, 16 of the tile's words a thread
+    assert sum(".shared." in a for a in accesses) > 4 * SHARED_LIMIT
