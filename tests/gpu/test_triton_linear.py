@@ -299,21 +299,29 @@ def test_batch_rows_offer_multirow_gemv(monkeypatch: pytest.MonkeyPatch) -> None
         assert any(multirow(option) for option in offered[key]) != plane, fmt_name
 
 
+def _in_place_case(fmt_name: str, n: int, k: int, rows: int, big_every: int):
+    """(operands, reference weight, activations) of a weight whose GEMV reads its codes in place on this device
+    (skips where the device flushes float32 subnormals): activation row 1 near the fp16 maximum every `big_every`
+    inputs (few enough that the outputs stay finite), row 2 fp16 subnormals."""
+    fmt, parts, w_ref = _weight(fmt_name, n, k)
+    ops = TL.block_operands(fmt, parts)
+    assert ops.subnormal == TL.keeps_subnormals(torch.device(DEVICE))
+    if not ops.subnormal:
+        pytest.skip("the device flushes float32 subnormals")
+    x = torch.randn(rows, k, device=DEVICE)
+    x[1, ::big_every] = 30000.0
+    x[2] = torch.randn(k, device=DEVICE) * 1e-6
+    return ops, w_ref, x
+
+
 @pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int4", "sym_int8", "fp4"])
 def test_subnormal_codes(fmt_name: str) -> None:
     """The GEMV reading codes in place as float32 subnormals (`BlockOperands.subnormal`, set where the device keeps
     them) and the shift-and-OR decoding it replaces both match the reference, for activations from fp16 subnormals
     to near the fp16 maximum and bf16 rows scaled by 2**+-40 (each row checked against its own magnitude)."""
     from dataclasses import replace
-    n, k = 100, 4160
-    fmt, parts, w_ref = _weight(fmt_name, n, k)
-    ops = TL.block_operands(fmt, parts)
-    assert ops.subnormal == TL.keeps_subnormals(torch.device(DEVICE))
-    if not ops.subnormal:
-        pytest.skip("the device flushes float32 subnormals")
-    x = torch.randn(3, k, device=DEVICE)
-    x[1, ::131] = 30000.0  # near the fp16 maximum, few enough that the outputs stay finite
-    x[2] = torch.randn(k, device=DEVICE) * 1e-6  # fp16 subnormals
+    ops, w_ref, x = _in_place_case(fmt_name, 100, 4160, rows=3, big_every=131)
+    n = w_ref.shape[0]
     for dtype, scale in ((torch.float16, 1.0), (torch.bfloat16, 2.0 ** 40), (torch.bfloat16, 2.0 ** -40),
                          (torch.float32, 1.0)):
         xd = (x * scale).to(dtype)
@@ -333,16 +341,9 @@ def test_float_codes_read_in_place_equal_the_table_lookups(fmt_name: str) -> Non
     ones round their products, where the compiler may fuse differently: checked against the reference). nf4's and
     nf3's tables are no float format: always lookups."""
     from dataclasses import replace
-    n, k = 40, 320
-    assert not any(TL.block_operands(*_weight(name, n, k)[:2]).subnormal for name in ("nf4", "nf3"))
-    fmt, parts, w_ref = _weight(fmt_name, n, k)
-    ops = TL.block_operands(fmt, parts)
-    assert ops.subnormal == TL.keeps_subnormals(torch.device(DEVICE))
-    if not ops.subnormal:
-        pytest.skip("the device flushes float32 subnormals")
-    x = torch.randn(4, k, device=DEVICE)
-    x[1, ::7] = 30000.0
-    x[2] = torch.randn(k, device=DEVICE) * 1e-6  # fp16 subnormals
+    n = 40
+    assert not any(TL.block_operands(*_weight(name, n, 320)[:2]).subnormal for name in ("nf4", "nf3"))
+    ops, w_ref, x = _in_place_case(fmt_name, n, 320, rows=4, big_every=7)
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         xd = x.to(dtype)
         for cfg in (GEMV_CONFIGS[0], GEMV_CONFIGS[1], GEMV_CONFIGS[-2]):  # plain, split K, four rows a program
