@@ -32,7 +32,8 @@ e2m1, a float format itself, so with SUBNORMAL its GEMV reads the codes in place
 bits moved to float32 bits 22..24 and the sign to bit 31 are worth value * 2**-126 exactly (exponent 0 as the
 subnormal 2**-127), the activations are pre-scaled by 2**(126 - SUBNORMAL_BIAS), and every product and sum is the
 table path's times 2**-SUBNORMAL_BIAS (bit-equal results for fp16 and bf16 activations) for two shifts and an
-and-or a weight instead of a load: 43 -> 59-64% of copy on the H100 (triton_gemv_planes does the same for fp6). fp8 weights (e4m3fn / e5m2) have their own kernel (triton_gemv_fp8).
+and-or a weight instead of a load: 43 -> 59-64% of copy on the H100 (triton_gemv_planes does the same for fp6).
+fp8 weights (e4m3fn / e5m2) have their own kernel (triton_gemv_fp8).
 
 Every kernel accumulates in float32, handles any N (rows past the end are clamped on load, masked on store) and any
 K that is a multiple of the format's block. SPLIT_K > 1 splits K across programs that add into a float32 output
