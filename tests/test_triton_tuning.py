@@ -159,7 +159,8 @@ def test_subnormal_probe_decides_once_per_device(monkeypatch: pytest.MonkeyPatch
     cpu = torch.device("cpu")
     assert TO.keeps_subnormals(cpu) is (not flushes)
     assert TO.keeps_subnormals(cpu) is (not flushes) and probe.launches == 1
-    for name, expected in (("sym_int4", not flushes), ("sym_int8", not flushes), ("nf4", False), ("sym_int5", False)):
+    for name, expected in (("sym_int4", not flushes), ("sym_int8", not flushes), ("fp4", not flushes),
+                           ("fp6", not flushes), ("nf4", False), ("nf3", False), ("sym_int5", False)):
         fmt = get_format(name)
         assert block_operands(fmt, fmt.quantize(torch.randn(8, 64))).subnormal is expected, name
 
