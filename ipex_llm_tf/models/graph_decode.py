@@ -17,6 +17,7 @@ each one-token step of a patched model is one graph replay:
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 import types
 from dataclasses import dataclass, field
@@ -172,13 +173,13 @@ class GraphDecoder:
 
         Replays rewrite the step's own cache slot, which the next generate() call overwrites anyway.
         """
-        recorded = sorted((span, step) for (rows, span), step in self.steps.items()
-                          if rows == batch and step.graph is not None and step.version == self.buffers.version)
+        recorded = [(span, step) for (rows, span), step in self.steps.items()
+                    if rows == batch and step.graph is not None and step.version == self.buffers.version]
         if not recorded:
             return None
         self.settle()
-        graph = recorded[0][1].graph
-        api = graph_api(recorded[0][1].ids.device)
+        step = min(recorded, key=lambda item: item[0])[1]
+        graph, api = step.graph, graph_api(step.ids.device)
         times = []
         for _ in range(rounds):
             graph.replay()  # a warm replay outside the timing
@@ -189,7 +190,7 @@ class GraphDecoder:
             stop.record()
             stop.synchronize()
             times.append(start.elapsed_time(stop) / replays)
-        return sorted(times)[len(times) // 2]
+        return statistics.median_high(times)
 
     def settle(self) -> None:
         """Make the current stream wait for an early step still running, and drop it: call before anything else
