@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 
 from ipex_llm_tf.formats import get_format  # noqa: E402
 from ipex_llm_tf.kernels import triton_tuning as TT  # noqa: E402
-from ipex_llm_tf.kernels.triton_operands import block_operands, fp8_operands  # noqa: E402
+from ipex_llm_tf.kernels.triton_operands import block_operands, fp8_operands, pair_table  # noqa: E402
 
 CUDA = torch.device("cuda")
 
@@ -109,7 +109,7 @@ def test_replica_count_follows_weight_size(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(TT.replicas_for(NoRoom(1 << 20))) == 1
 
 
-@pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int5", "nf4", "sym_int8"])
+@pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int5", "nf4", "nf3", "sym_int8"])
 def test_block_replicas_copy_what_kernels_read(fmt_name: str) -> None:
     """A replica holds equal values in new storage, keeps the aliases of unused operands, shares the code table."""
     fmt = get_format(fmt_name)
@@ -121,8 +121,21 @@ def test_block_replicas_copy_what_kernels_read(fmt_name: str) -> None:
     assert (copy.mins is copy.scales) == (ops.mins is ops.scales)
     assert (copy.qh is copy.words) == (ops.qh is ops.words)
     assert copy.plans == {} and copy.nbytes() == ops.nbytes() > 0
-    if fmt_name == "nf4":
-        assert copy.table is ops.table
+    if fmt_name in ("nf4", "nf3"):
+        assert copy.table is ops.table and copy.gemv_table is ops.gemv_table
+
+
+def test_nf3_pair_table_holds_both_codes_values() -> None:
+    """Entry (low fields of codes a and b in bits 0..3, their high bits at 4 and 6) holds value a, then value b."""
+    fmt = get_format("nf3")
+    table = pair_table(fmt, torch.device("cpu"))
+    assert table.dtype == torch.int64 and table.shape == (128,)
+    for a in range(8):
+        for b in range(8):
+            entry = int(table[(a & 3) | (b & 3) << 2 | (a >> 2) << 4 | (b >> 2) << 6])
+            halves = torch.tensor([entry & 0xFFFFFFFF, entry >> 32 & 0xFFFFFFFF], dtype=torch.int64)
+            values = halves.to(torch.int32).view(torch.float32)
+            assert values.tolist() == [fmt.values[a].item(), fmt.values[b].item()], (a, b)
 
 
 def test_fp8_replicas_copy_what_kernels_read() -> None:

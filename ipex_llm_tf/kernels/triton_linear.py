@@ -103,7 +103,7 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
         if _tail_step(kw, cfg, split, even):  # full steps unmasked, the partial one read first
             per_split, even, options["TAIL"] = kw // cfg.block_w, True, True
     kernel[(triton.cdiv(x.shape[0], block_m), triton.cdiv(outputs, per_program), split)](
-        x, ops.words, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
+        x, ops.words, ops.scales, ops.mins, ops.qh, ops.gemv_table, ops.scales if bias is None else bias, y,
         x.shape[0], outputs, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
         KIND=ops.kind, SCALE_SHIFT=ops.scale_shift_blocks, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
         SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, PREFETCH=cfg.prefetch, GATED=gated,

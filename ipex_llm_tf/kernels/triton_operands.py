@@ -2,7 +2,8 @@
 
 `block_operands` views a block format's codes as int32 words (no copy) with its scales, mins and 5th bits;
 `fp8_operands` a float8 weight as the device's native float8 or as bytes. Nothing derived from the weight is kept
-except these views and, for the codebook formats, their 16-entry value table.
+except these views and, for the codebook formats, their value table (for nf3 also a table of value pairs, shared by
+every weight of the format on a device).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class BlockOperands:
     mins: torch.Tensor     # fp16 [N, K/32] (asym) or scales (unused)
     qh: torch.Tensor       # int32 view of the 5th bits (int5, [N, K/32]), the high plane (two-plane codebooks) or words
     table: torch.Tensor    # float32 code values (codebooks) or scales (unused)
+    gemv_table: torch.Tensor  # what the GEMV looks codes up in: a pair table (pair_table) or `table`
     in_features: int
     scale_shift_blocks: int  # log2(32-blocks per scale)
     words_per_row: int
@@ -48,7 +50,8 @@ class BlockOperands:
         # unused operands alias the scales or words (block_operands); the codebook table has no rows
         return replace(self, words=self.words[start:end], codes=self.codes[start:end], scales=scales,
                        mins=scales if self.mins is self.scales else self.mins[start:end], qh=self.qh[start:end],
-                       table=self.table if self.kind in CODEBOOK_KINDS else scales, plans={})
+                       table=self.table if self.kind in CODEBOOK_KINDS else scales,
+                       gemv_table=self.gemv_table if self.kind in CODEBOOK_KINDS else scales, plans={})
 
     def replica(self) -> "BlockOperands":
         """A copy of the tensors the kernels read, aliases kept (autotuning rotates replicas so weights come from
@@ -57,7 +60,8 @@ class BlockOperands:
         scales = self.scales.clone()
         return replace(self, words=words, scales=scales, mins=scales if self.mins is self.scales else self.mins.clone(),
                        qh=words if self.qh is self.words else self.qh.clone(),
-                       table=self.table if self.kind in CODEBOOK_KINDS else scales, plans={})
+                       table=self.table if self.kind in CODEBOOK_KINDS else scales,
+                       gemv_table=self.gemv_table if self.kind in CODEBOOK_KINDS else scales, plans={})
 
     def nbytes(self) -> int:
         """Bytes of weight a GEMV reads (codes, 5th bits or high plane, scales, mins)."""
@@ -96,6 +100,22 @@ def _table(fmt: CodebookFormat, device: torch.device) -> torch.Tensor:
     if key not in _TABLES:
         _TABLES[key] = fmt.values.to(device=device, dtype=torch.float32).contiguous()
     return _TABLES[key]
+
+
+_PAIR_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def pair_table(fmt: CodebookFormat, device: torch.device) -> torch.Tensor:
+    """int64 [128] for a two-plane 3-bit codebook (CB3): entry i holds the float32 bits of two neighbouring codes'
+    values, the first code's in the low half, so the GEMV reads two codes with one load (triton_gemv_planes). i holds
+    the codes' 2-bit low fields in bits 0..3 (the first code's lowest) and their high bits at bits 4 and 6."""
+    key = (fmt.name, device)
+    if key not in _PAIR_TABLES:
+        i = torch.arange(128)
+        first, second = (i & 3) | ((i >> 4) & 1) << 2, ((i >> 2) & 3) | ((i >> 6) & 1) << 2
+        bits = fmt.values.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        _PAIR_TABLES[key] = (bits[first] | (bits[second] << 32)).to(device).contiguous()
+    return _PAIR_TABLES[key]
 
 
 def block_kind(fmt: LowBitFormat) -> int | None:
@@ -142,8 +162,11 @@ def block_operands(fmt: LowBitFormat, parts: Parts) -> BlockOperands:
     qh = _contig(parts[high]).view(torch.int32) if has_high else words
     table = _table(fmt, codes.device) if kind in CODEBOOK_KINDS else scales  # type: ignore[arg-type]
     assert words.shape == (n, k // per_word) and scales.shape == (n, k // block)
-    return BlockOperands(kind, words, codes, scales, mins, qh, table, k, int(math.log2(block // 32)), k // per_word,
-                         k // 32, subnormal=reads_codes_in_place(fmt, kind) and keeps_subnormals(codes.device))
+    subnormal = reads_codes_in_place(fmt, kind) and keeps_subnormals(codes.device)
+    # nf3's GEMV looks its codes up two at a time (pair_table)
+    gemv_table = pair_table(fmt, codes.device) if kind == G.CB3.value else table  # type: ignore[arg-type]
+    return BlockOperands(kind, words, codes, scales, mins, qh, table, gemv_table, k, int(math.log2(block // 32)),
+                         k // per_word, k // 32, subnormal=subnormal)
 
 
 @triton.jit
