@@ -170,7 +170,8 @@ def prefill_rows(fmt_names: list[str], shape: str, ms: list[int]) -> list[dict]:
 
 
 def small_batch_rows(name: str, shape: str, ms: list[int]) -> list[dict]:
-    """GEMV vs fused tl.dot matmul for a few rows: where GEMV_MAX_ROWS should sit."""
+    """GEMV (the single- and multi-row tiles decode tries) vs fused tl.dot matmul for a few rows: where
+    GEMV_MAX_ROWS should sit."""
     k, n = parse_shape(shape)
     fmt = get_format(name)
     parts = fmt.quantize(torch.randn(n, k, device="cuda") * 0.02)
@@ -181,8 +182,11 @@ def small_batch_rows(name: str, shape: str, ms: list[int]) -> list[dict]:
     rows = []
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        g_cfg = TL._pick(("bench-gemv", ops.kind, m, n, k, x.dtype),
-                         TL.gemv_candidates(m, n, ops.words_per_row, x.device),
+        # the tiles decode tries at this many rows: one row a program, and 2 or 4 (multi-row tiles, up to 8 rows)
+        g_cands = TL._block_gemv_candidates(m, n, ops, x.device)
+        if m > 2 and ops.kind not in TL.PLANE_KINDS:
+            g_cands += TL.gemv_multirow_candidates(m, ops.words_per_row)
+        g_cfg = TL._pick(("bench-gemv", ops.kind, m, n, k, x.dtype), g_cands,
                          lambda c: TL.gemv_blocks(x, ops, None, n, c), x.device)
         m_cfg = TL._pick(("bench-mm", ops.kind, TL._row_bucket(m), n, k, x.dtype),
                          TL.matmul_candidates(m, n, k, x.device, pipelined=ops.kind not in TL.PLANE_KINDS),
