@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from .launch_overlap import release_next, wait_previous
+from .triton_gemv_tiles import gemv_program, place_bits, store_words_result
 
 # Kind codes shared with triton_matmul and triton_linear (the KIND constexpr of every kernel); constexpr so that
 # kernels can read them as globals. Host code uses `.value`.
@@ -63,16 +64,6 @@ ONE_BITS = 0x3F800000  # float32 1.0, passed to gemv_words_kernel as one_bits
 # subnormal codes: products come out scaled by 2**-80, normal floats (full precision) for activations of magnitude
 # 2**-46 to 2**59 (every fp16 value; bf16 and float32 ones past 2**59 would overflow)
 SUBNORMAL_BIAS = tl.constexpr(80)
-
-
-@triton.jit
-def place_bits(v, SRC: tl.constexpr, DST: tl.constexpr, MASK: tl.constexpr):
-    """v's bits moved from bit SRC up or down to bit DST, then masked with MASK (given at DST)."""
-    if SRC >= DST:
-        out = (v >> (SRC - DST)) & MASK
-    else:
-        out = (v << (DST - SRC)) & MASK
-    return out
 
 
 @triton.jit
@@ -206,69 +197,6 @@ def _load_x_step(x_row, w_begin, step, KW, BLOCK_W: tl.constexpr, EPW: tl.conste
 
 
 @triton.jit
-def _gemv_program(x_ptr, N, stride_xm, steps_per_split, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                  GATED: tl.constexpr, BLOCK_M: tl.constexpr = 1):
-    """This GEMV program's (first activation row, pid_n, output columns, weight rows clamped in range, first
-    activation row's pointer, first word of its K split). GATED programs take BLOCK_N / 2 gate rows and their up
-    rows (N further down), interleaved. A program serves activation rows [pid_m, pid_m + 1) * BLOCK_M."""
-    pid_m = tl.program_id(0) * BLOCK_M
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    if GATED:
-        j = tl.arange(0, BLOCK_N)
-        offs_n = pid_n * (BLOCK_N // 2) + j // 2
-        rows = tl.minimum(offs_n, N - 1) + (j % 2) * N  # gate rows at even j, their up rows at odd j
-    else:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = tl.minimum(offs_n, N - 1)
-    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
-    return pid_m, pid_n, offs_n, rows, x_row, pid_k * steps_per_split * BLOCK_W
-
-
-@triton.jit
-def _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-               row_ok=True):
-    """Write one output row (if row_ok): bias added once, or accumulated atomically across split-K programs."""
-    # a select, not `& row_ok`: Triton's interpreter turns a vector AND a scalar flag into an int32 mask it rejects
-    nmask = tl.where(row_ok, offs_n < N, False)
-    y_ptrs = y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows).to(tl.float32)
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.atomic_add(y_ptrs, y, mask=nmask, sem="relaxed")
-
-
-@triton.jit
-def _store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 row_ok=True):
-    """Write SiLU(gate) * up of the (gate, up) row pairs interleaved in y, rounded where a GEMV storing [gate | up]
-    and then triton_silu_mul would round (the sums, SiLU, the product), so the fused result is bit-identical."""
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows).to(tl.float32)
-    out_ty = y_ptr.dtype.element_ty
-    gate, up = tl.split(tl.reshape(y.to(out_ty), [BLOCK_N // 2, 2]))
-    g = gate.to(tl.float32)
-    silu = (g / (1.0 + tl.exp(-g))).to(out_ty)
-    out = (silu.to(tl.float32) * up.to(tl.float32)).to(out_ty)
-    offs = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs, out, mask=tl.where(row_ok, offs < N, False))
-
-
-@triton.jit
-def _store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr, row_ok=True):
-    """Reduce a [words, rows] accumulator over K and write it (if row_ok): SiLU(gate) * up when GATED, else one
-    output row."""
-    y = tl.sum(acc, axis=0)
-    if GATED:
-        _store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS, BLOCK_N, row_ok)
-    else:
-        _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, row_ok)
-
-
-@triton.jit
 def _accumulate(acc, words, high, qh, one, d, mn, xs, tab_ptr, KIND: tl.constexpr, SUBNORMAL: tl.constexpr,
                 EPW: tl.constexpr, SCALE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr):
     """acc [BLOCK_W / 4, BLOCK_N] plus one activation row's products with one K step of codes; xs = _load_x_step's
@@ -350,8 +278,8 @@ def gemv_words_kernel(
     WPB_SHIFT: tl.constexpr = 3 if KIND == Q8_SYM else 2     # log2(words per 32-weight block)
     BITS: tl.constexpr = 8 if KIND == Q8_SYM else (5 if (KIND == Q5_SYM or KIND == Q5_ASYM) else 4)
     SCALE: tl.constexpr = 1 << BITS
-    pid_m, pid_n, offs_n, rows, x_row, w_begin = _gemv_program(x_ptr, N, stride_xm, steps_per_split, BLOCK_N, BLOCK_W,
-                                                               GATED, BLOCK_M)
+    pid_m, pid_n, offs_n, rows, x_row, w_begin = gemv_program(x_ptr, N, stride_xm, steps_per_split, BLOCK_N, BLOCK_W,
+                                                              GATED, BLOCK_M)
     # word offsets relative to the first word of the split; rows * KW fits int32 for any weight under 2**31 words
     row_base = rows[None, :] * KW
     off0 = row_base + tl.arange(0, BLOCK_W)[:, None]
@@ -429,12 +357,12 @@ def gemv_words_kernel(
                                BLOCK_N)
 
     release_next(OVERLAP)  # the next kernel's programs take the SMs this one's tail leaves idle
-    _store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, BLOCK_N, GATED)
+    store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, BLOCK_N, GATED)
     if BLOCK_M > 1:
-        _store_words_result(acc1, b_ptr, y_ptr, pid_m + 1, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS,
-                            BLOCK_N, GATED, pid_m + 1 < M)
+        store_words_result(acc1, b_ptr, y_ptr, pid_m + 1, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS,
+                           BLOCK_N, GATED, pid_m + 1 < M)
     if BLOCK_M > 2:
-        _store_words_result(acc2, b_ptr, y_ptr, pid_m + 2, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS,
-                            BLOCK_N, GATED, pid_m + 2 < M)
-        _store_words_result(acc3, b_ptr, y_ptr, pid_m + 3, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS,
-                            BLOCK_N, GATED, pid_m + 3 < M)
+        store_words_result(acc2, b_ptr, y_ptr, pid_m + 2, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS,
+                           BLOCK_N, GATED, pid_m + 2 < M)
+        store_words_result(acc3, b_ptr, y_ptr, pid_m + 3, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS,
+                           BLOCK_N, GATED, pid_m + 3 < M)

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .launch_overlap import release_next, wait_previous
-from .triton_gemv import _store_row
+from .triton_gemv_tiles import store_row
 
 
 @triton.jit
@@ -86,4 +86,4 @@ def gemv_fp8_kernel(
     y = tl.sum(acc, axis=1) * tl.load(s_ptr + rows)
     if not NATIVE and not E5M2:
         y = y * 256.0
-    _store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS)
+    store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS)

@@ -27,7 +27,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv import CB3, SUBNORMAL_BIAS, _gemv_program, _store_words_result, place_bits
+from .triton_gemv import CB3, SUBNORMAL_BIAS
+from .triton_gemv_tiles import gemv_program, place_bits, store_words_result
 
 
 @triton.jit
@@ -83,8 +84,8 @@ def gemv_planes_kernel(
     LOG_BL: tl.constexpr = 1 if KIND == CB3 else 2
     EPW: tl.constexpr = 32 // BL   # codes per low-plane word
     PER: tl.constexpr = 8 // BL    # codes per low-plane byte
-    pid_m, pid_n, offs_n, rows, x_row, w_begin = _gemv_program(x_ptr, N, stride_xm, steps_per_split, BLOCK_N, BLOCK_W,
-                                                               GATED)
+    pid_m, pid_n, offs_n, rows, x_row, w_begin = gemv_program(x_ptr, N, stride_xm, steps_per_split, BLOCK_N, BLOCK_W,
+                                                              GATED)
     acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
     for step in range(0, steps_per_split):
         t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -125,4 +126,4 @@ def gemv_planes_kernel(
         else:
             acc += d * F
 
-    _store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, BLOCK_N, GATED)
+    store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, BLOCK_N, GATED)

@@ -1,0 +1,80 @@
+"""What every decode GEMV kernel shares around its K loop: which rows a program serves, the bit moves its decoders
+use, and the epilogues that write its output (one row, split-K atomics, or the gated SiLU(gate) * up).
+triton_gemv, triton_gemv_planes and triton_gemv_fp8 build on these."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def place_bits(v, SRC: tl.constexpr, DST: tl.constexpr, MASK: tl.constexpr):
+    """v's bits moved from bit SRC up or down to bit DST, then masked with MASK (given at DST)."""
+    if SRC >= DST:
+        out = (v >> (SRC - DST)) & MASK
+    else:
+        out = (v << (DST - SRC)) & MASK
+    return out
+
+
+@triton.jit
+def gemv_program(x_ptr, N, stride_xm, steps_per_split, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                 GATED: tl.constexpr, BLOCK_M: tl.constexpr = 1):
+    """This GEMV program's (first activation row, pid_n, output columns, weight rows clamped in range, first
+    activation row's pointer, first word of its K split). GATED programs take BLOCK_N / 2 gate rows and their up
+    rows (N further down), interleaved. A program serves activation rows [pid_m, pid_m + 1) * BLOCK_M."""
+    pid_m = tl.program_id(0) * BLOCK_M
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    if GATED:
+        j = tl.arange(0, BLOCK_N)
+        offs_n = pid_n * (BLOCK_N // 2) + j // 2
+        rows = tl.minimum(offs_n, N - 1) + (j % 2) * N  # gate rows at even j, their up rows at odd j
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.minimum(offs_n, N - 1)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    return pid_m, pid_n, offs_n, rows, x_row, pid_k * steps_per_split * BLOCK_W
+
+
+@triton.jit
+def store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+              row_ok=True):
+    """Write one output row (if row_ok): bias added once, or accumulated atomically across split-K programs."""
+    # a select, not `& row_ok`: Triton's interpreter turns a vector AND a scalar flag into an int32 mask it rejects
+    nmask = tl.where(row_ok, offs_n < N, False)
+    y_ptrs = y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows).to(tl.float32)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.atomic_add(y_ptrs, y, mask=nmask, sem="relaxed")
+
+
+@triton.jit
+def store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                row_ok=True):
+    """Write SiLU(gate) * up of the (gate, up) row pairs interleaved in y, rounded where a GEMV storing [gate | up]
+    and then triton_silu_mul would round (the sums, SiLU, the product), so the fused result is bit-identical."""
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows).to(tl.float32)
+    out_ty = y_ptr.dtype.element_ty
+    gate, up = tl.split(tl.reshape(y.to(out_ty), [BLOCK_N // 2, 2]))
+    g = gate.to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(out_ty)
+    out = (silu.to(tl.float32) * up.to(tl.float32)).to(out_ty)
+    offs = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs, out, mask=tl.where(row_ok, offs < N, False))
+
+
+@triton.jit
+def store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr, row_ok=True):
+    """Reduce a [words, rows] accumulator over K and write it (if row_ok): SiLU(gate) * up when GATED, else one
+    output row."""
+    y = tl.sum(acc, axis=0)
+    if GATED:
+        store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS, BLOCK_N, row_ok)
+    else:
+        store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, row_ok)
