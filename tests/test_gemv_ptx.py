@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("triton")
-from test_launch_overlap import _WORDS, _ptx_lines  # noqa: E402
 
 from ipex_llm_tf.kernels import triton_gemv as G  # noqa: E402
+from ipex_llm_tf.kernels.sm90_ptx import GEMV_POINTERS, ptx_lines  # noqa: E402
 
 TILES = [(16, 64), (16, 128), (8, 128)]  # (BLOCK_N, BLOCK_W) of the H100's tuned decode tiles
 # the tile sums' reductions and the scale and min tiles' conversions: 6-35 shared-memory accesses in these tiles
@@ -22,7 +22,7 @@ SHARED_LIMIT = 48
 def _loads(kind: int, block_n: int, block_w: int, subnormal: bool) -> list[str]:
     consts = dict(KIND=kind, SCALE_SHIFT=0, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
                   PREFETCH=2, GATED=False, SUBNORMAL=subnormal, BLOCK_M=1, OVERLAP=False, TAIL=False)
-    lines = [line.strip() for line in _ptx_lines(G.gemv_words_kernel, _WORDS, consts)]
+    lines = [line.strip() for line in ptx_lines(G.gemv_words_kernel, GEMV_POINTERS, consts)]
     return [line for line in lines if ".global." in line or ".shared." in line]
 
 

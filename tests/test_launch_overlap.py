@@ -12,8 +12,6 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from ipex_llm_tf.kernels import launch_overlap as LO  # noqa: E402
 from ipex_llm_tf.kernels import triton_decode_attention as DA  # noqa: E402
@@ -23,6 +21,7 @@ from ipex_llm_tf.kernels import triton_kv_write as KV  # noqa: E402
 from ipex_llm_tf.kernels import triton_matmul as MM  # noqa: E402
 from ipex_llm_tf.kernels import triton_rms_norm  # noqa: E402
 from ipex_llm_tf.kernels import triton_silu_mul as SM  # noqa: E402
+from ipex_llm_tf.kernels.sm90_ptx import F16, GEMV_POINTERS, ptx_lines  # noqa: E402
 
 _CUDA = torch.device("cuda", 0)
 
@@ -82,33 +81,14 @@ def test_info_says_whether_and_why(capability, monkeypatch) -> None:
     assert "compute capability 8.0; programmatic dependent launch needs 9.0+" in LO.describe_overlap(_CUDA)
 
 
-def _ptx_lines(kernel, pointers: dict, constexprs: dict) -> list[str]:
-    """The PTX lines Triton makes of `kernel` for an sm_90 device (compiled on the host, never run), launched as
-    the package launches it: the given pointer types, fp32 for scale / eps, i32 for the other runtime arguments,
-    every pointer and integer 16-aligned (so that the weights are read 16 bytes at a time); constexprs not given
-    take their defaults, as at a launch."""
-    defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
-    constexprs = {**defaults, **constexprs}
-    names = [p.name for p in kernel.params if p.name not in constexprs]
-    signature = {name: pointers.get(name, "fp32" if name in ("scale", "eps") else "i32") for name in names}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind != "fp32"}
-    source = ASTSource(kernel, {**signature, **{name: "constexpr" for name in constexprs}}, constexprs=constexprs,
-                       attrs=aligned)
-    options = dict(num_warps=4, launch_pdl=constexprs["OVERLAP"], enable_fp_fusion=True)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"].splitlines()
-
-
-_F16 = "*fp16"
 _WRITE = re.compile(r"\s*(@!?%p\d+\s+)?(st|atom|red)\.")  # a PTX store or atomic, predicated or not
-_WORDS = {"w_ptr": "*i32", "qh_ptr": "*i32", "tab_ptr": "*fp32",
-          **{name: _F16 for name in ("x_ptr", "s_ptr", "mn_ptr", "b_ptr", "y_ptr")}}
 
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_gemv_waits_after_its_first_weights(overlap: bool) -> None:
     consts = dict(KIND=G.Q4_SYM.value, SCALE_SHIFT=0, BLOCK_N=16, BLOCK_W=128, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
                   PREFETCH=1, GATED=False, SUBNORMAL=True, BLOCK_M=1, OVERLAP=overlap)
-    lines = _ptx_lines(G.gemv_words_kernel, _WORDS, consts)
+    lines = ptx_lines(G.gemv_words_kernel, GEMV_POINTERS, consts)
     if not overlap:
         assert not any("griddepcontrol" in line for line in lines)  # the same code as before the switch existed
         return
@@ -122,39 +102,39 @@ def test_gemv_waits_after_its_first_weights(overlap: bool) -> None:
 # residual sums, cache planes, split partials)
 _OVERLAPPED = {
     "gemv_words split-K, two rows": (
-        G.gemv_words_kernel, {**_WORDS, "y_ptr": "*fp32"},
+        G.gemv_words_kernel, {**GEMV_POINTERS, "y_ptr": "*fp32"},
         dict(KIND=G.Q4_ASYM.value, SCALE_SHIFT=0, BLOCK_N=16, BLOCK_W=128, SPLIT_K=2, HAS_BIAS=False, EVEN=False,
              PREFETCH=2, GATED=False, SUBNORMAL=False, BLOCK_M=2)),
     "gemv_words gated, four rows": (
-        G.gemv_words_kernel, _WORDS,
+        G.gemv_words_kernel, GEMV_POINTERS,
         dict(KIND=G.CB4.value, SCALE_SHIFT=1, BLOCK_N=16, BLOCK_W=64, SPLIT_K=1, HAS_BIAS=True, EVEN=True,
              PREFETCH=1, GATED=True, SUBNORMAL=False, BLOCK_M=4)),
     "gemv_words, the partial step read apart": (
-        G.gemv_words_kernel, _WORDS,
+        G.gemv_words_kernel, GEMV_POINTERS,
         dict(KIND=G.Q4_SYM.value, SCALE_SHIFT=0, BLOCK_N=8, BLOCK_W=128, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
              PREFETCH=2, GATED=False, SUBNORMAL=True, BLOCK_M=1, TAIL=True)),
-    "gemv_fp8": (GF.gemv_fp8_kernel, {"x_ptr": _F16, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": _F16,
-                                      "y_ptr": _F16},
+    "gemv_fp8": (GF.gemv_fp8_kernel, {"x_ptr": F16, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": F16,
+                                      "y_ptr": F16},
                  dict(E5M2=False, NATIVE=True, BLOCK_N=16, BLOCK_K=256, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
                       PREFETCH=1)),
-    "matmul_blocks": (MM.matmul_blocks_kernel, {**_WORDS, "w_ptr": "*u8", "qh_ptr": "*u8"},
+    "matmul_blocks": (MM.matmul_blocks_kernel, {**GEMV_POINTERS, "w_ptr": "*u8", "qh_ptr": "*u8"},
                       dict(KIND=G.Q4_SYM.value, SBLK_SHIFT=0, BLOCK_M=16, BLOCK_N=64, NB=2, GROUP_M=8, SPLIT_K=1,
                            HAS_BIAS=False, EVEN=True, SWAP=True)),
-    "matmul_fp8": (MM.matmul_fp8_kernel, {"x_ptr": _F16, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": _F16,
+    "matmul_fp8": (MM.matmul_fp8_kernel, {"x_ptr": F16, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": F16,
                                           "y_ptr": "*fp32"},
                    dict(E5M2=False, NATIVE=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_K=2,
                         HAS_BIAS=False, EVEN=True, SWAP=False)),
     "attention split": (DA._split_kernel, {"ok_ptr": "*u8", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "part_ptr": "*fp32",
                                            "ml_ptr": "*fp32", "arrived_ptr": "*i32",
-                                           **{k: _F16 for k in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}},
+                                           **{k: F16 for k in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}},
                         dict(D=128, BLOCK_D=128, BLOCK_S=32, HAS_MASK=True, DIRECT=False, FP8=False, NATIVE=False,
                              LAST_COMBINES=True, BLOCK_P=16)),
     "rotary + KV write": (KV._rotary_kv_write_kernel, {"slot_ptr": "*i64", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
                                                        "kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv",
-                                                       **{k: _F16 for k in ("x_ptr", "cos_ptr", "sin_ptr", "q_ptr")}},
+                                                       **{k: F16 for k in ("x_ptr", "cos_ptr", "sin_ptr", "q_ptr")}},
                           dict(BLOCK_D=64, QUANT=True)),
-    "silu_mul": (SM._silu_mul_kernel, {"x_ptr": _F16, "out_ptr": _F16}, dict(BLOCK=1024)),
-    "rms_norm + residual": (triton_rms_norm._rms_norm_kernel, {k: _F16 for k in ("x_ptr", "w_ptr", "out_ptr",
+    "silu_mul": (SM._silu_mul_kernel, {"x_ptr": F16, "out_ptr": F16}, dict(BLOCK=1024)),
+    "rms_norm + residual": (triton_rms_norm._rms_norm_kernel, {k: F16 for k in ("x_ptr", "w_ptr", "out_ptr",
                                                                                  "res_ptr", "sum_ptr")},
                             dict(BLOCK=4096)),
 }
@@ -165,7 +145,7 @@ def test_overlapped_kernels_write_nothing_before_the_wait(name: str) -> None:
     """The contract that makes the overlap safe, checked in each overlapped kernel's sm_90 code: one wait, and no
     store or atomic before it (a write there could land while the previous kernel still reads)."""
     kernel, pointers, consts = _OVERLAPPED[name]
-    lines = _ptx_lines(kernel, pointers, {**consts, "OVERLAP": True})
+    lines = ptx_lines(kernel, pointers, {**consts, "OVERLAP": True})
     waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
     assert len(waits) == 1 and any("griddepcontrol.launch_dependents" in line for line in lines)
     writes = [line.strip() for line in lines[:waits[0]] if _WRITE.match(line)]
@@ -174,7 +154,7 @@ def test_overlapped_kernels_write_nothing_before_the_wait(name: str) -> None:
 
 def test_rms_norm_reads_its_weight_before_the_wait() -> None:
     consts = dict(BLOCK=4096, res_ptr=None, sum_ptr=None, res_row_stride=0, OVERLAP=True)  # no residual
-    lines = _ptx_lines(triton_rms_norm._rms_norm_kernel, {k: _F16 for k in ("x_ptr", "w_ptr", "out_ptr")}, consts)
+    lines = ptx_lines(triton_rms_norm._rms_norm_kernel, {k: F16 for k in ("x_ptr", "w_ptr", "out_ptr")}, consts)
     loads = [i for i, line in enumerate(lines) if "ld.global" in line]
     wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
     assert loads[0] < wait < loads[-1]

@@ -1,0 +1,34 @@
+"""scripts/gemv_ptx_report.py: its rows come from the real sm_90 compile (no GPU), and bad arguments are refused."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import gemv_ptx_report as R  # noqa: E402
+
+
+def test_rows_count_the_loop_of_each_kernel() -> None:
+    """sym_int4 reads its codes in place (no gathers), nf4 looks each code up (16 words x 8 codes a thread here),
+    nf3 runs the two-plane kernel; a second activation row adds multiply-adds to the same loop."""
+    one = R.report_row("sym_int4", "16x64x2", 1)
+    two = R.report_row("sym_int4", "16x64x2", 2)
+    assert one["gathers"] == 0 and one["local"] == 0 and one["loop_instructions"] > 0
+    assert two["top_opcodes"]["fma.rn.f32"] == 2 * one["top_opcodes"]["fma.rn.f32"]
+    assert R.report_row("nf4", "16x64x2", 1)["gathers"] == 8 * 16
+    assert R.report_row("nf3", "16x64x2", 1)["loop_instructions"] > 0
+    assert R.report_row("nf3", "16x64x2", 2) is None, "the two-plane GEMV serves one row a program"
+
+
+@pytest.mark.parametrize("tile", ["16x64", "16xx2", "ax64x2"])
+def test_malformed_tiles_are_refused(tile: str) -> None:
+    with pytest.raises(SystemExit, match="BLOCK_NxBLOCK_Wxwarps"):
+        R.parse_tile(tile)
+
+
+def test_formats_without_a_block_gemv_are_refused() -> None:
+    with pytest.raises(SystemExit, match="no block-format GEMV"):
+        R.report_row("fp8_e4m3", "16x64x2", 1)
