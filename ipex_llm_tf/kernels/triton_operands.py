@@ -43,15 +43,21 @@ class BlockOperands:
     plans: dict = field(default_factory=dict)  # (rows, dtype) -> (launcher, config), filled on first use
     subnormal: bool = False  # the GEMV reads codes in place as float32 bit patterns (triton_gemv, SUBNORMAL)
 
+    def _tables(self, scales: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`table` and `gemv_table` of a copy whose scales are `scales`: a codebook's tables have no rows, so the copy
+        shares them; other kinds leave them unused, aliasing the scales (block_operands)."""
+        if self.kind in CODEBOOK_KINDS:
+            return {"table": self.table, "gemv_table": self.gemv_table}
+        return {"table": scales, "gemv_table": scales}
+
     def row_band(self, start: int, rows: int) -> "BlockOperands":
         """The operands of output rows [start, start + rows) (views)."""
         end = start + rows
         scales = self.scales[start:end]
-        # unused operands alias the scales or words (block_operands); the codebook table has no rows
+        # unused operands alias the scales or words (block_operands)
         return replace(self, words=self.words[start:end], codes=self.codes[start:end], scales=scales,
                        mins=scales if self.mins is self.scales else self.mins[start:end], qh=self.qh[start:end],
-                       table=self.table if self.kind in CODEBOOK_KINDS else scales,
-                       gemv_table=self.gemv_table if self.kind in CODEBOOK_KINDS else scales, plans={})
+                       plans={}, **self._tables(scales))
 
     def replica(self) -> "BlockOperands":
         """A copy of the tensors the kernels read, aliases kept (autotuning rotates replicas so weights come from
@@ -59,9 +65,7 @@ class BlockOperands:
         words = self.words.clone()
         scales = self.scales.clone()
         return replace(self, words=words, scales=scales, mins=scales if self.mins is self.scales else self.mins.clone(),
-                       qh=words if self.qh is self.words else self.qh.clone(),
-                       table=self.table if self.kind in CODEBOOK_KINDS else scales,
-                       gemv_table=self.gemv_table if self.kind in CODEBOOK_KINDS else scales, plans={})
+                       qh=words if self.qh is self.words else self.qh.clone(), plans={}, **self._tables(scales))
 
     def nbytes(self) -> int:
         """Bytes of weight a GEMV reads (codes, 5th bits or high plane, scales, mins)."""
