@@ -129,6 +129,12 @@ _OVERLAPPED = {
                                            **{k: F16 for k in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}},
                         dict(D=128, BLOCK_D=128, BLOCK_S=32, HAS_MASK=True, DIRECT=False, FP8=False, NATIVE=False,
                              LAST_COMBINES=True, BLOCK_P=16)),
+    "attention split, RoPE and KV write in": (
+        DA._split_kernel, {"ok_ptr": "*u8", "ks_ptr": F16, "vs_ptr": F16, "part_ptr": "*fp32", "ml_ptr": "*fp32",
+                           "arrived_ptr": "*i32", "slot_ptr": "*i64",
+                           **{k: F16 for k in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "cos_ptr", "sin_ptr")}},
+        dict(D=128, BLOCK_D=128, BLOCK_S=32, HAS_MASK=True, DIRECT=False, FP8=False, NATIVE=False,
+             LAST_COMBINES=True, BLOCK_P=16, ROTARY=True)),
     "rotary + KV write": (KV._rotary_kv_write_kernel, {"slot_ptr": "*i64", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
                                                        "kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv",
                                                        **{k: F16 for k in ("x_ptr", "cos_ptr", "sin_ptr", "q_ptr")}},

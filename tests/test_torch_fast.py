@@ -88,3 +88,23 @@ def test_rotary_and_write_kv_on_the_cpu_is_rotary_then_the_write(heads: int, kv_
     want_values.index_copy_(2, slot, qkv[:, :, heads + kv_heads:].transpose(1, 2))
     assert torch.equal(query, rotated[:, :heads])
     assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+
+
+def test_rotary_decode_attention_on_the_cpu_is_rotary_write_then_sdpa() -> None:
+    """The fused step op off Triton: the rotated key and the value written at the slot, and the rotated query's
+    attention over the written planes, as SDPA with the mask computes it."""
+    heads, kv_heads, dim, slot = 6, 2, 16, torch.tensor([5])
+    qkv = torch.randn(2, 1, heads + 2 * kv_heads, dim)
+    cos, sin = torch.randn(2, 1, dim), torch.randn(2, 1, dim)
+    keys, values = torch.randn(2, kv_heads, 8, dim), torch.randn(2, kv_heads, 8, dim)
+    key_ok = torch.rand(2, 8) > 0.3
+    key_ok[:, 5] = True
+    with torch.no_grad():
+        out = kernels.rotary_decode_attention(qkv, cos, sin, heads, kv_heads, keys, values, slot, key_ok, 0.25)
+        rotated = rotary_reference(qkv[:, :, :heads + kv_heads].transpose(1, 2), cos, sin)
+        assert torch.equal(keys[:, :, 5:6], rotated[:, heads:])
+        assert torch.equal(values[:, :, 5], qkv[:, 0, heads + kv_heads:])
+        want = torch.nn.functional.scaled_dot_product_attention(
+            rotated[:, :heads], keys.repeat_interleave(3, dim=1), values.repeat_interleave(3, dim=1),
+            attn_mask=key_ok[:, None, None, :], scale=0.25)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)

@@ -305,6 +305,24 @@ def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return query
 
 
+def rotary_attention_applies(qkv: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether rotary_decode_attention runs one fused kernel for this token's projection and (4-D, boolean) mask."""
+    triton_ops = all(op_backend(op, qkv.device) == "triton" for op in ("kv_write", "rotary"))
+    return triton_ops and decode_attention_applies(qkv.transpose(1, 2), mask)
+
+
+def rotary_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                            keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
+                            key_ok: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """rotary_and_write_kv on one token's merged projection, then decode_attention of its query over the planes
+    (float ones): [B, H, 1, D]. One Triton kernel where rotary_attention_applies, else the two calls."""
+    if rotary_attention_applies(qkv, None):
+        from .triton_decode_attention import rotary_decode_attention as triton_rotary_decode_attention
+        return triton_rotary_decode_attention(qkv, cos, sin, heads, kv_heads, keys, values, slot, key_ok, scale)
+    query = rotary_and_write_kv(qkv, cos, sin, heads, kv_heads, keys, values, slot)
+    return decode_attention(query, keys, values, key_ok, scale)
+
+
 def describe_op_backends(device: torch.device) -> list[str]:
     """One line per fused-model op: the implementation it gets on `device` and why (for `ipex-llm-tf info`)."""
     name = requested_backend()

@@ -24,6 +24,8 @@ import triton.language as tl
 from .launch_overlap import overlap_options, release_next, wait_previous
 from .triton_gemv_fp8 import fp8_bytes_to_float
 from .triton_linear import fp8_native, sm_count
+from .triton_kv_write import merged_token_operands
+from .triton_rotary import rotate_whole
 from .triton_tuning import capturing
 
 BLOCK_S = 32  # keys per step of a program (host side)
@@ -43,17 +45,24 @@ def _load_rows(base, s, stride, d, tile, FP8: tl.constexpr, NATIVE: tl.constexpr
     return tl.where(tile, x.to(tl.float32), 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["zero"])
 def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, ks_ptr, vs_ptr, part_ptr, ml_ptr, out_ptr, arrived_ptr,
+                  cos_ptr, sin_ptr, slot_ptr, zero,
                   heads, groups, keys, keys_per_split, scale,
-                  sqb, sqh, skb, skh, sks, svb, svh, svs, sokb, sksb, sksh, skss, svsb, svsh, svss,
+                  sqb, sqh, scb, ssb, skb, skh, sks, svb, svh, svs, sokb, sksb, sksh, skss, svsb, svsh, svss,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
                   DIRECT: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr, LAST_COMBINES: tl.constexpr,
-                  BLOCK_P: tl.constexpr, OVERLAP: tl.constexpr = False):
+                  BLOCK_P: tl.constexpr, OVERLAP: tl.constexpr = False, ROTARY: tl.constexpr = False):
     """Online softmax of query (batch, head) = program 0 over its split of the keys (program 1).
 
     DIRECT (one split): write the normalised output; else the unnormalised sum, its running max and its weight, and
     with LAST_COMBINES the query's last program to arrive (arrived_ptr counts them) combines all of them.
+
+    ROTARY: q_ptr is one token's merged q/k/v projection (heads, then kv heads of keys, then of values; sqh apart).
+    The query gets RoPE here (cos / sin rows scb / ssb apart), and the split holding the cache slot at slot_ptr
+    rotates the token's key, uses it and its value in place of what the planes held there, and its first query
+    head of each KV head writes both into the planes: triton_kv_write.rotary_and_write_kv's work, with its roundings
+    (zero: a run-time 0, triton_rotary.rotate_whole).
     """
     release_next(OVERLAP)
     wait_previous(OVERLAP)
@@ -63,12 +72,34 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, ks_ptr, vs_ptr, part_ptr, ml_ptr,
     kvh = ((bh % heads) // groups).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     on_d = d < D
-    q = tl.load(q_ptr + b * sqb + (bh % heads).to(tl.int64) * sqh + d, mask=on_d, other=0.0).to(tl.float32)
-    q = q * scale
     k_base = k_ptr + b * skb + kvh * skh
     v_base = v_ptr + b * svb + kvh * svh
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, keys)
+    q_head = q_ptr + b * sqb + (bh % heads).to(tl.int64) * sqh
+    if ROTARY:
+        first_half = d < D // 2
+        partner = tl.where(first_half, d + D // 2, d - D // 2)
+        c = tl.load(cos_ptr + b * scb + d, mask=on_d, other=0.0)
+        s_ = tl.load(sin_ptr + b * ssb + d, mask=on_d, other=0.0)
+        q = rotate_whole(tl.load(q_head + d, mask=on_d, other=0.0), tl.load(q_head + partner, mask=on_d, other=0.0),
+                         c, s_, first_half, zero)
+        slot = tl.load(slot_ptr).to(tl.int32)
+        # lanes, not scalars, compared: the interpreter makes no load mask of a scalar comparison
+        lane_slot = slot + 0 * d
+        holds = on_d & (lane_slot >= start) & (lane_slot < end)  # this split holds the token's slot
+        k_head = q_ptr + b * sqb + (heads + kvh) * sqh
+        v_head = q_ptr + b * sqb + (heads + heads // groups + kvh) * sqh
+        new_k = rotate_whole(tl.load(k_head + d, mask=holds, other=0.0), tl.load(k_head + partner, mask=holds,
+                                                                                  other=0.0), c, s_, first_half, zero)
+        new_v = tl.load(v_head + d, mask=holds, other=0.0)
+        writes = holds & ((bh % heads) % groups + 0 * d == 0)  # a KV head's first query head writes it
+        tl.store(k_base + slot.to(tl.int64) * sks + d, new_k, mask=writes)
+        tl.store(v_base + slot.to(tl.int64) * svs + d, new_v, mask=writes)
+        new_k, new_v = new_k.to(tl.float32)[None, :], new_v.to(tl.float32)[None, :]
+    else:
+        q = tl.load(q_head + d, mask=on_d, other=0.0)
+    q = q.to(tl.float32) * scale
     m = tl.full([], _NO_SCORE, tl.float32)
     weight = tl.zeros([], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
@@ -80,6 +111,10 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, ks_ptr, vs_ptr, part_ptr, ml_ptr,
         tile = valid[:, None] & on_d[None, :]
         k = _load_rows(k_base, s, sks, d, tile, FP8, NATIVE)
         v = _load_rows(v_base, s, svs, d, tile, FP8, NATIVE)  # issued before the scores need k: both in flight
+        if ROTARY:
+            token = (s == slot)[:, None] & tile
+            k = tl.where(token, new_k, k)
+            v = tl.where(token, new_v, v)
         scores = tl.sum(k * q[None, :], axis=1)
         if FP8:
             scores = scores * tl.load(ks_ptr + b * sksb + kvh * sksh + s * skss, mask=valid, other=0.0)
@@ -173,7 +208,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: 
                      scale: float, kv_scales: "tuple[torch.Tensor, torch.Tensor] | None" = None) -> torch.Tensor:
     """softmax(q k^T * scale, masked by key_ok) v for one query per head: [batch, heads, 1, head_dim]."""
     batch, heads, q_len, dim = q.shape
-    kv_heads, keys = k.shape[1], k.shape[2]
+    kv_heads = k.shape[1]
     if q_len != 1 or heads % kv_heads or k.shape != v.shape or k.shape[0] != batch or k.shape[3] != dim:
         raise ValueError(f"decode_attention takes q [B, H, 1, D] and k, v [B, H_kv, S, D] with H_kv dividing H, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -183,9 +218,31 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: 
                          f"{k.dtype} / {v.dtype} keys / values and kv_scales={'given' if kv_scales else None}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _attend(q, (q.stride(0), q.stride(1)), heads, k, v, key_ok, scale, kv_scales)
+
+
+def rotary_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                            keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, key_ok: torch.Tensor | None,
+                            scale: float) -> torch.Tensor:
+    """triton_kv_write.rotary_and_write_kv, then decode_attention of its query over the planes, as one kernel with
+    the same results bit for bit: qkv [B, 1, H + 2 H_kv, D] one token's merged projection, keys / values [B, H_kv,
+    S, D] float planes that get its rotated key and its value at `slot` (a device tensor, below S)."""
+    if heads % max(kv_heads, 1):
+        raise ValueError(f"rotary_decode_attention needs H_kv dividing H, got H={heads}, H_kv={kv_heads}")
+    qkv, cos, sin = merged_token_operands("rotary_decode_attention", qkv, cos, sin, heads, kv_heads, keys, values,
+                                          quant=False)
+    return _attend(qkv, (qkv.stride(0), qkv.stride(2)), heads, keys, values, key_ok, scale, None, (cos, sin, slot))
+
+
+def _attend(q: torch.Tensor, q_strides: tuple[int, int], heads: int, k: torch.Tensor, v: torch.Tensor,
+            key_ok: torch.Tensor | None, scale: float, kv_scales: "tuple[torch.Tensor, torch.Tensor] | None",
+            rotary: "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None" = None) -> torch.Tensor:
+    """Launch the split kernel for query heads `heads` rows apart by q_strides (batch, head); checked operands."""
+    batch, kv_heads, keys, dim = k.shape
     out = torch.empty((batch, heads, 1, dim), device=q.device, dtype=q.dtype)
     if out.numel() == 0:
         return out
+    fp8 = kv_scales is not None
     ok = key_ok
     if ok is not None:
         ok = ok.view(torch.uint8) if ok.dtype == torch.bool else ok
@@ -195,6 +252,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: 
     if fp8 and not native:
         k, v = k.view(torch.uint8), v.view(torch.uint8)
     k_scales, v_scales = kv_scales if fp8 else (q, q)
+    cos, sin, slot = rotary if rotary is not None else (q, q, q)
     splits = _splits(batch * heads, keys, q.device)
     per_split = -(-keys // (splits * BLOCK_S)) * BLOCK_S
     splits = -(-keys // per_split) if keys else 1
@@ -208,13 +266,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: 
     block_p = triton.next_power_of_2(splits)
     _split_kernel[(batch * heads, splits)](
         q, k, v, ok if ok is not None else q, k_scales, v_scales, part, ml, out, out if arrived is None else arrived,
-        heads, heads // kv_heads, keys, per_split, scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        cos, sin, slot, 0, heads, heads // kv_heads, keys, per_split, scale, *q_strides,
+        cos.stride(0) if rotary else 0, sin.stride(0) if rotary else 0,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         ok.stride(0) if ok is not None else 0, *(k_scales.stride()[:3] if fp8 else (0, 0, 0)),
         *(v_scales.stride()[:3] if fp8 else (0, 0, 0)),
         D=dim, BLOCK_D=block_d, BLOCK_S=BLOCK_S, HAS_MASK=ok is not None, DIRECT=splits == 1, FP8=fp8, NATIVE=native,
-        LAST_COMBINES=arrived is not None, BLOCK_P=block_p, num_warps=4, enable_fp_fusion=True,
-        **overlap_options(q.device))
+        LAST_COMBINES=arrived is not None, BLOCK_P=block_p, ROTARY=rotary is not None, num_warps=4,
+        enable_fp_fusion=True, **overlap_options(q.device))
     if splits > 1 and arrived is None:
         _combine_kernel[(batch * heads,)](part, ml, out, splits, D=dim, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=4,
                                           enable_fp_fusion=True)

@@ -135,27 +135,37 @@ def write_kv_slot(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, va
             BLOCK_D=triton.next_power_of_2(dim), QUANT=quant, num_warps=1, enable_fp_fusion=True)
 
 
+def merged_token_operands(caller: str, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                          kv_heads: int, keys: torch.Tensor, values: torch.Tensor,
+                          quant: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv with a unit last stride and cos / sin as [B, D] rows of its dtype, after checking one token's merged
+    projection [B, 1, H + 2 H_kv, D] against the cache planes [B, H_kv, S, D] (ValueError naming `caller`)."""
+    batch, tokens, total, dim = qkv.shape
+    if tokens != 1 or total != heads + 2 * kv_heads or dim % 2 or keys.shape[:2] != (batch, kv_heads) \
+            or keys.shape != values.shape or keys.shape[3] != dim or keys.dtype != values.dtype \
+            or (keys.dtype != qkv.dtype and not quant):
+        raise ValueError(f"{caller} takes one token's qkv [B, 1, H + 2 H_kv, D] (even D) and planes "
+                         f"[B, H_kv, S, D] of its dtype, got {tuple(qkv.shape)} {qkv.dtype} with H={heads}, "
+                         f"H_kv={kv_heads} and planes {tuple(keys.shape)} {keys.dtype}")
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError(f"{caller} needs cache planes with a unit last stride")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    cos, sin = (t.to(qkv.dtype).reshape(-1, dim).expand(batch, dim) for t in (cos, sin))
+    if cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return qkv, cos, sin
+
+
 def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
                         keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
                         scales: "tuple[torch.Tensor, torch.Tensor] | None" = None) -> torch.Tensor:
     """RoPE and the cache write of one token's merged projection qkv [B, 1, H + 2 H_kv, D] (cos / sin [B or 1, 1,
     D]): returns the rotated query [B, H, 1, D]; the rotated key and the value go to planes [B, H_kv, S, D] at
     `slot` (float8 codes with `scales`, as write_kv_slot)."""
-    batch, tokens, total, dim = qkv.shape
+    batch, _, total, dim = qkv.shape
     quant = scales is not None
-    if tokens != 1 or total != heads + 2 * kv_heads or dim % 2 or keys.shape[:2] != (batch, kv_heads) \
-            or keys.shape != values.shape or keys.shape[3] != dim or keys.dtype != values.dtype \
-            or (keys.dtype != qkv.dtype and not quant):
-        raise ValueError(f"rotary_and_write_kv takes one token's qkv [B, 1, H + 2 H_kv, D] (even D) and planes "
-                         f"[B, H_kv, S, D] of its dtype, got {tuple(qkv.shape)} {qkv.dtype} with H={heads}, "
-                         f"H_kv={kv_heads} and planes {tuple(keys.shape)} {keys.dtype}")
-    if keys.stride(-1) != 1 or values.stride(-1) != 1:
-        raise ValueError("rotary_and_write_kv needs cache planes with a unit last stride")
-    if qkv.stride(-1) != 1:
-        qkv = qkv.contiguous()
-    cos, sin = (t.to(qkv.dtype).reshape(-1, dim).expand(batch, dim) for t in (cos, sin))
-    if cos.stride(-1) != 1 or sin.stride(-1) != 1:
-        cos, sin = cos.contiguous(), sin.contiguous()
+    qkv, cos, sin = merged_token_operands("rotary_and_write_kv", qkv, cos, sin, heads, kv_heads, keys, values, quant)
     query = torch.empty((batch, heads, 1, dim), dtype=qkv.dtype, device=qkv.device)
     key_scales, value_scales = scales if quant else (keys, values)
     if query.numel():

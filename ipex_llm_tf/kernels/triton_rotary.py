@@ -24,6 +24,24 @@ def rotate_halves(x1, x2, c1, c2, s1, s2):
 
 
 @triton.jit
+def _kept_rounding(p, zero):
+    """p unchanged, through an XOR of its bits with a run-time zero: a compiler with floating-point contraction on
+    cannot see through it, so the rounding of the product p came from stays."""
+    INT: tl.constexpr = tl.int16 if p.dtype.primitive_bitwidth == 16 else tl.int32
+    return (p.to(INT, bitcast=True) ^ zero.to(INT)).to(p.dtype, bitcast=True)
+
+
+@triton.jit
+def rotate_whole(x, partner, c, s, first_half, zero):
+    """rotate_halves for whole head vectors x (partner[i] = x[i + half] where first_half, else x[i - half]), with the
+    same roundings in a kernel compiled with contraction on: zero must be a run-time 0 (see _kept_rounding)."""
+    dt = x.dtype
+    p1 = _kept_rounding((x * c).to(dt), zero)
+    p2 = _kept_rounding((tl.where(first_half, -partner, partner) * s).to(dt), zero)
+    return (p1.to(tl.float32) + p2.to(tl.float32)).to(dt)
+
+
+@triton.jit
 def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, seq, sxb, sxh, sxs, scb, scs, half,
                    BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
     pos = tl.program_id(0)                 # batch * seq + s

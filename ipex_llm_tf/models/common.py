@@ -290,7 +290,12 @@ class FusedAttention(SeparateProjectionKeys):
         query, key, value = qkv.split([self.num_heads, self.num_key_value_heads, self.num_key_value_heads], dim=2)
         cos, sin = position_embeddings
         if self.q_norm is None and q_len == 1 and hasattr(cache, "rotate_and_update"):
-            # a graph step's cache: RoPE and the cache write in one op
+            # a graph step's cache: RoPE, the cache write and attention in one op where it can, else the first two
+            if not self.training or self.attention_dropout == 0.0:
+                out = cache.rotate_and_attend(qkv, cos, sin, self.layer_idx, self.num_heads, self.num_key_value_heads,
+                                              attention_mask, self.scaling)
+                if out is not None:
+                    return self.o_proj(out.reshape(batch, q_len, self.num_heads * self.head_dim)), None
             query, key, value = cache.rotate_and_update(qkv, cos, sin, self.layer_idx, self.num_heads,
                                                         self.num_key_value_heads)
         else:

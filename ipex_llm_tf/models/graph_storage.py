@@ -114,6 +114,17 @@ class _SpanView:
                                             self.kv_scales(layer_idx))
         return query, keys, values
 
+    def rotate_and_attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_idx: int, heads: int,
+                          kv_heads: int, mask: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+        """rotate_and_update, then one-query attention over the span masked by `mask` (the step's 4-D boolean
+        mask): [B, H, 1, D] from one Triton kernel (kernels.rotary_decode_attention); None where that kernel does
+        not apply (another backend, a float8 cache, no boolean mask), for the caller to take the two-step path."""
+        if mask is None or self.kv_scales(layer_idx) is not None or not kernels.rotary_attention_applies(qkv, mask):
+            return None
+        keys, values = self._span_planes(layer_idx)
+        return kernels.rotary_decode_attention(qkv, cos, sin, heads, kv_heads, keys, values, self.slot,
+                                               mask[:, 0, 0, :self.span], scale)
+
     def _span_planes(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's key and value planes, cut to the span this step reads."""
         planes = self.storage[layer_idx]

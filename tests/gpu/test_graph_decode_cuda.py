@@ -190,3 +190,34 @@ def test_overlapped_launches_give_the_same_bits(monkeypatch: pytest.MonkeyPatch,
     (want_tokens, want_scores), (tokens, scores) = results
     assert torch.equal(tokens, want_tokens)
     assert torch.equal(scores, want_scores)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_rotary_attention_in_one_kernel_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch, arch: str) -> None:
+    """Graph steps run RoPE, the KV write and attention as one kernel (kernels.rotary_decode_attention): every layer
+    of every step takes it, and the tokens and logits equal, bit for bit, those of steps captured with the two
+    kernels (RoPE and the write, then attention)."""
+    from ipex_llm_tf.models.graph_storage import _SpanView
+
+    real = _SpanView.rotate_and_attend
+    fused = []
+
+    def counted(self, *args):
+        out = real(self, *args)
+        fused.append(out is not None)
+        return out
+
+    ids = torch.randint(2, 128, (2, 12), generator=torch.Generator().manual_seed(9)).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    results = []
+    for one_kernel in (False, True):
+        monkeypatch.setattr(_SpanView, "rotate_and_attend", counted if one_kernel else lambda self, *args: None)
+        model = ipex_llm_tf.optimize_model(tiny_model(arch, attn_implementation="sdpa").half(),
+                                           low_bit="sym_int4").to("cuda")
+        _generate(model, ids, mask, 16)  # capture
+        results.append(_generate(model, ids, mask, 16))
+    assert fused and all(fused), "a graph step fell back to the two kernels"
+    (want_tokens, want_scores), (tokens, scores) = results
+    assert torch.equal(tokens, want_tokens)
+    assert torch.equal(scores, want_scores)

@@ -228,3 +228,45 @@ def test_rotary_and_write_kv_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="unit last stride"):
         bad = torch.zeros(1, 2, 64, 8, device=DEVICE, dtype=torch.float16).transpose(2, 3)
         rotary_and_write_kv(qkv, cos, sin, 4, 2, bad, bad.clone(), slot)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch, heads, kv_heads, dim, span, slot", [
+    (1, 32, 32, 128, 256, 40),   # Llama-2-7B's step: the slot in the second of several key splits
+    (2, 8, 2, 80, 70, 69),       # grouped KV heads, head_dim not a power of two, the slot last
+    (1, 4, 4, 64, 20, 0),        # one split (no combine), the slot first
+])
+def test_rotary_decode_attention_equals_rotary_write_then_attention(dtype, batch, heads, kv_heads, dim, span,
+                                                                    slot) -> None:
+    """The fused kernel gives the two-kernel path's query output and cache planes, bit for bit, for per-row and
+    broadcast positions, a mask with holes and the slot anywhere in the span."""
+    if INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter does not emulate bf16 arithmetic")
+    qkv, cos, sin = _merged_token(batch, heads, kv_heads, dim, dtype)
+    gen = torch.Generator().manual_seed(span)
+    planes = [torch.randn(batch, kv_heads, span + 8, dim, generator=gen).to(DEVICE, dtype) for _ in range(2)]
+    key_ok = torch.rand(batch, span, generator=gen).to(DEVICE) > 0.25
+    key_ok[:, slot] = True
+    where = torch.tensor([slot], device=DEVICE)
+    for cos_sin in ((cos, sin), (cos[:1], sin[:1])):
+        want_planes = [plane.clone() for plane in planes]
+        query = rotary_and_write_kv(qkv, *cos_sin, heads, kv_heads, *(p[:, :, :span] for p in want_planes), where)
+        want = TDA.decode_attention(query, *(p[:, :, :span] for p in want_planes), key_ok, dim ** -0.5)
+        got = TDA.rotary_decode_attention(qkv, *cos_sin, heads, kv_heads, *(p[:, :, :span] for p in planes), where,
+                                          key_ok, dim ** -0.5)
+        assert torch.equal(got, want), "attention output"
+        assert torch.equal(planes[0], want_planes[0]) and torch.equal(planes[1], want_planes[1]), "cache planes"
+
+
+def test_rotary_decode_attention_rejects_bad_shapes() -> None:
+    qkv, cos, sin = _merged_token(1, 4, 2, 64, torch.float16)
+    planes = [torch.zeros(1, 2, 8, 64, device=DEVICE, dtype=torch.float16) for _ in range(2)]
+    slot = torch.tensor([0], device=DEVICE)
+    with pytest.raises(ValueError, match="rotary_decode_attention takes one token's qkv"):
+        TDA.rotary_decode_attention(qkv, cos, sin, 4, 1, *planes, slot, None, 0.125)
+    with pytest.raises(ValueError, match="H_kv dividing H"):
+        TDA.rotary_decode_attention(torch.cat([qkv, qkv[:, :, :1]], dim=2), cos, sin, 3, 2, *planes, slot, None,
+                                    0.125)
+    fp8 = [plane.to(torch.float8_e4m3fn) for plane in planes]
+    with pytest.raises(ValueError, match="of its dtype"):
+        TDA.rotary_decode_attention(qkv, cos, sin, 4, 2, *fp8, slot, None, 0.125)
