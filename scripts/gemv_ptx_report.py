@@ -3,8 +3,9 @@
     python scripts/gemv_ptx_report.py [--formats sym_int4 nf4 ...] [--tiles 16x64x2 ...] [--rows 1 2 4] [--json PATH]
 
 No GPU is needed and nothing is timed: each (format, tile, activation rows) is compiled for an sm_90 target as
-decode launches it (kernels.sm90_ptx), and the loop's instructions are counted. A tile is BLOCK_N x BLOCK_W x
-warps. Codes read in place (SUBNORMAL) are assumed, as on a device that keeps float32 subnormals (H100s do). The
+decode launches it (kernels.sm90_ptx), and the loop's instructions are counted, with the registers a thread uses
+(which cap occupancy: 25% at 116 or more on an H100, where the tuned GEMVs ran latency-bound in session 20). A tile
+is BLOCK_N x BLOCK_W x warps. Codes read in place (SUBNORMAL) are assumed, as on a device that keeps float32 subnormals (H100s do). The
 host's Triton may differ from a device's, and fewer instructions need not mean faster (docs/gpu-log.md, session 19):
 use it to see what a kernel change does to the loop, then time it on a GPU.
 """
@@ -20,13 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ipex_llm_tf.formats import get_format  # noqa: E402
 from ipex_llm_tf.kernels import triton_gemv as G  # noqa: E402
 from ipex_llm_tf.kernels import triton_gemv_planes as GP  # noqa: E402
-from ipex_llm_tf.kernels.sm90_ptx import GEMV_POINTERS, compile_sm90, loop_summary  # noqa: E402
+from ipex_llm_tf.kernels.sm90_ptx import GEMV_POINTERS, compile_sm90, loop_summary, registers  # noqa: E402
 from ipex_llm_tf.kernels.triton_operands import PLANE_KINDS, block_kind, reads_codes_in_place  # noqa: E402
 
 FORMATS = ["sym_int4", "asym_int4", "sym_int5", "asym_int5", "sym_int8", "nf4", "fp4", "nf3", "fp6"]
 TILES = ["16x64x2", "16x256x8", "8x128x4"]  # H100 decode choices at the issue's 7B shapes (bench_gpu_linear)
 COLUMNS = ["format", "tile", "rows", "loop_instructions", "per_code", "barriers", "shared", "global_loads", "gathers",
-           "local", "layout_conversions"]
+           "local", "layout_conversions", "registers"]
 
 
 def parse_tile(text: str) -> tuple[int, int, int]:
@@ -61,7 +62,8 @@ def report_row(name: str, tile: str, rows: int) -> dict | None:
     pointers = {**GEMV_POINTERS, "tab_ptr": "*i64"} if kind == G.CB3.value else GEMV_POINTERS
     asm = compile_sm90(kernel, pointers, consts, num_warps=warps)
     codes_per_thread = max(1, block_w * block_n * per_word // (32 * warps))
-    return {"format": name, "tile": tile, "rows": rows, **loop_summary(asm, codes_per_thread)}
+    return {"format": name, "tile": tile, "rows": rows, **loop_summary(asm, codes_per_thread),
+            "registers": registers(asm)}
 
 
 def main() -> None:

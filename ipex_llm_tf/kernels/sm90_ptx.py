@@ -7,7 +7,10 @@ session 19: a change that cut the loop's shared-memory instructions 20x ran 1.3-
 """
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import tempfile
 from collections import Counter
 from typing import Any
 
@@ -80,3 +83,17 @@ def loop_summary(asm: dict, codes_per_thread: int) -> dict[str, Any]:
             "local": sum(".local" in line for line in body),
             "layout_conversions": asm["ttgir"].count("ttg.convert_layout"),
             "top_opcodes": dict(ops.most_common(10))}
+
+
+def registers(asm: dict) -> int | None:
+    """Registers a thread of compiled `asm` (compile_sm90) uses, from its cubin by the cuobjdump Triton ships; None
+    where that tool is missing or says nothing (a kernel's occupancy follows from it: 65536 per multiprocessor)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if "cubin" not in asm or not os.access(tool, os.X_OK):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+)", usage)
+    return int(found.group(1)) if found else None
