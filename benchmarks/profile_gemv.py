@@ -6,8 +6,10 @@
 
 Every shape is first run a few times outside the range, so autotuning (kernels.triton_tuning) settles its launch as
 decode does; then the settled launch runs once inside the range "prof", the only kernel ncu is asked to profile. The
-tuned configuration of each is printed, in the order ncu lists the kernels. This is how docs/gpu-log.md (session 20)
-found the GEMVs latency-bound at 12-24% occupancy. Needs a CUDA device.
+tuned configuration of each is printed, in the order ncu lists the kernels. Run it once without ncu first: the
+tuning cache then hands the ncu run the choices made at full speed (tuned under ncu, every candidate runs slowed by
+it, and the pick can differ: (32, 64, 4) instead of (16, 128, 4) for sym_int4 4096x4096 on an H100). This is how
+docs/gpu-log.md (session 20) found the GEMVs latency-bound at 12-24% occupancy. Needs a CUDA device.
 """
 from __future__ import annotations
 
