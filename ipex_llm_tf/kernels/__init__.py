@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from ..env import raw_env_reader
 from ..formats import LowBitFormat, Parts
 from . import cpu_int4, ipex_ops, torch_fast
-from .reference import (decode_attention_reference, linear_reference, quantize_kv_vectors, rms_norm_reference,
-                        rotary_reference, silu_and_mul_reference)
+from .reference import (decode_attention_reference, linear_reference, next_greedy_inputs_reference,
+                        quantize_kv_vectors, rms_norm_reference, rotary_reference, silu_and_mul_reference)
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "ipex")
 
@@ -321,6 +321,16 @@ def rotary_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
         return triton_rotary_decode_attention(qkv, cos, sin, heads, kv_heads, keys, values, slot, key_ok, scale)
     query = rotary_and_write_kv(qkv, cos, sin, heads, kv_heads, keys, values, slot)
     return decode_attention(query, keys, values, key_ok, scale)
+
+
+def next_greedy_inputs(logits: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, key_ok: torch.Tensor,
+                       slot: torch.Tensor, length: int) -> None:
+    """In place: ids = each row of logits [B, V]'s argmax, positions + 1, key_ok[:, length] = True, slot = length
+    (a greedy step's static inputs for the next token); one Triton kernel on GPUs."""
+    if op_backend("greedy_inputs", logits.device) == "triton":
+        from .triton_greedy_inputs import next_greedy_inputs as triton_next_greedy_inputs
+        return triton_next_greedy_inputs(logits, ids, positions, key_ok, slot, length)
+    return next_greedy_inputs_reference(logits, ids, positions, key_ok, slot, length)
 
 
 def describe_op_backends(device: torch.device) -> list[str]:

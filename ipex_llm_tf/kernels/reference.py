@@ -61,3 +61,13 @@ def quantize_kv_vectors(states: torch.Tensor, dtype: torch.dtype = torch.float8_
 def dequantize_kv_vectors(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Keys or values from quantize_kv_vectors' codes and per-vector scales, in `dtype`."""
     return (codes.float() * scales).to(dtype)
+
+
+def next_greedy_inputs_reference(logits: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
+                                 key_ok: torch.Tensor, slot: torch.Tensor, length: int) -> None:
+    """A greedy decode step's inputs for the next token, in place: each row's argmax token, its position plus one,
+    the key at `length` made visible, and the cache slot set to `length`."""
+    torch.argmax(logits, dim=-1, keepdim=True, out=ids)
+    positions.add_(1)
+    key_ok[:, length] = True
+    slot.fill_(length)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import kernels
 from ..env import env_flag
 
 EARLY_STEP_ENV = "IPEX_LLM_TF_EARLY_STEP"
@@ -65,10 +66,8 @@ def replay_early(api: Any, side: Any, step: Any, cache: Any, length: int) -> Ear
     """Replay `step` at cache length `length` on stream `side`, its token the argmax of the step's last logits."""
     side.wait_stream(api.current_stream())  # the caller copied the logits out before the replay rewrites them
     with api.stream(side):
-        torch.argmax(step.logits[:, -1, :], dim=-1, keepdim=True, out=step.ids)
-        step.slot.add_(1)
-        step.positions.add_(1)
-        step.key_ok[:, length] = True  # generate() extends the attention mask with ones
+        # generate() extends the attention mask with ones: the key at the new slot becomes visible
+        kernels.next_greedy_inputs(step.logits[:, -1, :], step.ids, step.positions, step.key_ok, step.slot, length)
         inputs_ready = side.record_event()
         step.graph.replay()
         done = side.record_event()

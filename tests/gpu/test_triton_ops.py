@@ -1,4 +1,5 @@
-"""Fused Triton ops (RMSNorm, rotary, SiLU-and-mul) against their PyTorch references, on a CUDA or XPU device.
+"""Fused Triton ops (RMSNorm, rotary, SiLU-and-mul, a greedy step's next inputs) against their PyTorch references, on
+a CUDA or XPU device.
 
 Rotary rounds where the reference rounds and must equal it bit for bit. Tolerances for the others, relative to the
 largest reference value: RMSNorm rounds where the reference rounds, so it agrees to one unit in the last place of the
@@ -16,7 +17,9 @@ INTERPRET, DEVICE = TRITON_INTERPRET, triton_device()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None, reason="needs a CUDA or XPU device")]
 triton = pytest.importorskip("triton")
 
-from ipex_llm_tf.kernels.reference import rms_norm_reference, rotary_reference, silu_and_mul_reference  # noqa: E402
+from ipex_llm_tf.kernels.reference import (next_greedy_inputs_reference, rms_norm_reference,  # noqa: E402
+                                           rotary_reference, silu_and_mul_reference)
+from ipex_llm_tf.kernels.triton_greedy_inputs import next_greedy_inputs  # noqa: E402
 from ipex_llm_tf.kernels.triton_rms_norm import add_rms_norm, rms_norm  # noqa: E402
 from ipex_llm_tf.kernels.triton_rotary import rotary  # noqa: E402
 from ipex_llm_tf.kernels.triton_silu_mul import silu_and_mul  # noqa: E402
@@ -103,3 +106,41 @@ def test_rotary_on_strided_views(dtype: torch.dtype, batch: int, heads: int, seq
     _equal(rotary(x, cos, sin), rotary_reference(x, cos, sin))
     # cos/sin shared by the batch (batch dim 1)
     _equal(rotary(x, cos[:1], sin[:1]), rotary_reference(x, cos[:1].expand_as(cos), sin[:1].expand_as(sin)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [32000, 1000, 4097])
+def test_next_greedy_inputs_match_argmax_and_the_updates(dtype: torch.dtype, vocab: int) -> None:
+    """Each row's token is torch.argmax's (the first of equal maxima, within a step of the loop and across steps;
+    a row of -inf gives 0), positions move on by one, the key at `length` turns visible, the slot becomes length."""
+    if INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter does not emulate bf16 arithmetic")
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(vocab)).to(DEVICE, dtype)
+    logits[1, [vocab - 1, 7, vocab // 2]] = 40.0  # ties: the first index wins
+    logits[2, [3, 4]] = 40.0
+    logits[3] = float("-inf")
+    wide = torch.zeros(4, 1, vocab + 5, device=DEVICE, dtype=dtype)
+    wide[:, 0, :vocab] = logits  # the step's logits [B, 1, V] as a view of a wider buffer
+    inputs = (torch.zeros(4, 1, dtype=torch.long, device=DEVICE),
+              torch.arange(4, device=DEVICE).view(4, 1) + 10,
+              torch.rand(4, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE) > 0.5,
+              torch.tensor([36], device=DEVICE))
+    want = [t.clone() for t in inputs]
+    next_greedy_inputs_reference(logits, *want, 37)
+    next_greedy_inputs(wide[:, -1, :vocab], *inputs, 37)
+    for got, expected in zip(inputs, want):
+        _equal(got, expected)
+    assert inputs[0][:3, 0].tolist() == [int(logits[0].float().argmax()), 7, 3] and inputs[0][3, 0] == 0
+
+
+def test_next_greedy_inputs_reject_bad_operands() -> None:
+    logits = torch.zeros(2, 100, device=DEVICE)
+    ids, positions = torch.zeros(2, 1, dtype=torch.long, device=DEVICE), torch.zeros(2, 1, dtype=torch.long,
+                                                                                     device=DEVICE)
+    key_ok, slot = torch.zeros(2, 8, dtype=torch.bool, device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="0 <= length < S"):
+        next_greedy_inputs(logits, ids, positions, key_ok, slot, 8)
+    with pytest.raises(ValueError, match="int64 ids"):
+        next_greedy_inputs(logits, ids.int(), positions, key_ok, slot, 3)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        next_greedy_inputs(logits.t().contiguous().t(), ids, positions, key_ok, slot, 3)
