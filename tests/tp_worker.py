@@ -60,9 +60,12 @@ def main(spec_path: str, out_dir: str) -> None:
         result = run_case({**case, "out_dir": out_dir})
         if rank == 0:
             torch.save(result, Path(out_dir) / f"{case['name']}.pt")
+        # progress on stderr, so that a rank that dies shows in the parent's assertion how far it came
+        print(f"rank {rank}: {case['name']} done", file=sys.stderr, flush=True)
     import torch.distributed as dist
     dist.barrier()  # no rank tears gloo down while a peer is still sending
     dist.destroy_process_group()
+    print(f"rank {rank}: torn down", file=sys.stderr, flush=True)
 
 
 def dead_rank(rank: int, world_size: int, port: int, path: str, out_dir: str) -> None:
