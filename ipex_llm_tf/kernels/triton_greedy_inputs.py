@@ -46,10 +46,11 @@ def next_greedy_inputs(logits: torch.Tensor, ids: torch.Tensor, positions: torch
     if ids.shape != (batch, 1) or positions.shape != (batch, 1) or key_ok.shape[0] != batch \
             or not 0 <= length < key_ok.shape[1] or slot.numel() != 1 or ids.dtype != torch.long \
             or positions.dtype != torch.long or key_ok.dtype != torch.bool or slot.dtype != torch.long:
-        raise ValueError(f"next_greedy_inputs takes logits [B, V], int64 ids / positions [B, 1], a bool key_ok [B, S] "
-                         f"with 0 <= length < S and an int64 slot [1]; got {tuple(logits.shape)}, ids "
-                         f"{tuple(ids.shape)} {ids.dtype}, positions {tuple(positions.shape)} {positions.dtype}, key_ok "
-                         f"{tuple(key_ok.shape)} {key_ok.dtype}, slot {tuple(slot.shape)} {slot.dtype}, length {length}")
+        raise ValueError(f"next_greedy_inputs takes logits [B, V], int64 ids / positions [B, 1], a bool key_ok "
+                         f"[B, S] with 0 <= length < S and an int64 slot [1]; got {tuple(logits.shape)}, ids "
+                         f"{tuple(ids.shape)} {ids.dtype}, positions {tuple(positions.shape)} {positions.dtype}, "
+                         f"key_ok {tuple(key_ok.shape)} {key_ok.dtype}, slot {tuple(slot.shape)} {slot.dtype}, "
+                         f"length {length}")
     if logits.stride(-1) != 1 or not (ids.is_contiguous() and positions.is_contiguous() and key_ok.stride(-1) == 1):
         raise ValueError("next_greedy_inputs writes the step's own static inputs: contiguous rows are expected")
     if batch:
