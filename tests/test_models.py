@@ -337,7 +337,9 @@ def test_block_cache_grows_in_blocks_and_writes_in_place() -> None:
     layer.crop(-2)
     assert layer.get_seq_length() == 4 and torch.equal(layer.values, values[[1, 1], :, :4])
     layer.reset()
-    assert layer.get_seq_length() == 0
+    assert layer.get_seq_length() == 0 and layer.keys is None and layer.values is None
+    with pytest.raises(AttributeError, match="write them through update"):
+        layer.keys = keys  # keys / values are views of the planes, made when read
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])

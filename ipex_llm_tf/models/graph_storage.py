@@ -42,7 +42,6 @@ class GraphKVLayer(BlockKVLayer):
                 self._planes[name], self.buffers.detached = mapped, True
             else:
                 plane.copy_(mapped)  # beam reordering: in place, so recorded graphs stay valid
-        self._refresh()
 
 
 class Fp8GraphKVLayer(GraphKVLayer, Fp8BlockKVLayer):
@@ -63,7 +62,6 @@ class GraphKVCache(Cache):
         """Count the token a graph replay wrote into every layer."""
         for layer in self.layers:
             layer.length += 1
-            layer._refresh()
 
 
 class KVBuffers:

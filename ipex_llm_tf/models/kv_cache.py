@@ -17,6 +17,12 @@ from ..kernels.reference import dequantize_kv_vectors, quantize_kv_vectors
 DEFAULT_BLOCK_SIZE = 256
 
 
+def _only_none(name: str, value: Any) -> None:
+    # transformers' layer base class sets keys / values to None; anything else would bypass the planes
+    if value is not None:
+        raise AttributeError(f"a BlockKVLayer's {name} are a view of its stored planes: write them through update()")
+
+
 class BlockKVLayer(DynamicLayer):
     """One layer's keys and values in buffers grown `block_size` tokens at a time.
 
@@ -32,6 +38,28 @@ class BlockKVLayer(DynamicLayer):
         self.block_size = block_size
         self.length = 0
         self._planes: dict[str, torch.Tensor] = {}
+
+    # keys / values are views of the stored planes up to the current length, made when read: nothing holds a second
+    # full-size copy between steps, and a graph step's token costs no view per layer (GraphKVCache.advance)
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The stored keys (float8 codes for Fp8BlockKVLayer) up to the current length; None before any update."""
+        planes = getattr(self, "_planes", None)
+        return planes["keys"][:, :, :self.length] if planes else None
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        _only_none("keys", value)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """The stored values up to the current length, as `keys`."""
+        planes = getattr(self, "_planes", None)
+        return planes["values"][:, :, :self.length] if planes else None
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        _only_none("values", value)
 
     # -- storage format: subclasses change these -----------------------------------------------------------------------
     def _encode(self, kind: str, states: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -54,7 +82,6 @@ class BlockKVLayer(DynamicLayer):
         self._planes = {name: plane.new_empty(*plane.shape[:2], 0, *plane.shape[3:]) for name, plane in planes.items()}
         self.length = 0
         self.is_initialized = True
-        self._refresh()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +94,6 @@ class BlockKVLayer(DynamicLayer):
         for name, tensor in new.items():
             self._planes[name][:, :, past:past + count] = tensor
         self.length += count
-        self._refresh()
         return self._states("keys", past, key_states), self._states("values", past, value_states)
 
     def get_seq_length(self) -> int:
@@ -84,7 +110,6 @@ class BlockKVLayer(DynamicLayer):
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
         if self.is_initialized:
             self.length = max(0, self.length + tokens_to_remove)
-            self._refresh()
 
     def reset(self) -> None:
         """Drop all storage."""
@@ -125,12 +150,6 @@ class BlockKVLayer(DynamicLayer):
     def _map_planes(self, fn: Any) -> None:
         if self.is_initialized:
             self._planes = {name: fn(plane) for name, plane in self._planes.items()}
-            self._refresh()
-
-    def _refresh(self) -> None:
-        # keys/values stay views of what is stored, so nothing holds a second full-size copy between steps
-        self.keys = self._planes["keys"][:, :, :self.length]
-        self.values = self._planes["values"][:, :, :self.length]
 
 
 class Fp8BlockKVLayer(BlockKVLayer):
