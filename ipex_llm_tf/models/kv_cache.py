@@ -17,10 +17,19 @@ from ..kernels.reference import dequantize_kv_vectors, quantize_kv_vectors
 DEFAULT_BLOCK_SIZE = 256
 
 
-def _only_none(name: str, value: Any) -> None:
-    # transformers' layer base class sets keys / values to None; anything else would bypass the planes
-    if value is not None:
-        raise AttributeError(f"a BlockKVLayer's {name} are a view of its stored planes: write them through update()")
+def _plane_view(name: str) -> property:
+    """A layer attribute that reads as a view of the stored plane `name` up to the current length (None before any
+    update), made when read: nothing holds a second full-size copy between steps, and a graph step's token costs no
+    view per layer (GraphKVCache.advance). It takes only None, which transformers' layer base class assigns."""
+    def read(layer: "BlockKVLayer") -> torch.Tensor | None:
+        planes = getattr(layer, "_planes", None)
+        return planes[name][:, :, :layer.length] if planes else None
+
+    def write(layer: "BlockKVLayer", value: torch.Tensor | None) -> None:
+        if value is not None:
+            raise AttributeError(f"a BlockKVLayer's {name} are a view of its stored planes: write them through "
+                                 f"update()")
+    return property(read, write)
 
 
 class BlockKVLayer(DynamicLayer):
@@ -39,27 +48,8 @@ class BlockKVLayer(DynamicLayer):
         self.length = 0
         self._planes: dict[str, torch.Tensor] = {}
 
-    # keys / values are views of the stored planes up to the current length, made when read: nothing holds a second
-    # full-size copy between steps, and a graph step's token costs no view per layer (GraphKVCache.advance)
-    @property
-    def keys(self) -> torch.Tensor | None:
-        """The stored keys (float8 codes for Fp8BlockKVLayer) up to the current length; None before any update."""
-        planes = getattr(self, "_planes", None)
-        return planes["keys"][:, :, :self.length] if planes else None
-
-    @keys.setter
-    def keys(self, value: torch.Tensor | None) -> None:
-        _only_none("keys", value)
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        """The stored values up to the current length, as `keys`."""
-        planes = getattr(self, "_planes", None)
-        return planes["values"][:, :, :self.length] if planes else None
-
-    @values.setter
-    def values(self, value: torch.Tensor | None) -> None:
-        _only_none("values", value)
+    keys = _plane_view("keys")      # float8 codes for Fp8BlockKVLayer
+    values = _plane_view("values")
 
     # -- storage format: subclasses change these -----------------------------------------------------------------------
     def _encode(self, kind: str, states: torch.Tensor) -> dict[str, torch.Tensor]:
