@@ -103,8 +103,7 @@ class BlockKVLayer(DynamicLayer):
 
     def reset(self) -> None:
         """Drop all storage."""
-        self._planes, self.length = {}, 0
-        self.keys = self.values = None
+        self._planes, self.length = {}, 0  # keys / values read None from here on (_plane_view)
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
