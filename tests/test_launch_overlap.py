@@ -113,6 +113,10 @@ _OVERLAPPED = {
         G.gemv_words_kernel, GEMV_POINTERS,
         dict(KIND=G.Q4_SYM.value, SCALE_SHIFT=0, BLOCK_N=8, BLOCK_W=128, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
              PREFETCH=2, GATED=False, SUBNORMAL=True, BLOCK_M=1, TAIL=True)),
+    "gemv_words, one whole step": (
+        G.gemv_words_kernel, GEMV_POINTERS,
+        dict(KIND=G.Q4_SYM.value, SCALE_SHIFT=0, BLOCK_N=16, BLOCK_W=512, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
+             PREFETCH=2, GATED=False, SUBNORMAL=True, BLOCK_M=1, WHOLE=True)),
     "gemv_fp8": (GF.gemv_fp8_kernel, {"x_ptr": F16, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": F16,
                                       "y_ptr": F16},
                  dict(E5M2=False, NATIVE=True, BLOCK_N=16, BLOCK_K=256, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
@@ -164,3 +168,26 @@ def test_rms_norm_reads_its_weight_before_the_wait() -> None:
     loads = [i for i, line in enumerate(lines) if "ld.global" in line]
     wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
     assert loads[0] < wait < loads[-1]
+
+
+def _loads_around_the_wait(lines: list[str], pattern: str) -> tuple[int, int]:
+    """How many global loads matching `pattern` come before and after the (one) wait."""
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    loads = [i for i, line in enumerate(lines) if "ld.global" in line and pattern in line]
+    return sum(i < wait for i in loads), sum(i > wait for i in loads)
+
+
+def test_whole_row_gemv_reads_every_weight_word_before_the_wait() -> None:
+    """WHOLE: the program's one step of words (16-byte loads) is all in flight before the wait, none read after."""
+    kernel, pointers, consts = _OVERLAPPED["gemv_words, one whole step"]
+    before, after = _loads_around_the_wait(ptx_lines(kernel, pointers, {**consts, "OVERLAP": True}), ".v4")
+    assert before == 16 and after == 0  # 512 words x 16 rows over 128 threads: 16 loads of four words
+
+
+def test_attention_with_rope_reads_its_first_keys_before_the_wait() -> None:
+    """The RoPE variant's planes and mask are earlier steps' writes, so its first keys and values are read before
+    the wait; the plain kernel (after a separate KV write) reads them after it."""
+    for name, early in (("attention split, RoPE and KV write in", True), ("attention split", False)):
+        kernel, pointers, consts = _OVERLAPPED[name]
+        before, after = _loads_around_the_wait(ptx_lines(kernel, pointers, {**consts, "OVERLAP": True}), ".v4")
+        assert (before > 0) == early and after > 0, (name, before, after)

@@ -186,6 +186,22 @@ def test_merged_low_bit_weight_is_the_stacked_weights() -> None:
     assert torch.equal(merged.dequantized_weight(), expected) and torch.equal(merged.bias, expected_bias)
 
 
+def test_output_projection_knows_attention_precedes_it() -> None:
+    """The patcher tells a packed o_proj that decode attention of the layer's shape produces its input
+    (kernels.decode_context: autotuning times its GEMV after that kernel); nothing else is marked, and a float
+    o_proj is left as it is."""
+    from ipex_llm_tf.kernels.decode_context import AfterAttention
+    reference = tiny_model("qwen2")
+    convert(reference, "sym_int4")
+    attn = patched_copy(reference).model.layers[0].self_attn
+    assert attn.o_proj._packed_cache.decode_context == AfterAttention(attn.num_heads, attn.num_key_value_heads,
+                                                                      attn.head_dim)
+    assert attn.qkv_proj._packed_cache.decode_context is None
+    reference = tiny_model("llama")
+    convert(reference, "sym_int4", modules_to_not_convert=["lm_head", "o_proj"])
+    assert type(patched_copy(reference).model.layers[0].self_attn.o_proj) is nn.Linear
+
+
 def test_mixed_precision_projections_fall_back_to_concatenation(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IPEX_LLM_TF_BACKEND", "torch")
     reference = tiny_model("llama")

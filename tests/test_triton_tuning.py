@@ -221,3 +221,69 @@ def test_gemv_reads_a_partial_last_step_apart_only_where_it_can() -> None:
     assert not tail(1376, TT.GemvConfig(8, 128, 4, split_k=2))       # K splits
     assert not tail(1376, TT.GemvConfig(8, 128, 4, block_m=2))       # further rows load in the loop
     assert not tail(100, TT.GemvConfig(8, 128, 4))                   # no full step
+
+
+def test_whole_row_candidates_cover_rows_up_to_512_words() -> None:
+    """Whole-row tiles (triton_gemv WHOLE) span a row of up to 512 code words in one step, and none is offered for
+    longer rows (their programs would hold over 64 words a thread)."""
+    cands = TT.gemv_whole_candidates(512)
+    assert cands and all(c.block_w == 512 and c.split_k == 1 and c.prefetch > 0 for c in cands)
+    assert all(c.block_n * c.block_w // (32 * c.num_warps) <= 64 for c in cands)
+    assert {c.block_w for c in TT.gemv_whole_candidates(72)} == {128}  # the next power of two
+    assert TT.gemv_whole_candidates(513) == [] and TT.gemv_whole_candidates(1376) == []
+
+
+class _FakeKernel:
+    """Stands in for gemv_words_kernel: records the keywords of each launch."""
+
+    def __init__(self) -> None:
+        self.launches: list[dict] = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(kwargs)
+
+
+def test_one_step_programs_read_their_row_before_the_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launch whose programs each take one K step with prefetch on runs WHOLE; more steps or no prefetch do
+    not."""
+    from ipex_llm_tf.kernels import triton_linear as TL
+    fake = _FakeKernel()
+    monkeypatch.setattr(TL.G, "gemv_words_kernel", fake)
+    ops = block_operands(get_format("sym_int4"), get_format("sym_int4").quantize(torch.randn(8, 512)))  # 64 words
+    x = torch.zeros(1, 512, dtype=torch.float16)
+    for cfg, whole in ((TT.GemvConfig(8, 64, 4, 1, 2), True), (TT.GemvConfig(8, 128, 4, 1, 1), True),
+                       (TT.GemvConfig(8, 32, 4, 2, 2), True),  # two K splits of one step each
+                       (TT.GemvConfig(8, 32, 4, 1, 2), False), (TT.GemvConfig(8, 64, 4, 1, 0), False)):
+        TL.gemv_blocks(x, ops, None, 8, cfg)
+        assert fake.launches[-1].get("WHOLE", False) == whole, cfg
+
+
+def test_a_gemv_after_attention_is_timed_after_it_with_whole_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a decode context (decode_context.AfterAttention) the GEMV's candidates gain the whole-row tiles, its
+    tuning key records the context, and each timed run takes its input from the context's attention call."""
+    from ipex_llm_tf.kernels import triton_linear as TL
+    from ipex_llm_tf.kernels.decode_context import AfterAttention
+    picked = {}
+
+    def fake_pick(key, options, run, device, operands=None):
+        picked.update(key=key, options=options, run=run)
+        return options[0]
+
+    made, launched = [], []
+    context = AfterAttention(heads=4, kv_heads=2, head_dim=64)
+    monkeypatch.setattr(TL, "_pick", fake_pick)
+    monkeypatch.setattr(TL, "gemv_blocks", lambda x, ops, bias, n, cfg: launched.append(x))
+    monkeypatch.setattr(AfterAttention, "input_maker",
+                        lambda self, rows, dtype, device: lambda: made.append(rows) or torch.ones(rows, 4096))
+    k = 4096  # 512 words a row: whole-row tiles distinct from the usual ones
+    ops = block_operands(get_format("sym_int4"), get_format("sym_int4").quantize(torch.randn(8, k)))
+    x = torch.zeros(1, k, dtype=torch.float16)
+    TL._plan(x, ops, 8, context)
+    assert picked["key"][-1] == context.tag
+    whole = [cfg for _, cfg in picked["options"] if cfg in TT.gemv_whole_candidates(ops.words_per_row)]
+    assert len(whole) == len(TT.gemv_whole_candidates(ops.words_per_row)) > 0
+    picked["run"](picked["options"][0])
+    assert made == [1] and torch.equal(launched[-1], torch.ones(1, k))
+    TL._plan(x, ops, 8)  # no context: the key and candidates as before
+    assert picked["key"] == ("gemv", ops.kind, 1, 8, k, torch.float16)
+    assert not any(cfg in TT.gemv_whole_candidates(ops.words_per_row) for _, cfg in picked["options"])

@@ -99,6 +99,8 @@ class PackedCache:
     def __init__(self) -> None:
         self.value = None
         self.cpu_planes: list | None = None  # the value, when it is the CPU int4 kernel's planes (the fast path)
+        # what runs before this layer in a decode step (decode_context), for autotuning to time candidates after it
+        self.decode_context = None
 
     def get(self, parts: Parts, build):
         """The cached value, building it on first use."""

@@ -38,14 +38,32 @@ _NO_SCORE = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _load_rows(base, s, stride, d, tile, FP8: tl.constexpr, NATIVE: tl.constexpr):
-    """Rows s of a [keys, D] plane as float32 (float8 codes as their e4m3 values, bit-decoded unless NATIVE)."""
-    x = tl.load(base + s[:, None].to(tl.int64) * stride + d[None, :], mask=tile)
+def _load_block(k_base, v_base, ok_row, s0, end, sks, svs, d, on_d, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr):
+    """The BLOCK_S keys from s0 (rows of the [keys, D] planes, as stored), their values and which may be attended.
+
+    The planes are read wherever the keys lie before `end`, not only where the mask allows: the loads then wait
+    for no mask load, and `_as_float` zeroes what the mask rules out (H100: one dependent load fewer a layer)."""
+    s = s0 + tl.arange(0, BLOCK_S)
+    inside = s < end
+    tile = inside[:, None] & on_d[None, :]
+    rows = s[:, None].to(tl.int64)
+    k = tl.load(k_base + rows * sks + d[None, :], mask=tile)
+    v = tl.load(v_base + rows * svs + d[None, :], mask=tile)
+    valid = inside
+    if HAS_MASK:
+        valid = valid & (tl.load(ok_row + s, mask=inside, other=0) != 0)
+    return k, v, valid
+
+
+@triton.jit
+def _as_float(x, tile, FP8: tl.constexpr, NATIVE: tl.constexpr):
+    """Loaded plane rows as float32 (float8 codes as their e4m3 values, bit-decoded unless NATIVE), zero outside
+    `tile`."""
     if FP8:
         x = fp8_bytes_to_float(x, False, NATIVE, tl.float32)
         if not NATIVE:
             x = x * 256.0  # the bit decoding leaves e4m3 2**-8 too small (fp8_bytes_to_float)
-    # masked lanes are undefined (a float8 NaN code would survive a zero softmax weight)
+    # lanes outside the tile are undefined or masked out (a float8 NaN code would survive a zero softmax weight)
     return tl.where(tile, x.to(tl.float32), 0.0)
 
 
@@ -69,7 +87,6 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, ks_ptr, vs_ptr, part_ptr, ml_ptr,
     (zero: a run-time 0, triton_rotary.rotate_whole).
     """
     release_next(OVERLAP)
-    wait_previous(OVERLAP)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // heads).to(tl.int64)
@@ -78,8 +95,16 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, ks_ptr, vs_ptr, part_ptr, ml_ptr,
     on_d = d < D
     k_base = k_ptr + b * skb + kvh * skh
     v_base = v_ptr + b * svb + kvh * svh
+    ok_row = ok_ptr + b * sokb
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, keys)
+    if ROTARY:
+        # the planes and the mask are earlier steps' writes, not the previous kernel's (that is the projection,
+        # and this kernel writes the token's slot itself), so the first keys are read before the wait
+        n_k, n_v, n_valid = _load_block(k_base, v_base, ok_row, start, end, sks, svs, d, on_d, BLOCK_S, HAS_MASK)
+    wait_previous(OVERLAP)
+    if not ROTARY:
+        n_k, n_v, n_valid = _load_block(k_base, v_base, ok_row, start, end, sks, svs, d, on_d, BLOCK_S, HAS_MASK)
     q_head = q_ptr + b * sqb + (bh % heads).to(tl.int64) * sqh
     if ROTARY:
         first_half = d < D // 2
@@ -89,18 +114,13 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, ks_ptr, vs_ptr, part_ptr, ml_ptr,
         q = rotate_whole(tl.load(q_head + d, mask=on_d, other=0.0), tl.load(q_head + partner, mask=on_d, other=0.0),
                          c, s_, first_half, zero)
         slot = tl.load(slot_ptr).to(tl.int32)
-        # lanes, not scalars, compared: the interpreter makes no load mask of a scalar comparison
-        lane_slot = slot + 0 * d
-        holds = on_d & (lane_slot >= start) & (lane_slot < end)  # this split holds the token's slot
+        # every program reads the token's key and value (no wait for the slot); only the split holding it uses them
         k_head = q_ptr + b * sqb + (heads + kvh) * sqh
         v_head = q_ptr + b * sqb + (heads + heads // groups + kvh) * sqh
-        new_k = rotate_whole(tl.load(k_head + d, mask=holds, other=0.0), tl.load(k_head + partner, mask=holds,
-                                                                                  other=0.0), c, s_, first_half, zero)
-        new_v = tl.load(v_head + d, mask=holds, other=0.0)
-        writes = holds & ((bh % heads) % groups + 0 * d == 0)  # a KV head's first query head writes it
-        tl.store(k_base + slot.to(tl.int64) * sks + d, new_k, mask=writes)
-        tl.store(v_base + slot.to(tl.int64) * svs + d, new_v, mask=writes)
-        new_k, new_v = new_k.to(tl.float32)[None, :], new_v.to(tl.float32)[None, :]
+        new_k = rotate_whole(tl.load(k_head + d, mask=on_d, other=0.0), tl.load(k_head + partner, mask=on_d,
+                                                                                 other=0.0), c, s_, first_half, zero)
+        new_v = tl.load(v_head + d, mask=on_d, other=0.0)
+        token_k, token_v = new_k.to(tl.float32)[None, :], new_v.to(tl.float32)[None, :]
     else:
         q = tl.load(q_head + d, mask=on_d, other=0.0)
     q = q.to(tl.float32) * scale
@@ -109,16 +129,17 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, ks_ptr, vs_ptr, part_ptr, ml_ptr,
     acc = tl.zeros([BLOCK_D], tl.float32)
     for s0 in range(start, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        valid = s < end
-        if HAS_MASK:
-            valid = valid & (tl.load(ok_ptr + b * sokb + s, mask=valid, other=0) != 0)
+        k, v, valid = n_k, n_v, n_valid
+        # the next keys are read while these are summed (past `end` the loads are masked off)
+        n_k, n_v, n_valid = _load_block(k_base, v_base, ok_row, s0 + BLOCK_S, end, sks, svs, d, on_d, BLOCK_S,
+                                        HAS_MASK)
         tile = valid[:, None] & on_d[None, :]
-        k = _load_rows(k_base, s, sks, d, tile, FP8, NATIVE)
-        v = _load_rows(v_base, s, svs, d, tile, FP8, NATIVE)  # issued before the scores need k: both in flight
+        k = _as_float(k, tile, FP8, NATIVE)
+        v = _as_float(v, tile, FP8, NATIVE)
         if ROTARY:
             token = (s == slot)[:, None] & tile
-            k = tl.where(token, new_k, k)
-            v = tl.where(token, new_v, v)
+            k = tl.where(token, token_k, k)
+            v = tl.where(token, token_v, v)
         scores = tl.sum(k * q[None, :], axis=1)
         if FP8:
             scores = scores * tl.load(ks_ptr + b * sksb + kvh * sksh + s * skss, mask=valid, other=0.0)
@@ -131,6 +152,13 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, ok_ptr, ks_ptr, vs_ptr, part_ptr, ml_ptr,
             p = p * tl.load(vs_ptr + b * svsb + kvh * svsh + s * svss, mask=valid, other=0.0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m = m_new
+    if ROTARY:
+        # written after the keys are read, so that no read waits behind these stores (the split that holds the
+        # slot used the token's key and value in place of what the planes held there)
+        lane_slot = slot + 0 * d  # lanes, not a scalar: the interpreter makes no store mask of a scalar comparison
+        writes = on_d & (lane_slot >= start) & (lane_slot < end) & ((bh % heads) % groups + 0 * d == 0)
+        tl.store(k_base + slot.to(tl.int64) * sks + d, new_k, mask=writes)
+        tl.store(v_base + slot.to(tl.int64) * svs + d, new_v, mask=writes)
     if DIRECT:
         out = tl.where(weight > 0, acc / weight, 0.0)
         tl.store(out_ptr + bh.to(tl.int64) * D + d, out.to(out_ptr.dtype.element_ty), mask=on_d)

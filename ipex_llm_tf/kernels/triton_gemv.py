@@ -238,7 +238,7 @@ def gemv_words_kernel(
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr, GATED: tl.constexpr = False,
     SUBNORMAL: tl.constexpr = False, BLOCK_M: tl.constexpr = 1, OVERLAP: tl.constexpr = False,
-    TAIL: tl.constexpr = False,
+    TAIL: tl.constexpr = False, WHOLE: tl.constexpr = False,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, k] for BLOCK_M activation rows m and BLOCK_N weight rows, BLOCK_W words per K
     step.
@@ -272,6 +272,9 @@ def gemv_words_kernel(
     steps are followed by a partial one, which the program reads first, masked, as its prefetched step 0; the loop
     then reads full steps only, unmasked (H100, 11008x4096, the best tile of each format: 1-4% faster than masking
     every step).
+
+    WHOLE (PREFETCH > 0, steps_per_split == 1): the program's K range is one step, all of it read before the wait
+    and nothing prefetched after it (the loop would re-read the step).
     """
     tl.static_assert(BLOCK_M == 1 or BLOCK_M == 2 or BLOCK_M == 4, "BLOCK_M is 1, 2 or 4")
     EPW: tl.constexpr = 4 if KIND == Q8_SYM else 8          # codes per word
@@ -299,6 +302,8 @@ def gemv_words_kernel(
     if TAIL:
         tl.static_assert(PREFETCH == 2 and BLOCK_M == 1 and SPLIT_K == 1 and EVEN,
                          "TAIL needs PREFETCH 2, one activation row, no K split and full steps")
+    if WHOLE:
+        tl.static_assert(PREFETCH > 0 and not TAIL, "WHOLE reads its one step before the wait: PREFETCH > 0, no TAIL")
     TAIL_STEPS: tl.constexpr = 1 if TAIL else 0
     first = steps_per_split * TAIL_STEPS  # the partial step (after the full ones), read first
     n_words, n_d, n_mn, n_qh = _load_words_step(w_base, s_base, mn_ptr, qh_ptr, off0, row_base, w_begin, blk_base,
@@ -311,12 +316,15 @@ def gemv_words_kernel(
             # the last step re-reads itself (a cache hit) rather than branching; with TAIL iteration i prefetches
             # full step i (iteration 0 works on the partial step)
             ahead = tl.minimum(step + 1 - TAIL_STEPS, steps_per_split - 1)
-            n_words, n_d, n_mn, n_qh = _load_words_step(w_base, s_base, mn_ptr, qh_ptr, off0, row_base, w_begin,
-                                                        blk_base, ahead, KW, KIND, WPB_SHIFT, SCALE_SHIFT, BLOCK_W,
-                                                        EVEN)
-            if PREFETCH > 1:  # the activations of the next step too
+            if not WHOLE:
+                n_words, n_d, n_mn, n_qh = _load_words_step(w_base, s_base, mn_ptr, qh_ptr, off0, row_base, w_begin,
+                                                            blk_base, ahead, KW, KIND, WPB_SHIFT, SCALE_SHIFT,
+                                                            BLOCK_W, EVEN)
+            if PREFETCH > 1 or WHOLE:  # the activations of the next step too (WHOLE: this step's, read before)
                 x0, x1, x2, x3, x4, x5, x6, x7, X = n0, n1, n2, n3, n4, n5, n6, n7, nsum
-                n0, n1, n2, n3, n4, n5, n6, n7, nsum = _load_x_step(x_row, w_begin, ahead, KW, BLOCK_W, EPW, EVEN)
+                if not WHOLE:
+                    n0, n1, n2, n3, n4, n5, n6, n7, nsum = _load_x_step(x_row, w_begin, ahead, KW, BLOCK_W, EPW,
+                                                                        EVEN)
             else:
                 x0, x1, x2, x3, x4, x5, x6, x7, X = _load_x_step(x_row, w_begin, step, KW, BLOCK_W, EPW, EVEN)
             if BLOCK_M > 1:

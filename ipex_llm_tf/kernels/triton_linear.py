@@ -45,7 +45,8 @@ from .launch_overlap import overlap_options
 from .triton_silu_mul import silu_and_mul
 from .triton_tuning import (_TUNED, GEMV_MULTIROW_MAX_ROWS, GemvConfig, MatmulConfig, _interpreting,  # noqa: F401
                             _pick, _row_bucket, autotune_enabled, gemv_candidates, gemv_fp8_candidates,
-                            gemv_multirow_candidates, matmul_candidates, sm_count, tuned_configs)
+                            gemv_multirow_candidates, gemv_whole_candidates, matmul_candidates, sm_count,
+                            tuned_configs)
 
 # Up to this many activation rows the GEMV kernel runs (once per row, rows sharing weight reads through L2); on
 # the H100 it beat the tl.dot matmul at 2 rows and lost from 4 (benchmarks/bench_gpu_linear.py, sym_int4).
@@ -102,6 +103,8 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
                                                  **overlap_options(x.device)}
         if _tail_step(kw, cfg, split, even):  # full steps unmasked, the partial one read first
             per_split, even, options["TAIL"] = kw // cfg.block_w, True, True
+        elif per_split == 1 and cfg.prefetch > 0:  # one step a program: read before the wait, nothing after
+            options["WHOLE"] = True
     kernel[(triton.cdiv(x.shape[0], block_m), triton.cdiv(outputs, per_program), split)](
         x, ops.words, ops.scales, ops.mins, ops.qh, ops.gemv_table, ops.scales if bias is None else bias, y,
         x.shape[0], outputs, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
@@ -274,7 +277,7 @@ def _block_gemv_candidates(m: int, n: int, ops: BlockOperands, device: torch.dev
     return cands + (gemv_multirow_candidates(m, ops.words_per_row) if m == 2 else [])
 
 
-def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
+def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int, context=None):
     """(launcher, config) for these activations: GEMV, fused matmul or dequantize + matmul; (plan, final).
 
     Between GEMV_MAX_ROWS and the fused matmul's limit, autotuning times the fused matmul, dequantize + torch's
@@ -282,8 +285,12 @@ def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
     two-plane codebooks' tiles run unpipelined (matmul_candidates); with that, and nf4's table lookups as register
     gathers (triton_matmul), every format's tile beats dequantize + matmul at 4 and 16 rows (H200, 4096x11008: nf4
     49 vs 94 us, nf3 66 vs 105, fp6 71 vs 107), so the fused matmul is every format's choice without autotuning.
+
+    context (the layer's PackedCache.decode_context): the kernel that produces x in a decode step. A block-format
+    GEMV so placed also gets whole-row tiles as candidates, and every candidate is timed right after that kernel.
     """
     m, k = x.shape
+    make_input = None  # the call that produces the GEMV's input in place, for timing
     device = x.device
     fp8 = isinstance(ops, Fp8Operands)
     kind = "fp8" if fp8 else ops.kind
@@ -293,6 +300,11 @@ def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
         else:
             options = [(gemv_blocks, c) for c in _block_gemv_candidates(m, n, ops, device)]
         key = ("gemv", kind, m, n, k, x.dtype)
+        whole = [] if fp8 or ops.kind in PLANE_KINDS else gemv_whole_candidates(ops.words_per_row)
+        if context is not None and whole:
+            options += [(gemv_blocks, c) for c in whole]
+            key += (context.tag,)
+            make_input = context.input_maker(m, x.dtype, device)
     elif m <= (FUSED_MAX_ROWS_FP8 if fp8 else FUSED_MAX_ROWS) and x.dtype in (torch.float16, torch.bfloat16):
         dequant = (dequant_matmul_fp8 if fp8 else dequant_matmul_blocks, None)
         cands = matmul_candidates(m, n, k, device, pipelined=kind not in PLANE_KINDS)
@@ -308,7 +320,8 @@ def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int):
         return (dequant_matmul_fp8 if fp8 else dequant_matmul_blocks, None), True
     def run(option, replica=ops):
         launch, cfg = option
-        return launch(x, replica, None, n) if cfg is None else launch(x, replica, None, n, cfg)
+        x_in = x if make_input is None else make_input()
+        return launch(x_in, replica, None, n) if cfg is None else launch(x_in, replica, None, n, cfg)
 
     # decode rows (up to a batch of 16) are timed as graph decode runs them (triton_tuning._pick)
     plan = _pick(key, options, run, device, operands=ops if m <= DECODE_TUNING_ROWS else None)
@@ -341,7 +354,7 @@ def linear(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.Tenso
     key = (m if m <= FUSED_MAX_ROWS_FP8 else -1, x.dtype)
     plan = ops.plans.get(key)
     if plan is None:
-        plan, final = _plan(x, ops, n)
+        plan, final = _plan(x, ops, n, getattr(cache, "decode_context", None))
         if final:
             ops.plans[key] = plan
     launch, cfg = plan

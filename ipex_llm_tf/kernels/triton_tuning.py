@@ -255,6 +255,22 @@ def gemv_candidates(m: int, n: int, words: int, device: torch.device) -> list[Ge
     return _gemv_configs(_GEMV_TILES, m, n, words, 16, device)
 
 
+# Whole-row GEMV tiles (block_n, num_warps): a program's K range is one step, read before the wait (triton_gemv
+# WHOLE), 32 or 64 code words a thread. They pay after a latency-bound kernel, so they are timed only there
+# (decode_context). H100 (session 21), Llama-2-7B's output projection in the decode graph: (16, 8) took a step
+# from 2.0898 to 2.0436 ms, (8, 4) and (16, 4) to 2.08.
+_GEMV_WHOLE_TILES = ((16, 8), (8, 4), (32, 16), (16, 4))
+_WHOLE_MAX_WORDS = 512  # rows of up to 4096 4-bit codes: longer ones would need over 64 words a thread
+
+
+def gemv_whole_candidates(words: int) -> list[GemvConfig]:
+    """Whole-row GEMV configurations for rows of `words` code words (none past _WHOLE_MAX_WORDS)."""
+    if words > _WHOLE_MAX_WORDS:
+        return []
+    width = _step_width(_WHOLE_MAX_WORDS, words, 16)
+    return [GemvConfig(bn, width, warps, 1, 2) for bn, warps in _GEMV_WHOLE_TILES]
+
+
 # Tiles for GEMV programs that serve 2 or 4 activation rows each (block_m), decoding each code once for all of them.
 # H100, timed as decode runs them (session 14): they pay where decoding dominates. nf4 at 2 rows: 4096x12288 38.0 ->
 # 26.9 us, gated 4096x22016 67.0 -> 48.1; at 4 rows against the tile matmul 50.0 -> 46.1 and (gated) 87.9 -> 82.8.

@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import kernels
 from ..kernels import ops
+from ..kernels.decode_context import mark_after_attention
 from ..kernels.reference import dequantize_kv_vectors
 from ..low_bit_linear import LowBitLinear
 
@@ -274,6 +275,8 @@ class FusedAttention(SeparateProjectionKeys):
         self.qkv_proj = merge_projections([attn.q_proj, attn.k_proj, attn.v_proj])
         self._keep_separate_keys("qkv_proj", [attn.q_proj, attn.k_proj, attn.v_proj], ["q_proj", "k_proj", "v_proj"])
         self.o_proj = attn.o_proj
+        # decode attention's output is its input: autotuning times its GEMV candidates right after that kernel
+        mark_after_attention(self.o_proj, self.num_heads, self.num_key_value_heads, self.head_dim)
         self.q_norm = FusedRMSNorm.from_module(attn.q_norm) if qk_norm else None
         self.k_norm = FusedRMSNorm.from_module(attn.k_norm) if qk_norm else None
 

@@ -270,3 +270,12 @@ def test_rotary_decode_attention_rejects_bad_shapes() -> None:
     fp8 = [plane.to(torch.float8_e4m3fn) for plane in planes]
     with pytest.raises(ValueError, match="of its dtype"):
         TDA.rotary_decode_attention(qkv, cos, sin, 4, 2, *fp8, slot, None, 0.125)
+
+
+def test_decode_context_attention_gives_the_output_projection_its_input() -> None:
+    """kernels.decode_context's timing call: decode attention of the layer's shape, [rows, heads * head_dim]."""
+    from ipex_llm_tf.kernels.decode_context import AfterAttention
+    make = AfterAttention(heads=4, kv_heads=2, head_dim=32).input_maker(2, torch.float16, torch.device(DEVICE))
+    x = make()
+    assert x.shape == (2, 128) and x.dtype == torch.float16 and bool(torch.isfinite(x).all())
+    assert torch.equal(make(), x)  # the same operands every call

@@ -241,6 +241,30 @@ def test_empty_and_strided_input() -> None:
     _check(TL.linear(x, fmt, parts, None, n, None), F.linear(x.float(), w_ref), torch.float16, "strided")
 
 
+@pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int4", "sym_int5", "sym_int8", "nf4", "fp4"])
+def test_whole_row_gemv(fmt_name: str) -> None:
+    """One K step a program (triton_gemv WHOLE: the row read before the wait, nothing prefetched after it), full or
+    masked, one row or two, gated or not: the same bits as the tile loading in its loop (no prefetch)."""
+    from ipex_llm_tf.kernels.triton_silu_mul import silu_and_mul
+    for n, k in ((37, 512), (40, 576)):  # sym_int4: 64 words a row (a full step), 72 (a step of 128, masked)
+        fmt, parts, w_ref = _weight(fmt_name, n, k)
+        ops = TL.block_operands(fmt, parts)
+        width = triton.next_power_of_2(ops.words_per_row)
+        bias = torch.randn(n, device=DEVICE).to(torch.float16)
+        for rows in (1, 2):
+            x = torch.randn(rows, k, device=DEVICE).to(torch.float16)
+            ref = F.linear(x.float(), w_ref, bias.float())
+            for bn, warps, prefetch in ((8, 4, 2), (16, 8, 1), (4, 2, 2)):
+                whole = TL.GemvConfig(bn, width, warps, 1, prefetch)
+                looped = TL.GemvConfig(bn, width, warps, 1, 0)
+                got = TL.gemv_blocks(x, ops, bias, n, whole)
+                _check(got, ref, torch.float16, f"{fmt_name} {whole} M={rows} K={k}")
+                assert torch.equal(got, TL.gemv_blocks(x, ops, bias, n, looped)), f"{fmt_name} {whole} M={rows}"
+                if n % 2 == 0:
+                    gated = TL.gemv_gated(x, ops, None, n, whole)
+                    assert torch.equal(gated, silu_and_mul(TL.gemv_blocks(x, ops, None, n, looped)))
+
+
 @pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int5", "sym_int8", "nf4", "nf3", "fp6"])
 def test_gated_gemv_equals_gemv_then_silu_and_mul(fmt_name: str) -> None:
     """The GEMV's gated epilogue (SiLU(gate) * up of a merged [gate | up] weight, for an MLP's decode rows) rounds
