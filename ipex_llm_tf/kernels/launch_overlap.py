@@ -11,10 +11,12 @@ the launch keywords that set it: on CUDA devices of compute capability 9.0 or la
 instructions and the launch attribute are Hopper's), and never on Intel XPU, in the interpreter, or with
 IPEX_LLM_TF_OVERLAP=0. Everywhere else the kernels run exactly as without this module.
 
-The contract every kernel launched with these options keeps: before `wait_previous` it reads nothing an earlier
-kernel may write and writes nothing at all; a kernel launched without them is serialized as usual. As each such
-kernel waits for the one before it, which waited for its own predecessor, a kernel past its wait sees every earlier
-kernel's writes, not only the last one's.
+The contract every kernel launched with these options keeps: before `wait_previous` it writes nothing at all and
+reads nothing that a kernel of the same step may write; a kernel launched without them is serialized as usual. As
+each such kernel waits for the one before it, which waited for its own predecessor, a kernel past its wait sees
+every earlier kernel's writes, not only the last one's. What earlier steps wrote is complete before a step starts
+(each step is a graph replay or an eager forward that ends in non-overlapped kernels), so the RoPE variant of
+decode attention reads the KV planes and the mask, written by earlier steps, before its wait.
 
 Where the kernels let the next one in (measured on an H100, session 15, 7B decode): the GEMVs after their K loop,
 so that the next kernel's programs fill the SMs their tail leaves idle; every other kernel at its start. With every

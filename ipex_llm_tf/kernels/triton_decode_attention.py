@@ -13,6 +13,12 @@ of the cache is ever made.
 rotary_decode_attention runs the same kernel on one token's merged q/k/v projection: RoPE and the write of the
 token's key and value into float planes happen inside it (a graph step's work of triton_kv_write.rotary_and_write_kv,
 one kernel boundary fewer a layer: 2.0989 -> 2.0912 ms a Llama-2-7B sym_int4 step on an H100), with the same bits.
+Nothing the projection writes is in the planes or the mask, so this variant reads its first block of keys and values
+before it waits for the projection (launch_overlap), and writes the token's slot only after its loop, so that no
+read waits behind that store. H100, the same step, graph replays (docs/gpu-log.md, session 21): reading every key
+of the span before the wait (the mask's wait removed) was level with session 20's kernel at a 256-slot span and
+2.6530 -> 2.6041 ms after a 1984-token prompt; reading only the keys the mask allows, still before the wait, then
+took 2.0430 -> 2.0186 ms and 2.5222 -> 2.4967 ms.
 
 Why not SDPA: given a mask, PyTorch runs its memory-efficient kernel, which for a single query keeps one program per
 head walking every key (13.5 us per Llama-2-7B layer on an H100, ~12% of a graph-replayed token) and converts the
