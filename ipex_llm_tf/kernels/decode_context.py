@@ -9,8 +9,9 @@ patcher marks its output projection (`mark_after_attention`), and autotuning the
 tiles among them, right after a decode attention of the layer's shape whose output is the GEMV's input.
 
 H100, Llama-2-7B sym_int4, batch 1 (docs/gpu-log.md, session 21): the output projection with a (16, 512, 8)
-whole-row tile took a graph step from 2.0898 to 2.0436 ms; the same tile forced on the qkv projection (after a
-norm kernel of ~1 us) made the step slower, 2.21 ms.
+whole-row tile took a graph step from 2.0898 to 2.0436 ms, and tuned this way it picks that tile itself (2.0943 ->
+2.0465 ms against tuning back to back); whole-row tiles forced on the qkv projection too, which follows a ~1 us
+norm kernel, made the step slower (2.19-2.21 ms).
 """
 from __future__ import annotations
 

@@ -300,8 +300,8 @@ def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int, context=Non
         else:
             options = [(gemv_blocks, c) for c in _block_gemv_candidates(m, n, ops, device)]
         key = ("gemv", kind, m, n, k, x.dtype)
-        whole = [] if fp8 or ops.kind in PLANE_KINDS else gemv_whole_candidates(ops.words_per_row)
-        if context is not None and whole:
+        whole = [] if context is None or fp8 or ops.kind in PLANE_KINDS else gemv_whole_candidates(ops.words_per_row)
+        if whole:
             options += [(gemv_blocks, c) for c in whole]
             key += (context.tag,)
             make_input = context.input_maker(m, x.dtype, device)
