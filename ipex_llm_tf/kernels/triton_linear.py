@@ -290,7 +290,7 @@ def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int, context=Non
     GEMV so placed also gets whole-row tiles as candidates, and every candidate is timed right after that kernel.
     """
     m, k = x.shape
-    make_input = None  # the call that produces the GEMV's input in place, for timing
+    timed_after = None  # the decode context whose kernel produces the GEMV's input when candidates are timed
     device = x.device
     fp8 = isinstance(ops, Fp8Operands)
     kind = "fp8" if fp8 else ops.kind
@@ -304,7 +304,7 @@ def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int, context=Non
         if whole:
             options += [(gemv_blocks, c) for c in whole]
             key += (context.tag,)
-            make_input = context.input_maker(m, x.dtype, device)
+            timed_after = context
     elif m <= (FUSED_MAX_ROWS_FP8 if fp8 else FUSED_MAX_ROWS) and x.dtype in (torch.float16, torch.bfloat16):
         dequant = (dequant_matmul_fp8 if fp8 else dequant_matmul_blocks, None)
         cands = matmul_candidates(m, n, k, device, pipelined=kind not in PLANE_KINDS)
@@ -318,9 +318,13 @@ def _plan(x: torch.Tensor, ops: BlockOperands | Fp8Operands, n: int, context=Non
         key = ("mm", kind, _row_bucket(m), n, k, x.dtype)
     else:
         return (dequant_matmul_fp8 if fp8 else dequant_matmul_blocks, None), True
+    made: list = []  # the context's input call, made when a first candidate is timed (not for a stored choice)
+
     def run(option, replica=ops):
         launch, cfg = option
-        x_in = x if make_input is None else make_input()
+        if timed_after is not None and not made:
+            made.append(timed_after.input_maker(m, x.dtype, device))
+        x_in = x if timed_after is None else made[0]()
         return launch(x_in, replica, None, n) if cfg is None else launch(x_in, replica, None, n, cfg)
 
     # decode rows (up to a batch of 16) are timed as graph decode runs them (triton_tuning._pick)
