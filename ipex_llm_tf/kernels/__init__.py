@@ -18,7 +18,8 @@ from ..env import raw_env_reader
 from ..formats import LowBitFormat, Parts
 from . import cpu_int4, ipex_ops, torch_fast
 from .reference import (decode_attention_reference, linear_reference, next_greedy_inputs_reference,
-                        quantize_kv_vectors, rms_norm_reference, rotary_reference, silu_and_mul_reference)
+                        quantize_kv_vectors, rms_norm_reference, rope_angles_reference, rotary_reference,
+                        silu_and_mul_reference)
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "ipex")
 
@@ -323,6 +324,16 @@ def rotary_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
         return triton_rotary_decode_attention(qkv, cos, sin, heads, kv_heads, keys, values, slot, key_ok, scale)
     query = rotary_and_write_kv(qkv, cos, sin, heads, kv_heads, keys, values, slot)
     return decode_attention(query, keys, values, key_ok, scale)
+
+
+def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's (cos, sin) [*positions.shape, 2 * len(inv_freq)] for integer positions, as transformers' Llama rotary
+    embedding computes them; one Triton kernel on GPUs."""
+    if op_backend("rope_angles", positions.device) == "triton":
+        from .triton_rope_angles import rope_angles as triton_rope_angles
+        return triton_rope_angles(positions, inv_freq, scaling, dtype)
+    return rope_angles_reference(positions, inv_freq, scaling, dtype)
 
 
 def next_greedy_inputs(logits: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, key_ok: torch.Tensor,

@@ -27,6 +27,14 @@ def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def rope_angles_reference(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [*positions.shape, 2 * len(inv_freq)] as transformers' Llama rotary embedding computes them."""
+    angles = positions[..., None].float() * inv_freq.float()
+    doubled = torch.cat((angles, angles), dim=-1)
+    return (doubled.cos() * scaling).to(dtype), (doubled.sin() * scaling).to(dtype)
+
+
 def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE for x [batch, heads, seq, head_dim] from cos/sin [batch, seq, head_dim], transformers' rotate_half pairing."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)

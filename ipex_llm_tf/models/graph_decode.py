@@ -34,6 +34,7 @@ from .compiled_step import CompiledStep, compiles_steps
 from .early_steps import EarlyStep, early_step_wanted, greedy_call, replay_early
 from .graph_storage import SPAN_BLOCK, GraphKVCache, KVBuffers, _SpanView  # noqa: F401 (re-exported)
 from .kv_cache import Fp8BlockKVCache
+from .step_rope import StepRope
 
 # transformers renamed `past_key_values` to `cache` in its 5.2x releases; speak whichever this version speaks
 CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -95,6 +96,7 @@ class GraphDecoder:
         self.side: Any = None          # the stream early steps replay on, made on first use
         self.early: EarlyStep | None = None
         base = model.base_model
+        self.rope = StepRope(base.rotary_emb)
         self.windows = sorted({layer.self_attn.sliding_window for layer in base.layers
                                if layer.self_attn.sliding_window is not None})
 
@@ -238,7 +240,7 @@ class GraphDecoder:
         """The step itself, as plain tensor ops on the static inputs (what a capture records)."""
         model, base = self.model, self.model.base_model
         hidden = base.embed_tokens(step.ids)
-        cos_sin = base.rotary_emb(hidden, step.positions)
+        cos_sin = self.rope(hidden, step.positions)
         masks = {None: step.key_ok[:, None, None, :]}
         if self.windows:
             key_pos = torch.arange(span, device=hidden.device)

@@ -53,6 +53,7 @@ def test_graph_decode_matches_eager(arch: str, low_bit: str) -> None:
         assert error < 2e-2, f"call {call}: relative logit error {error:.2e}"
     assert decoder.stats.captures == 1, "the second call must replay the first call's graph"
     assert decoder.stats.replays == 2 * 23 - 1
+    assert decoder.rope.agrees == {(ids.device, torch.float16): True}, "steps take the one-kernel RoPE angles"
 
 
 def test_graph_decode_crosses_spans_and_batch_sizes() -> None:

@@ -1,5 +1,5 @@
-"""Fused Triton ops (RMSNorm, rotary, SiLU-and-mul, a greedy step's next inputs) against their PyTorch references, on
-a CUDA or XPU device.
+"""Fused Triton ops (RMSNorm, rotary, RoPE angles, SiLU-and-mul, a greedy step's next inputs) against their PyTorch
+references, on a CUDA or XPU device.
 
 Rotary rounds where the reference rounds and must equal it bit for bit. Tolerances for the others, relative to the
 largest reference value: RMSNorm rounds where the reference rounds, so it agrees to one unit in the last place of the
@@ -18,9 +18,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None, reason="needs 
 triton = pytest.importorskip("triton")
 
 from ipex_llm_tf.kernels.reference import (next_greedy_inputs_reference, rms_norm_reference,  # noqa: E402
-                                           rotary_reference, silu_and_mul_reference)
+                                           rope_angles_reference, rotary_reference, silu_and_mul_reference)
 from ipex_llm_tf.kernels.triton_greedy_inputs import next_greedy_inputs  # noqa: E402
 from ipex_llm_tf.kernels.triton_rms_norm import add_rms_norm, rms_norm  # noqa: E402
+from ipex_llm_tf.kernels.triton_rope_angles import rope_angles  # noqa: E402
 from ipex_llm_tf.kernels.triton_rotary import rotary  # noqa: E402
 from ipex_llm_tf.kernels.triton_silu_mul import silu_and_mul  # noqa: E402
 
@@ -106,6 +107,37 @@ def test_rotary_on_strided_views(dtype: torch.dtype, batch: int, heads: int, seq
     _equal(rotary(x, cos, sin), rotary_reference(x, cos, sin))
     # cos/sin shared by the batch (batch dim 1)
     _equal(rotary(x, cos[:1], sin[:1]), rotary_reference(x, cos[:1].expand_as(cos), sin[:1].expand_as(sin)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("half,scaling", [(64, 1.0), (40, 1.0), (8, 1.2079)])
+def test_rope_angles_match_the_reference(dtype: torch.dtype, half: int, scaling: float) -> None:
+    """Bit-equal on a device (cosf / sinf, as PyTorch's kernels); within an fp32 ulp before rounding under the
+    interpreter, whose cos and sin are numpy's. Positions up to 2**20, frequencies of a 10000-base RoPE."""
+    if INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("the interpreter rounds bfloat16 by truncation, the devices to nearest even")
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 2 * half, 2, dtype=torch.float32) / (2 * half)))
+    positions = torch.tensor([[0, 1, 2, 31], [1000, 4095, 65535, 1 << 20], [7, 8, 9, 10]])
+    got = rope_angles(positions.to(DEVICE), inv_freq.to(DEVICE), scaling, dtype)
+    want = rope_angles_reference(positions.to(DEVICE), inv_freq.to(DEVICE), scaling, dtype)
+    for g, w in zip(got, want):
+        assert g.shape == (3, 4, 2 * half)
+        if INTERPRET:
+            assert (g.float() - w.float()).abs().max().item() <= 2 * ULP[dtype] * scaling
+        else:
+            _equal(g, w)
+    one_row = rope_angles(positions[:1, :1].to(DEVICE), inv_freq.to(DEVICE), scaling, dtype)  # a decode step
+    assert torch.equal(one_row[0], got[0][:1, :1]) and torch.equal(one_row[1], got[1][:1, :1])
+
+
+def test_rope_angles_reject_bad_operands() -> None:
+    positions, inv_freq = torch.zeros(1, 1, dtype=torch.long, device=DEVICE), torch.ones(4, device=DEVICE)
+    with pytest.raises(ValueError, match="integer positions"):
+        rope_angles(positions.float(), inv_freq, 1.0, torch.float16)
+    with pytest.raises(ValueError, match="float32 inverse frequencies"):
+        rope_angles(positions, inv_freq.half(), 1.0, torch.float16)
+    with pytest.raises(ValueError, match="float32 inverse frequencies"):
+        rope_angles(positions, inv_freq.view(2, 2), 1.0, torch.float16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
