@@ -11,7 +11,8 @@ tiles among them, right after a decode attention of the layer's shape whose outp
 H100, Llama-2-7B sym_int4, batch 1 (docs/gpu-log.md, session 21): the output projection with a (16, 512, 8)
 whole-row tile took a graph step from 2.0898 to 2.0436 ms, and tuned this way it picks that tile itself (2.0943 ->
 2.0465 ms against tuning back to back); whole-row tiles forced on the qkv projection too, which follows a ~1 us
-norm kernel, made the step slower (2.19-2.21 ms).
+norm kernel, made the step slower (2.19-2.21 ms); timed right after a norm kernel (session 22), the qkv and gate/up
+projections picked the tiles they pick back to back, so only the output projection is marked.
 """
 from __future__ import annotations
 
