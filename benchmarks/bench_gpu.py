@@ -6,7 +6,9 @@
                                    [--new-tokens 128] [--json PATH]
 
 Batch 1, 32-token prompt, greedy with EOS masked. next-token ms = (T(generate 1+N) - T(generate 1)) / N, after two
-warm-up runs at those lengths (compiles and graph captures happen there; warmup_ms is the first of them).
+warm-up runs at those lengths (compiles and graph captures happen there; warmup_ms is the first of them);
+next_token_median_ms = the median gap between consecutive tokens of one more generate 1+N (bench.median_token_ms:
+a host pause moves one gap, not the whole call's time as it moves the difference of two calls).
 Also: first token for a 1024-token prompt, and peak GPU memory of a 2048-token context (the fp16 model a low-bit one
 was quantized from is freed first). For our rows also: next-token ms after a 1984-token prompt (63 steps, same
 method), and step_replay_ms, the device time of one batch-1 step at the 32-token prompt's span from back-to-back
@@ -32,7 +34,7 @@ from gpu_peers import to_int4pack, to_torchao_int4  # noqa: E402
 
 import ipex_llm_tf  # noqa: E402
 import ipex_llm_tf.devices  # noqa: E402
-from ipex_llm_tf.bench import peak_memory_mib, synchronize, time_generate  # noqa: E402
+from ipex_llm_tf.bench import median_token_ms, peak_memory_mib, synchronize, time_generate  # noqa: E402
 from ipex_llm_tf.models.graph_decode import graph_decoder  # noqa: E402
 
 PEERS = {  # name -> (row label, bits/weight, builder from the fp16 model, generate keyword arguments)
@@ -82,6 +84,7 @@ def measure(name: str, model, device: str, new_tokens: int, bits: float, long_co
     first = min(time_generate(model, ids, 1, **generate_kwargs) for _ in range(3))
     full = min(time_generate(model, ids, 1 + new_tokens, **generate_kwargs) for _ in range(2))
     next_ms = (full - first) / new_tokens * 1e3
+    median_ms = median_token_ms(model, ids, 1 + new_tokens, **generate_kwargs)
     long_ids = torch.randint(100, 30000, (1, 1024), device=device)
     first_1024 = min(time_generate(model, long_ids, 1, **generate_kwargs) for _ in range(3))
     if device in ("cuda", "xpu"):
@@ -90,6 +93,7 @@ def measure(name: str, model, device: str, new_tokens: int, bits: float, long_co
     time_generate(model, ids_2k, 64, **generate_kwargs)
     row = {"system": name, "bits/weight": bits, "warmup_ms": round(warm * 1e3, 1),
            "first_token_ms": round(first * 1e3, 2), "next_token_ms": round(next_ms, 2),
+           "next_token_median_ms": round(median_ms, 3),
            "tok_s": round(1e3 / next_ms, 1), "first_token_1024_ms": round(first_1024 * 1e3, 1),
            "peak_gib_2k_ctx": round(peak_memory_mib(device) / 1024, 2)}
     if long_context:  # the peak run above was the warm-up (graph storage grown, spans captured)
@@ -188,7 +192,8 @@ def main() -> None:
         report(label, peer_rows)
     if not args.ours_first:
         rows += measure_ours(args, device)
-    print_table(rows, ["system", "bits/weight", "next_token_ms", "tok_s", "first_token_ms", "first_token_1024_ms",
+    print_table(rows, ["system", "bits/weight", "next_token_ms", "next_token_median_ms", "tok_s", "first_token_ms",
+                       "first_token_1024_ms",
                        "next_token_2k_ms", "step_replay_ms", "peak_gib_2k_ctx", "warmup_ms", "graph_captures",
                        "early_steps", "quantize_s", "note"])
     gpu = getattr(torch, device).get_device_name() if device in ("cuda", "xpu") else device

@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import platform
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -52,6 +53,33 @@ def time_generate(model, ids: torch.Tensor, new_tokens: int, **generate_kwargs) 
                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **generate_kwargs)
     synchronize(model.device)
     return time.perf_counter() - start
+
+
+class TokenClock:
+    """A generate() stopping criterion that never stops: it notes the time each new token reaches the stopping
+    check. generate() syncs with the device once a token, so in steady decoding the gaps are the device's pace."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._never: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        """False for every row (made once, so the check adds no device work), after noting the time."""
+        self.times.append(time.perf_counter())
+        if self._never is None or self._never.shape[0] != input_ids.shape[0] or self._never.device != input_ids.device:
+            self._never = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return self._never
+
+
+def median_token_ms(model, ids: torch.Tensor, new_tokens: int, **generate_kwargs) -> float:
+    """Median ms between consecutive tokens of one greedy generate() of new_tokens (>= 3) tokens: a next-token
+    latency that a pause of the host (which moves a whole call's time) does not shift."""
+    if new_tokens < 3:
+        raise ValueError(f"median_token_ms needs at least 3 new tokens (2 gaps), got {new_tokens}")
+    from transformers import StoppingCriteriaList
+    clock = TokenClock()
+    time_generate(model, ids, new_tokens, stopping_criteria=StoppingCriteriaList([clock]), **generate_kwargs)
+    return statistics.median(b - a for a, b in zip(clock.times, clock.times[1:])) * 1e3
 
 
 def bench_formats(args: argparse.Namespace) -> int:
