@@ -2,7 +2,7 @@
 has fixed frequencies and that kernel runs on the device, else the embedding itself.
 
 transformers' rotary embeddings spend ~9 small kernels on a step's few positions; on an H100 the one kernel took a
-7B sym_int4 step from 2.0185 to 2.0000 ms (docs/gpu-log.md, session 22). Dynamic rope types ("dynamic",
+7B sym_int4 step from 2.0151 to 1.9983 ms (docs/gpu-log.md, session 22). Dynamic rope types ("dynamic",
 "longrope") change their frequencies with the length, so they keep the embedding's own forward.
 """
 from __future__ import annotations
