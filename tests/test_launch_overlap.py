@@ -98,6 +98,7 @@ def test_gemv_waits_after_its_first_weights(overlap: bool) -> None:
     assert first_words < wait < release, "weights are read before the wait; the next kernel is let in after the loop"
 
 
+SPLIT_POINTERS = {"part_ptr": "*fp32", "arrived_ptr": "*i32"}  # the tile matmuls' split partials and counters
 # (kernel, pointer types, constexprs): each overlapped kernel in a configuration that writes all it can (atomics,
 # residual sums, cache planes, split partials)
 _OVERLAPPED = {
@@ -121,11 +122,15 @@ _OVERLAPPED = {
                                       "y_ptr": F16},
                  dict(E5M2=False, NATIVE=True, BLOCK_N=16, BLOCK_K=256, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
                       PREFETCH=1)),
-    "matmul_blocks": (MM.matmul_blocks_kernel, {**GEMV_POINTERS, "w_ptr": "*u8", "qh_ptr": "*u8"},
+    "matmul_blocks": (MM.matmul_blocks_kernel, {**GEMV_POINTERS, **SPLIT_POINTERS, "w_ptr": "*u8", "qh_ptr": "*u8"},
                       dict(KIND=G.Q4_SYM.value, SBLK_SHIFT=0, BLOCK_M=16, BLOCK_N=64, NB=2, GROUP_M=8, SPLIT_K=1,
                            HAS_BIAS=False, EVEN=True, SWAP=True)),
+    "matmul_blocks, the last split sums": (
+        MM.matmul_blocks_kernel, {**GEMV_POINTERS, **SPLIT_POINTERS, "w_ptr": "*u8", "qh_ptr": "*u8"},
+        dict(KIND=G.Q4_SYM.value, SBLK_SHIFT=0, BLOCK_M=16, BLOCK_N=64, NB=2, GROUP_M=8, SPLIT_K=3, HAS_BIAS=True,
+             EVEN=True, SWAP=True, LAST_SUMS=True)),
     "matmul_fp8": (MM.matmul_fp8_kernel, {"x_ptr": F16, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": F16,
-                                          "y_ptr": "*fp32"},
+                                          "y_ptr": "*fp32", **SPLIT_POINTERS},
                    dict(E5M2=False, NATIVE=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_K=2,
                         HAS_BIAS=False, EVEN=True, SWAP=False)),
     "attention split": (DA._split_kernel, {"ok_ptr": "*u8", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "part_ptr": "*fp32",

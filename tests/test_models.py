@@ -420,3 +420,18 @@ def test_save_pretrained_from_a_patched_model_loads_unpatched(tmp_path) -> None:
     ids = prompts(batch=2, length=10)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, reference(ids).logits)
+
+
+def test_attention_backends_leave_out_cudnn_for_steps_and_short_prompts_on_cuda() -> None:
+    """cuDNN is kept out of one-query steps and prompts up to SHORT_PROMPT_QUERIES on CUDA (its host time a call);
+    longer prompts and other devices get torch's own choice."""
+    import contextlib
+    from ipex_llm_tf.models import common
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for q_len in (1, 32, common.SHORT_PROMPT_QUERIES):
+        assert not isinstance(common.attention_backends(cuda, q_len), contextlib.nullcontext)
+    assert isinstance(common.attention_backends(cuda, common.SHORT_PROMPT_QUERIES + 1), contextlib.nullcontext)
+    assert isinstance(common.attention_backends(cpu, 1), contextlib.nullcontext)
+    with common.attention_backends(cuda, 8):  # entering sets the allowed backends, which exclude cuDNN
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()

@@ -31,12 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .arrivals import ArrivalCounters
 from .launch_overlap import overlap_options, release_next, wait_previous
 from .triton_gemv_fp8 import fp8_bytes_to_float
 from .triton_linear import fp8_native, sm_count
 from .triton_kv_write import merged_token_operands
 from .triton_rotary import rotate_whole
-from .triton_tuning import capturing
 
 BLOCK_S = 32  # keys per step of a program (host side)
 # running-max start: finite, so a split whose keys are all masked yields weight 0, not NaN
@@ -209,25 +209,8 @@ def _combine(part_ptr, ml_ptr, out_ptr, bh, splits, D: tl.constexpr, BLOCK_D: tl
     tl.store(out_ptr + bh * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-# Arrival counters per device, shared by every call there: attention calls on one device run one after another
-# (decode is one stream, graph replays included). A buffer outgrown stays alive in _RETIRED, as graphs captured
-# earlier keep its address.
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []
-
-
-def _arrival_counters(device: torch.device, queries: int) -> torch.Tensor | None:
-    """Zeroed int32 counters for `queries` queries (each call leaves them zero); None inside a graph capture when
-    none large enough exist yet (a buffer made there would be zeroed only when the graph first replays)."""
-    counters = _ARRIVALS.get(device)
-    if counters is not None and counters.numel() >= queries:
-        return counters
-    if capturing(device):
-        return None
-    if counters is not None:
-        _RETIRED.append(counters)
-    counters = _ARRIVALS[device] = torch.zeros(max(queries, 1024), dtype=torch.int32, device=device)
-    return counters
+# the combine's counters: attention calls on one device run one after another (decode is one stream)
+_ARRIVALS = ArrivalCounters()
 
 
 # Key splits per query wanted at least, when the keys allow: a query's keys are read by a chain of dependent loads,
@@ -300,7 +283,7 @@ def _attend(q: torch.Tensor, q_strides: tuple[int, int], heads: int, k: torch.Te
     if splits > 1:
         part = torch.empty((batch * heads * splits, dim), device=q.device, dtype=torch.float32)
         ml = torch.empty((batch * heads * splits, 2), device=q.device, dtype=torch.float32)
-        arrived = _arrival_counters(q.device, batch * heads)
+        arrived = _ARRIVALS.get(q.device, batch * heads)
     block_d = triton.next_power_of_2(dim)
     block_p = triton.next_power_of_2(splits)
     _split_kernel[(batch * heads, splits)](

@@ -6,7 +6,8 @@ Paths, by format and number of activation rows M:
     fp8 (e4m3, e5m2):
       M <= GEMV_MAX_ROWS  fused dequantize + GEMV (triton_gemv; triton_gemv_planes for nf3 / fp6), one program
                           per (1, 2 or 4 rows, BLOCK_N outputs, K split)
-      M <= FUSED_MAX_ROWS fused dequantize-in-tile matmul with tl.dot (triton_matmul), split-K for small M
+      M <= FUSED_MAX_ROWS fused dequantize-in-tile matmul with tl.dot (triton_matmul), split-K for small M, the
+                          last split of a tile to finish summing the partials (one launch: no memset, no cast)
                           (fp16 / bf16 activations; float32 ones take the next path); autotuning also times the
                           next path and, up to 8 rows, the GEMV (multi-row tiles included) against it (see _plan)
       larger M            dequantize once to a temporary in the activation dtype (a Triton kernel) and multiply
@@ -24,7 +25,6 @@ M bucket, N, K, dtype) times a few candidates and keeps the fastest for the rest
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ from . import triton_matmul as MM
 # operands, configs and tuning are also addressed through this module (tests, benchmarks)
 from .triton_operands import (PLANE_KINDS, BlockOperands, Fp8Operands, _table,  # noqa: F401
                               block_kind, block_operands, fp8_native, fp8_operands, keeps_subnormals)
+from .arrivals import ArrivalCounters
+# prefill's dequantize + torch matmul (also addressed through this module: tests, benchmarks)
+from .triton_dequant_matmul import dequant_matmul_blocks, dequant_matmul_fp8, dequantize_blocks, dequantize_fp8  # noqa: F401
 from .launch_overlap import overlap_options
 from .triton_silu_mul import silu_and_mul
 from .triton_tuning import (_TUNED, GEMV_MULTIROW_MAX_ROWS, GemvConfig, MatmulConfig, _interpreting,  # noqa: F401
@@ -144,6 +147,27 @@ def gemv_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: in
     return y if split == 1 else _finish_split(y, bias, x.dtype)
 
 
+# the tile matmuls' K splits meet here: the last split of a tile to arrive sums the partials (one launch, no memset)
+_SPLIT_ARRIVALS = ArrivalCounters()
+
+
+def _tile_outputs(x: torch.Tensor, n: int, split: int,
+                  tiles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(y, partials, arrival counters, last_sums) of a tile matmul launch with `split` K splits over `tiles` tiles.
+
+    last_sums: the splits store float32 partials [split, M, N] and a tile's last split writes y (x's dtype) from
+    them. Otherwise (one split, or a graph capture that finds no counters large enough) y is the launch's output:
+    x's dtype, or zeroed float32 that the splits add into (_finish_split then casts)."""
+    if split > 1:
+        arrived = _SPLIT_ARRIVALS.get(x.device, tiles)
+        if arrived is not None:
+            y = torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype)
+            part = torch.empty((split, x.shape[0], n), device=x.device, dtype=torch.float32)
+            return y, part, arrived, True
+    y = _split_output(x, n, split)
+    return y, y, y, False
+
+
 def matmul_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, n: int,
                   cfg: MatmulConfig) -> torch.Tensor:
     """Fused dequantize-in-tile matmul of a block format (x fp16 or bf16)."""
@@ -151,101 +175,32 @@ def matmul_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None
     kb = ops.blocks_per_row
     nb = max(1, cfg.block_k // 32)
     per_split, split, even = _split_steps(kb, nb, cfg.split_k)
-    y = _split_output(x, n, split)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-    MM.matmul_blocks_kernel[grid](
-        x, ops.codes, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y,
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    y, part, arrived, last_sums = _tile_outputs(x, n, split, tiles)
+    MM.matmul_blocks_kernel[(tiles, split)](
+        x, ops.codes, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y, part, arrived,
         m, n, kb, x.stride(0), y.stride(0), per_split,
         KIND=ops.kind, SBLK_SHIFT=ops.scale_shift_blocks, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NB=nb,
-        GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, SWAP=cfg.swap,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
+        GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=bias is not None and (split == 1 or last_sums), EVEN=even,
+        SWAP=cfg.swap, LAST_SUMS=last_sums, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
         **overlap_options(x.device))
-    return y if split == 1 else _finish_split(y, bias, x.dtype)
+    return y if split == 1 or last_sums else _finish_split(y, bias, x.dtype)
 
 
 def matmul_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: int,
                cfg: MatmulConfig) -> torch.Tensor:
     m, k = x.shape
     per_split, split, even = _split_steps(k, cfg.block_k, cfg.split_k)
-    y = _split_output(x, n, split)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-    MM.matmul_fp8_kernel[grid](
-        x, ops.qweight, ops.scales, ops.scales if bias is None else bias, y,
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    y, part, arrived, last_sums = _tile_outputs(x, n, split, tiles)
+    MM.matmul_fp8_kernel[(tiles, split)](
+        x, ops.qweight, ops.scales, ops.scales if bias is None else bias, y, part, arrived,
         m, n, k, x.stride(0), y.stride(0), per_split,
         E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, SWAP=cfg.swap,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
+        GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=bias is not None and (split == 1 or last_sums), EVEN=even,
+        SWAP=cfg.swap, LAST_SUMS=last_sums, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
         **overlap_options(x.device))
-    return y if split == 1 else _finish_split(y, bias, x.dtype)
-
-
-def dequantize_blocks(ops: BlockOperands, n: int, dtype: torch.dtype, block_n: int = 32,
-                      blocks: int = 8) -> torch.Tensor:
-    """The whole [N, K] weight of a block format in `dtype`, by one Triton kernel."""
-    kb = ops.blocks_per_row
-    out = torch.empty((n, ops.in_features), device=ops.codes.device, dtype=dtype)
-    MM.dequant_blocks_kernel[(triton.cdiv(n, block_n), triton.cdiv(kb, blocks))](
-        ops.codes, ops.scales, ops.mins, ops.qh, ops.table, out, n, kb,
-        KIND=ops.kind, SBLK_SHIFT=ops.scale_shift_blocks, BLOCK_N=block_n, NB=blocks, EVEN=kb % blocks == 0,
-        num_warps=4, enable_fp_fusion=False)  # no FMA: bit-identical to the format's own dequantize
-    return out
-
-
-# Prefill dequantizes a weight into a temporary in the activation dtype; a larger weight goes in bands of output rows,
-# so that temporary (180 MB for a 7B gate_up projection in fp16) does not set the model's peak memory. The bound grows
-# with the activation rows, as each band costs host time (a dequantize launch, a matmul, a copy). H100, 7B sym_int4,
-# per activation row:  0 (32 MB bands): 1024-token first token 45 ms;  64 KB: 37 ms;  128 KB: 34 ms;  256 KB: 33 ms;
-# peak of a 2k context prefilled in 512-token chunks with fp8 KV: 4.451 / 4.451 / 4.455 / 4.490 GiB.
-DEQUANT_BAND_BYTES = 32 << 20
-DEQUANT_BAND_BYTES_PER_ROW = 128 << 10
-
-
-def _bands(ops: "BlockOperands | Fp8Operands", n: int, x: torch.Tensor) -> list:
-    """(start, rows, operands) of the row bands x's matmul dequantizes one at a time; equal bands, cached."""
-    limit = max(DEQUANT_BAND_BYTES, x.shape[0] * DEQUANT_BAND_BYTES_PER_ROW)
-    count = -(-(n * ops.in_features * x.element_size()) // limit)
-    per_band = -(-n // count)
-    rows = max(64, -(-per_band // 64) * 64)
-    key = ("bands", rows)
-    if key not in ops.plans:
-        ops.plans[key] = [(start, min(rows, n - start), ops.row_band(start, min(rows, n - start)))
-                          for start in range(0, n, rows)]
-    return ops.plans[key]
-
-
-def _in_bands(x: torch.Tensor, ops: "BlockOperands | Fp8Operands", bias: torch.Tensor | None, n: int,
-              dequantize: Callable) -> torch.Tensor:
-    """x @ W.T + bias with W dequantized (by `dequantize(row_operands, rows)`) a band of rows at a time."""
-    b = None if bias is None else bias.to(x.dtype)
-    bands = _bands(ops, n, x)
-    if len(bands) == 1:
-        return F.linear(x, dequantize(ops, n), b)
-    y = torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype)
-    for start, rows, band in bands:
-        y[:, start:start + rows] = F.linear(x, dequantize(band, rows), None if b is None else b[start:start + rows])
-    return y
-
-
-def dequant_matmul_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-    """Prefill fallback: dequantize to a temporary in x's dtype (in bands of rows), then torch's matmul."""
-    return _in_bands(x, ops, bias, n, lambda o, rows: dequantize_blocks(o, rows, x.dtype))
-
-
-def dequantize_fp8(ops: Fp8Operands, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """The whole [N, K] fp8 weight times its row scales, in `dtype`, by one Triton kernel."""
-    k = ops.in_features
-    out = torch.empty((n, k), device=ops.qweight.device, dtype=dtype)
-    MM.dequant_fp8_kernel[(triton.cdiv(n, 16), triton.cdiv(k, 256))](
-        ops.qweight, ops.scales, out, n, k, E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_N=16, BLOCK_K=256, num_warps=4,
-        enable_fp_fusion=True)
-    return out
-
-
-def dequant_matmul_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-    """Prefill fallback for fp8: the scaled weight in x's dtype (as the format dequantizes it), then torch's matmul.
-
-    The scale must be applied before the matmul: codes times activations summed in fp16 can exceed its range."""
-    return _in_bands(x, ops, bias, n, lambda o, rows: dequantize_fp8(o, rows, x.dtype))
+    return y if split == 1 or last_sums else _finish_split(y, bias, x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -183,12 +183,12 @@ def _unswap(acc, SWAP: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M", "N", "steps_per_split"])
 def matmul_blocks_kernel(
-    x_ptr, w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, mn_ptr, qh_ptr, tab_ptr, b_ptr, y_ptr, part_ptr, arrived_ptr,
     M, N, KB, stride_xm, stride_ym, steps_per_split,
     KIND: tl.constexpr, SBLK_SHIFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, SWAP: tl.constexpr = False,
-    OVERLAP: tl.constexpr = False,
+    OVERLAP: tl.constexpr = False, LAST_SUMS: tl.constexpr = False,
 ):
     """y = x @ dequant(w).T (+ bias) for a block format; grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K).
 
@@ -223,30 +223,51 @@ def matmul_blocks_kernel(
             x_hi = tl.load(x_ptrs + 16, mask=umask[None, :], other=0.0)
         acc = _tile_dot(x_lo, w_lo, acc, SWAP)
         acc = _tile_dot(x_hi, w_hi, acc, SWAP)
-    _store_tile(_unswap(acc, SWAP), b_ptr, y_ptr, offs_m, offs_n, rows, M, N, stride_ym, SPLIT_K, HAS_BIAS)
+    _store_tile(_unswap(acc, SWAP), b_ptr, y_ptr, part_ptr, arrived_ptr, offs_m, offs_n, rows, M, N, stride_ym,
+                SPLIT_K, HAS_BIAS, LAST_SUMS)
 
 
 @triton.jit
-def _store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, rows, M, N, stride_ym, SPLIT_K: tl.constexpr,
-                HAS_BIAS: tl.constexpr):
+def _store_tile(acc, b_ptr, y_ptr, part_ptr, arrived_ptr, offs_m, offs_n, rows, M, N, stride_ym,
+                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, LAST_SUMS: tl.constexpr):
+    """Write a finished tile: whole (SPLIT_K 1); with LAST_SUMS, as K split pid_k's partial into part [SPLIT_K, M,
+    N] float32, the tile's last split to arrive summing them in split order and writing y; else added into a zeroed
+    float32 y by atomics."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows).to(tl.float32)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    elif LAST_SUMS:
+        tile = tl.program_id(0)
+        plane = M.to(tl.int64) * N
+        p_ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(p_ptrs + tl.program_id(1) * plane, acc, mask=mask)
+        # every thread's stores come before the arrival (the barrier); the release makes them visible to the split
+        # that arrives last, whose acquire orders its reads after all of them
+        tl.debug_barrier()
+        before = tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel")
+        if before == SPLIT_K - 1:
+            total = tl.load(p_ptrs, mask=mask, other=0.0)
+            for k in tl.static_range(1, SPLIT_K):  # a fixed order: the sum does not depend on arrival order
+                total += tl.load(p_ptrs + k * plane, mask=mask, other=0.0)
+            if HAS_BIAS:
+                total += tl.load(b_ptr + rows).to(tl.float32)[None, :]
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(arrived_ptr + tile, 0, sem="relaxed")  # zero again; kernel boundaries order it
     else:
         tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["M", "N", "steps_per_split"])
 def matmul_fp8_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, arrived_ptr,
     M, N, K, stride_xm, stride_ym, steps_per_split,
     E5M2: tl.constexpr, NATIVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, SWAP: tl.constexpr = False,
-    OVERLAP: tl.constexpr = False,
+    OVERLAP: tl.constexpr = False, LAST_SUMS: tl.constexpr = False,
 ):
     """y = (x @ w.T) * scale[n] (+ bias) for fp8 weights [N, K] with a float32 scale per row (SWAP: _tile_dot)."""
     release_next(OVERLAP)
@@ -276,7 +297,8 @@ def matmul_fp8_kernel(
     if not NATIVE and not E5M2:
         scale = scale * 256.0
     acc = _unswap(acc, SWAP) * scale[None, :]
-    _store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, rows, M, N, stride_ym, SPLIT_K, HAS_BIAS)
+    _store_tile(acc, b_ptr, y_ptr, part_ptr, arrived_ptr, offs_m, offs_n, rows, M, N, stride_ym, SPLIT_K, HAS_BIAS,
+                LAST_SUMS)
 
 
 @triton.jit(do_not_specialize=["N"])

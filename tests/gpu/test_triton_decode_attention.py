@@ -15,6 +15,7 @@ INTERPRET, DEVICE = TRITON_INTERPRET, triton_device()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None, reason="needs a CUDA or XPU device")]
 triton = pytest.importorskip("triton")
 
+from ipex_llm_tf.kernels import arrivals  # noqa: E402
 from ipex_llm_tf.kernels import triton_decode_attention as TDA  # noqa: E402
 from ipex_llm_tf.kernels.triton_kv_write import rotary_and_write_kv, write_kv_slot  # noqa: E402
 from ipex_llm_tf.kernels.triton_rotary import rotary  # noqa: E402
@@ -95,14 +96,14 @@ def test_last_split_combines_and_leaves_counters_zero(monkeypatch: pytest.Monkey
     key_ok = torch.rand(2, 700, generator=torch.Generator().manual_seed(5)).to(DEVICE) > 0.2
     want = decode_attention_reference(q.float(), k.float(), v.float(), key_ok, 0.125)
     first = TDA.decode_attention(q, k, v, key_ok, 0.125)
-    counters = TDA._ARRIVALS[q.device]
+    counters = TDA._ARRIVALS.buffers[q.device]
     assert TDA._splits(8, 700, q.device) > 1 and int(counters.abs().sum()) == 0
     _check(first, want, torch.float16)
     assert torch.equal(TDA.decode_attention(q, k, v, key_ok, 0.125), first)
     assert int(counters.abs().sum()) == 0
-    monkeypatch.setattr(TDA, "capturing", lambda device: True)  # a capture with no counters large enough
-    monkeypatch.setattr(TDA, "_ARRIVALS", {})
-    assert TDA._arrival_counters(q.device, 8) is None
+    monkeypatch.setattr(arrivals, "capturing", lambda device: True)  # a capture with no counters large enough
+    monkeypatch.setattr(TDA, "_ARRIVALS", arrivals.ArrivalCounters())
+    assert TDA._ARRIVALS.get(q.device, 8) is None
     separate = TDA.decode_attention(q, k, v, key_ok, 0.125)
     _check(separate, want, torch.float16)
     torch.testing.assert_close(separate, first, rtol=2 ** -10, atol=0)

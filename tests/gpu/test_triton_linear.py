@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.gpu,
 triton = pytest.importorskip("triton")
 
 from ipex_llm_tf.formats import get_format, list_formats  # noqa: E402
-from ipex_llm_tf.kernels import PackedCache, low_bit_linear  # noqa: E402
+from ipex_llm_tf.kernels import PackedCache, arrivals, low_bit_linear  # noqa: E402
+from ipex_llm_tf.kernels import triton_dequant_matmul as TDM  # noqa: E402
 from ipex_llm_tf.kernels import triton_linear as TL  # noqa: E402
 
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4}
@@ -122,6 +123,34 @@ def test_configs(fmt_name: str) -> None:
     _check(dequant_matmul(x, ops, bias, n), ref, torch.float16, f"{fmt_name} dequant+matmul")  # x, ref: M=40
 
 
+@pytest.mark.parametrize("fmt_name", ["sym_int4", "fp8_e4m3"])
+@pytest.mark.parametrize("swap", [False, True])
+def test_last_split_sums_the_partials(fmt_name: str, swap: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A split-K tile matmul is one launch: each tile's last split to arrive sums the float32 partials in split
+    order and writes y, bias included, and leaves its counter at zero (the same bits on a second call). A graph
+    capture that finds no counters takes the zeroed float32 output the splits add into, within fp16 rounding."""
+    n, k = 100, 640  # the last of 4 K splits shorter; N not a multiple of the tile
+    fmt, parts, w_ref = _weight(fmt_name, n, k)
+    fp8 = fmt_name.startswith("fp8")
+    ops = TL.fp8_operands(fmt, parts) if fp8 else TL.block_operands(fmt, parts)
+    launch = TL.matmul_fp8 if fp8 else TL.matmul_blocks
+    x = torch.randn(20, k, device=DEVICE).to(torch.float16)
+    bias = torch.randn(n, device=DEVICE).to(torch.float16)
+    ref = F.linear(x.float(), w_ref, bias.float())
+    cfg = TL.MatmulConfig(16, 32, 64, 4, 2, split_k=4, swap=swap)
+    assert TL._split_steps(k // 32 if not fp8 else k, 2 if not fp8 else 64, 4)[1] == 4
+    first = launch(x, ops, bias, n, cfg)
+    counters = TL._SPLIT_ARRIVALS.buffers[x.device]
+    assert int(counters.abs().sum()) == 0
+    _check(first, ref, torch.float16, f"{fmt_name} last split sums")
+    assert torch.equal(launch(x, ops, bias, n, cfg), first) and int(counters.abs().sum()) == 0
+    monkeypatch.setattr(arrivals, "capturing", lambda device: True)
+    monkeypatch.setattr(TL, "_SPLIT_ARRIVALS", arrivals.ArrivalCounters())
+    added = launch(x, ops, bias, n, cfg)
+    _check(added, ref, torch.float16, f"{fmt_name} splits added by atomics")
+    torch.testing.assert_close(added, first, rtol=2 ** -9, atol=2 ** -12)
+
+
 @pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int5", "nf4", "fp8_e4m3"])
 def test_dequantize_matmul_in_bands(fmt_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A weight over DEQUANT_BAND_BYTES is dequantized a band of rows at a time: the same result, bias included."""
@@ -133,14 +162,14 @@ def test_dequantize_matmul_in_bands(fmt_name: str, monkeypatch: pytest.MonkeyPat
     bias = torch.randn(n, device=DEVICE).to(torch.float16)
     dequant_matmul = TL.dequant_matmul_fp8 if fp8 else TL.dequant_matmul_blocks
     whole = dequant_matmul(x, ops, bias, n)
-    monkeypatch.setattr(TL, "DEQUANT_BAND_BYTES", 64 * k * 2)
-    monkeypatch.setattr(TL, "DEQUANT_BAND_BYTES_PER_ROW", 0)
-    assert [rows for _, rows, _ in TL._bands(ops, n, x)] == [64, 64, 64, 64, 44]
+    monkeypatch.setattr(TDM, "DEQUANT_BAND_BYTES", 64 * k * 2)
+    monkeypatch.setattr(TDM, "DEQUANT_BAND_BYTES_PER_ROW", 0)
+    assert [rows for _, rows, _ in TDM._bands(ops, n, x)] == [64, 64, 64, 64, 44]
     banded = dequant_matmul(x, ops, bias, n)
     assert torch.equal(banded, whole)
     # the bound grows with the activation rows: 70 rows at 3 * k bytes each make 3 bands, in multiples of 64 rows
-    monkeypatch.setattr(TL, "DEQUANT_BAND_BYTES_PER_ROW", 3 * k)
-    assert [rows for _, rows, _ in TL._bands(ops, n, x)] == [128, 128, 44]
+    monkeypatch.setattr(TDM, "DEQUANT_BAND_BYTES_PER_ROW", 3 * k)
+    assert [rows for _, rows, _ in TDM._bands(ops, n, x)] == [128, 128, 44]
     _check(banded, F.linear(x.float(), w_ref, bias.float()), torch.float16, f"{fmt_name} banded")
 
 
