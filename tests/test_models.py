@@ -358,6 +358,30 @@ def test_block_cache_grows_in_blocks_and_writes_in_place() -> None:
         layer.keys = keys  # keys / values are views of the planes, made when read
 
 
+def test_block_cache_rotates_and_appends_a_prompt_as_rotary_then_update() -> None:
+    """A prompt's merged projection into a BlockKVLayer: the rotated query and every key and value so far, as the
+    rotary op and then update() give them, bit for bit; the attention of a block cache's layers takes that path,
+    transformers' own layers and float8 ones do not."""
+    from ipex_llm_tf.kernels import rotary
+    from ipex_llm_tf.models.kv_cache import rotate_and_append
+    heads, kv_heads, dim = 4, 2, 16
+    qkv = torch.randn(2, 9, heads + 2 * kv_heads, dim)
+    cos, sin = torch.randn(1, 9, dim), torch.randn(1, 9, dim)
+    fused, plain = BlockKVLayer(block_size=4), BlockKVLayer(block_size=4)
+    for chunk in (slice(0, 5), slice(5, 9)):
+        query, keys, values = fused.rotate_and_append(qkv[:, chunk], cos[:, chunk], sin[:, chunk], heads, kv_heads)
+        query_key = rotary(qkv[:, chunk, :heads + kv_heads].transpose(1, 2), cos[:, chunk], sin[:, chunk])
+        want_keys, want_values = plain.update(query_key[:, heads:], qkv[:, chunk, heads + kv_heads:].transpose(1, 2))
+        assert torch.equal(query, query_key[:, :heads])
+        assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+    assert fused.get_seq_length() == 9 and fused.capacity() == 12
+    assert rotate_and_append(DynamicCache(), qkv, cos, sin, 0, heads, kv_heads) is None
+    fp8 = Fp8BlockKVCache()
+    fp8.update(torch.randn(2, kv_heads, 3, dim), torch.randn(2, kv_heads, 3, dim), 0)
+    assert rotate_and_append(fp8, qkv, cos, sin, 0, heads, kv_heads) is None
+    assert rotate_and_append(BlockKVCache(), qkv, cos, sin, 0, heads, kv_heads) is None  # layer 0 not made yet
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_block_cache_generates_exactly_what_the_dynamic_cache_does(arch: str) -> None:
     reference = tiny_model(arch)
@@ -435,3 +459,30 @@ def test_attention_backends_leave_out_cudnn_for_steps_and_short_prompts_on_cuda(
     with common.attention_backends(cuda, 8):  # entering sets the allowed backends, which exclude cuDNN
         assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_pre_norm_blocks_add_and_norm_in_one_op(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each patched layer runs the attention's residual add and the post-attention norm as one op, with the logits
+    of transformers' layer forward over the same fused modules bit for bit on the CPU (the same ops there); a layer
+    with a child of another kind (here an extra norm) keeps transformers' forward."""
+    from ipex_llm_tf.models.patching import pre_norm_block_forward
+    reference = tiny_model(arch)
+    fused = patched_copy(reference)
+    layers = fused.model.layers
+    assert all(layer.forward.__func__ is pre_norm_block_forward for layer in layers)
+    unfused = copy.deepcopy(fused)
+    for layer in unfused.model.layers:
+        del layer.forward  # back to the class's forward
+    calls = []
+    real = FusedRMSNorm.add_forward
+    monkeypatch.setattr(FusedRMSNorm, "add_forward", lambda self, x, residual: calls.append(1) or real(self, x, residual))
+    ids = prompts(batch=2, length=9)
+    with torch.no_grad():
+        assert torch.equal(fused(ids).logits, unfused(ids).logits)
+        assert (fused(ids).logits - reference(ids).logits).abs().max() <= ATOL
+    assert len(calls) == 2 * len(layers)
+    other = copy.deepcopy(reference)
+    other.model.layers[0].extra_norm = nn.Identity()
+    optimize_architecture(other)
+    assert "forward" not in vars(other.model.layers[0]) and "forward" in vars(other.model.layers[1])

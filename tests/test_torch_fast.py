@@ -108,3 +108,19 @@ def test_rotary_decode_attention_on_the_cpu_is_rotary_write_then_sdpa() -> None:
             rotated[:, :heads], keys.repeat_interleave(3, dim=1), values.repeat_interleave(3, dim=1),
             attn_mask=key_ok[:, None, None, :], scale=0.25)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_rotary_and_append_kv_on_the_cpu_is_rotary_then_the_copies() -> None:
+    """A prompt's op off Triton: RoPE on its query and key heads, its keys and values copied to slots 3..7."""
+    heads, kv_heads, dim, tokens = 6, 2, 16, 5
+    qkv = torch.randn(2, tokens, heads + 2 * kv_heads + 1, dim)[:, :, :heads + 2 * kv_heads]
+    cos, sin = torch.randn(1, tokens, dim), torch.randn(1, tokens, dim)
+    keys, values = torch.randn(2, kv_heads, 12, dim), torch.randn(2, kv_heads, 12, dim)
+    want_keys, want_values = keys.clone(), values.clone()
+    with torch.no_grad():
+        query = kernels.rotary_and_append_kv(qkv, cos, sin, heads, kv_heads, keys, values, 3)
+        rotated = rotary_reference(qkv[:, :, :heads + kv_heads].transpose(1, 2), cos, sin)
+    want_keys[:, :, 3:8] = rotated[:, heads:]
+    want_values[:, :, 3:8] = qkv[:, :, heads + kv_heads:].transpose(1, 2)
+    assert torch.equal(query, rotated[:, :heads])
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)

@@ -308,6 +308,22 @@ def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return query
 
 
+def rotary_and_append_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                         keys: torch.Tensor, values: torch.Tensor, first_slot: int) -> torch.Tensor:
+    """RoPE on S tokens' merged projection qkv [B, S, H + 2 H_kv, D], their keys and values written to float planes
+    [B, H_kv, capacity, D] at slots first_slot onwards: the rotated query [B, H, S, D]. One Triton kernel where
+    rotary and kv_write both run Triton, else rotary and two copies."""
+    if op_backend("kv_write", qkv.device) == "triton" and op_backend("rotary", qkv.device) == "triton":
+        from .triton_kv_write import rotary_and_append_kv as triton_rotary_and_append_kv
+        return triton_rotary_and_append_kv(qkv, cos, sin, heads, kv_heads, keys, values, first_slot)
+    query_key = rotary(qkv[:, :, :heads + kv_heads].transpose(1, 2), cos, sin)
+    query, key = query_key.split([heads, kv_heads], dim=1)
+    end = first_slot + qkv.shape[1]
+    keys[:, :, first_slot:end] = key
+    values[:, :, first_slot:end] = qkv[:, :, heads + kv_heads:].transpose(1, 2)
+    return query
+
+
 def rotary_attention_applies(qkv: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether rotary_decode_attention runs one fused kernel for this token's projection and (4-D, boolean) mask."""
     triton_ops = all(op_backend(op, qkv.device) == "triton" for op in ("kv_write", "rotary"))

@@ -55,31 +55,36 @@ def _store_halves(x1, x2, dst, scale_dst, half, inside, QUANT: tl.constexpr):
 
 
 @triton.jit
-def _rotary_kv_write_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
-                            heads, kv_heads, half, sxb, sxh, scb, ssb, sqb, sqh,
+def _rotary_kv_write_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr, first_slot,
+                            heads, kv_heads, half, sxb, sxs, sxh, scb, scs, ssb, sss, sqb, sqh, sqs,
                             kcb, kch, kcs, vcb, vch, vcs, ksb, ksh, kss, vsb, vsh, vss,
-                            BLOCK_D: tl.constexpr, QUANT: tl.constexpr, OVERLAP: tl.constexpr = False):
-    """Program (batch row, head of the merged projection): a query head rotated into q, a key head rotated into the
-    key plane at the slot, a value head copied into the value plane."""
+                            BLOCK_D: tl.constexpr, QUANT: tl.constexpr, DEVICE_SLOT: tl.constexpr = True,
+                            OVERLAP: tl.constexpr = False):
+    """Program (batch row, head of the merged projection; token): a query head rotated into q, a key head rotated
+    into the key plane at the token's slot, a value head copied into the value plane. Token s goes to slot
+    first + s, first read from slot_ptr (DEVICE_SLOT: a graph step's) or given as first_slot."""
     release_next(OVERLAP)
     wait_previous(OVERLAP)
     per_row = heads + 2 * kv_heads
     b = (tl.program_id(0) // per_row).to(tl.int64)
     h = tl.program_id(0) % per_row
+    s = tl.program_id(1).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     inside = d < half
-    src = x_ptr + b * sxb + h.to(tl.int64) * sxh + d
+    src = x_ptr + b * sxb + s * sxs + h.to(tl.int64) * sxh + d
     x1 = tl.load(src, mask=inside, other=0.0)
     x2 = tl.load(src + half, mask=inside, other=0.0)
-    slot = tl.load(slot_ptr).to(tl.int64)
+    if DEVICE_SLOT:
+        slot = tl.load(slot_ptr).to(tl.int64) + s
+    else:
+        slot = s + first_slot
     if h < heads + kv_heads:
-        c1, c2 = tl.load(cos_ptr + b * scb + d, mask=inside, other=0.0), tl.load(cos_ptr + b * scb + half + d,
-                                                                                  mask=inside, other=0.0)
-        s1, s2 = tl.load(sin_ptr + b * ssb + d, mask=inside, other=0.0), tl.load(sin_ptr + b * ssb + half + d,
-                                                                                  mask=inside, other=0.0)
+        trig_c, trig_s = cos_ptr + b * scb + s * scs + d, sin_ptr + b * ssb + s * sss + d
+        c1, c2 = tl.load(trig_c, mask=inside, other=0.0), tl.load(trig_c + half, mask=inside, other=0.0)
+        s1, s2 = tl.load(trig_s, mask=inside, other=0.0), tl.load(trig_s + half, mask=inside, other=0.0)
         y1, y2 = rotate_halves(x1, x2, c1, c2, s1, s2)
         if h < heads:
-            dst = q_ptr + b * sqb + h.to(tl.int64) * sqh + d
+            dst = q_ptr + b * sqb + h.to(tl.int64) * sqh + s * sqs + d
             tl.store(dst, y1, mask=inside)
             tl.store(dst + half, y2, mask=inside)
         else:
@@ -136,25 +141,51 @@ def write_kv_slot(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, va
 
 
 def merged_token_operands(caller: str, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
-                          kv_heads: int, keys: torch.Tensor, values: torch.Tensor,
-                          quant: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv with a unit last stride and cos / sin as [B, D] rows of its dtype, after checking one token's merged
-    projection [B, 1, H + 2 H_kv, D] against the cache planes [B, H_kv, S, D] (ValueError naming `caller`)."""
+                          kv_heads: int, keys: torch.Tensor, values: torch.Tensor, quant: bool,
+                          one_token: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv with a unit last stride and cos / sin as [B, S, D] of its dtype, after checking a merged projection
+    [B, S, H + 2 H_kv, D] (one_token: S = 1) against the cache planes [B, H_kv, capacity, D] (ValueError naming
+    `caller`)."""
     batch, tokens, total, dim = qkv.shape
-    if tokens != 1 or total != heads + 2 * kv_heads or dim % 2 or keys.shape[:2] != (batch, kv_heads) \
-            or keys.shape != values.shape or keys.shape[3] != dim or keys.dtype != values.dtype \
-            or (keys.dtype != qkv.dtype and not quant):
-        raise ValueError(f"{caller} takes one token's qkv [B, 1, H + 2 H_kv, D] (even D) and planes "
-                         f"[B, H_kv, S, D] of its dtype, got {tuple(qkv.shape)} {qkv.dtype} with H={heads}, "
-                         f"H_kv={kv_heads} and planes {tuple(keys.shape)} {keys.dtype}")
+    if (one_token and tokens != 1) or total != heads + 2 * kv_heads or dim % 2 \
+            or keys.shape[:2] != (batch, kv_heads) or keys.shape != values.shape or keys.shape[3] != dim \
+            or keys.dtype != values.dtype or (keys.dtype != qkv.dtype and not quant):
+        shape = "one token's qkv [B, 1, H + 2 H_kv, D]" if one_token else "qkv [B, S, H + 2 H_kv, D]"
+        raise ValueError(f"{caller} takes {shape} (even D) and planes [B, H_kv, S, D] of its dtype, got "
+                         f"{tuple(qkv.shape)} {qkv.dtype} with H={heads}, H_kv={kv_heads} and planes "
+                         f"{tuple(keys.shape)} {keys.dtype}")
     if keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError(f"{caller} needs cache planes with a unit last stride")
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    cos, sin = (t.to(qkv.dtype).reshape(-1, dim).expand(batch, dim) for t in (cos, sin))
+    cos, sin = (t.to(qkv.dtype).reshape(-1, tokens, dim).expand(batch, tokens, dim) for t in (cos, sin))
     if cos.stride(-1) != 1 or sin.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
     return qkv, cos, sin
+
+
+def _rotary_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                     keys: torch.Tensor, values: torch.Tensor, slot: "torch.Tensor | int",
+                     scales: "tuple[torch.Tensor, torch.Tensor] | None") -> torch.Tensor:
+    """The launch behind rotary_and_write_kv and rotary_and_append_kv, on checked operands (merged_token_operands);
+    slot: the first token's slot, a device tensor [1] or an int."""
+    batch, tokens, total, dim = qkv.shape
+    quant = scales is not None
+    query = torch.empty((batch, heads, tokens, dim), dtype=qkv.dtype, device=qkv.device)
+    key_scales, value_scales = scales if quant else (keys, values)
+    device_slot = isinstance(slot, torch.Tensor)
+    if query.numel():
+        _rotary_kv_write_kernel[(batch * total, tokens)](
+            qkv, cos, sin, query, keys, values, key_scales, value_scales, slot if device_slot else qkv,
+            0 if device_slot else slot, heads, kv_heads, dim // 2, qkv.stride(0), qkv.stride(1), qkv.stride(2),
+            cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), query.stride(0), query.stride(1),
+            query.stride(2), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
+            values.stride(2), key_scales.stride(0), key_scales.stride(1), key_scales.stride(2),
+            value_scales.stride(0), value_scales.stride(1), value_scales.stride(2),
+            BLOCK_D=triton.next_power_of_2(dim // 2), QUANT=quant, DEVICE_SLOT=device_slot, num_warps=1,
+            enable_fp_fusion=False,  # no fused multiply-adds: RoPE rounds as triton_rotary does
+            **overlap_options(qkv.device))
+    return query
 
 
 def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
@@ -163,19 +194,18 @@ def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     """RoPE and the cache write of one token's merged projection qkv [B, 1, H + 2 H_kv, D] (cos / sin [B or 1, 1,
     D]): returns the rotated query [B, H, 1, D]; the rotated key and the value go to planes [B, H_kv, S, D] at
     `slot` (float8 codes with `scales`, as write_kv_slot)."""
-    batch, _, total, dim = qkv.shape
-    quant = scales is not None
-    qkv, cos, sin = merged_token_operands("rotary_and_write_kv", qkv, cos, sin, heads, kv_heads, keys, values, quant)
-    query = torch.empty((batch, heads, 1, dim), dtype=qkv.dtype, device=qkv.device)
-    key_scales, value_scales = scales if quant else (keys, values)
-    if query.numel():
-        _rotary_kv_write_kernel[(batch * total,)](
-            qkv, cos, sin, query, keys, values, key_scales, value_scales, slot, heads, kv_heads, dim // 2,
-            qkv.stride(0), qkv.stride(2), cos.stride(0), sin.stride(0), query.stride(0), query.stride(1),
-            keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-            key_scales.stride(0), key_scales.stride(1), key_scales.stride(2),
-            value_scales.stride(0), value_scales.stride(1), value_scales.stride(2),
-            BLOCK_D=triton.next_power_of_2(dim // 2), QUANT=quant, num_warps=1,
-            enable_fp_fusion=False,  # no fused multiply-adds: RoPE rounds as triton_rotary does
-            **overlap_options(qkv.device))
-    return query
+    qkv, cos, sin = merged_token_operands("rotary_and_write_kv", qkv, cos, sin, heads, kv_heads, keys, values,
+                                          scales is not None)
+    return _rotary_kv_write(qkv, cos, sin, heads, kv_heads, keys, values, slot, scales)
+
+
+def rotary_and_append_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                         keys: torch.Tensor, values: torch.Tensor, first_slot: int) -> torch.Tensor:
+    """rotary_and_write_kv for S tokens qkv [B, S, H + 2 H_kv, D] (cos / sin [B or 1, S, D]) written to slots
+    first_slot .. first_slot + S - 1 of float planes: a prompt's RoPE and cache write in one kernel."""
+    if first_slot < 0 or first_slot + qkv.shape[1] > keys.shape[2]:
+        raise ValueError(f"rotary_and_append_kv: slots {first_slot}..{first_slot + qkv.shape[1] - 1} are not all "
+                         f"inside planes of {keys.shape[2]} slots")
+    qkv, cos, sin = merged_token_operands("rotary_and_append_kv", qkv, cos, sin, heads, kv_heads, keys, values,
+                                          False, one_token=False)
+    return _rotary_kv_write(qkv, cos, sin, heads, kv_heads, keys, values, first_slot, None)

@@ -19,6 +19,7 @@ from ..kernels import ops
 from ..kernels.decode_context import mark_after_attention
 from ..kernels.reference import dequantize_kv_vectors
 from ..low_bit_linear import LowBitLinear
+from .kv_cache import rotate_and_append
 
 SlidingWindowRule = Callable[[Any, int], "int | None"]
 
@@ -306,6 +307,9 @@ class FusedAttention(SeparateProjectionKeys):
                     return self.o_proj(out.reshape(batch, q_len, self.num_heads * self.head_dim)), None
             query, key, value = cache.rotate_and_update(qkv, cos, sin, self.layer_idx, self.num_heads,
                                                         self.num_key_value_heads)
+        elif self.q_norm is None and cache is not None and (appended := rotate_and_append(
+                cache, qkv, cos, sin, self.layer_idx, self.num_heads, self.num_key_value_heads)) is not None:
+            query, key, value = appended  # a prompt into our block cache: RoPE and the write in one kernel
         else:
             if self.q_norm is not None:
                 query, key = self.q_norm(query), self.k_norm(key)

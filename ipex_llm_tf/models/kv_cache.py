@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .. import kernels
 from ..kernels.reference import dequantize_kv_vectors, quantize_kv_vectors
 
 DEFAULT_BLOCK_SIZE = 256
@@ -85,6 +86,21 @@ class BlockKVLayer(DynamicLayer):
             self._planes[name][:, :, past:past + count] = tensor
         self.length += count
         return self._states("keys", past, key_states), self._states("values", past, value_states)
+
+    def rotate_and_append(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                          kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """update() for the merged projection qkv [B, S, H + 2 H_kv, D] of S tokens whose RoPE is still to do: (their
+        query heads rotated [B, H, S, D], every key and value so far), their keys rotated and written with their
+        values by one kernel on Triton (kernels.rotary_and_append_kv). Float planes only (not Fp8BlockKVLayer)."""
+        key_states = qkv[:, :, heads:heads + kv_heads].transpose(1, 2)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, key_states)
+        past, count = self.length, qkv.shape[1]
+        self._reserve(past + count)
+        query = kernels.rotary_and_append_kv(qkv, cos, sin, heads, kv_heads, self._planes["keys"],
+                                             self._planes["values"], past)
+        self.length += count
+        return query, self._states("keys", past, key_states), self._states("values", past, key_states)
 
     def get_seq_length(self) -> int:
         """Tokens stored."""
@@ -162,6 +178,20 @@ class Fp8BlockKVLayer(BlockKVLayer):
         # The step's own tokens are used unrounded, as they are at hand: a prompt attends to itself exactly (and with
         # no past, as is: a prefill's copy of its keys and values would only add to the peak)
         return torch.cat([self._decode(kind, past), new], dim=-2) if past else new
+
+
+def rotate_and_append(cache: Any, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_idx: int,
+                      heads: int, kv_heads: int) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None":
+    """BlockKVLayer.rotate_and_append on the cache's layer `layer_idx`; None where that layer is of another kind
+    (transformers' own, float8, not made yet), the cache offloads or torch.compile traces, for the caller to rotate
+    and call update()."""
+    layers = getattr(cache, "layers", None)
+    if not layers or layer_idx >= len(layers) or getattr(cache, "offloading", False) or torch.compiler.is_compiling():
+        return None  # (a Triton launch is no op Dynamo can trace)
+    layer = layers[layer_idx]
+    if not isinstance(layer, BlockKVLayer) or type(layer)._encode is not BlockKVLayer._encode:
+        return None
+    return layer.rotate_and_append(qkv, cos, sin, heads, kv_heads)
 
 
 class BlockKVCache(Cache):

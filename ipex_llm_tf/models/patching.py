@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import types
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +54,32 @@ def patch_decoder_model(model: nn.Module, options: DecoderOptions) -> None:
         layer.mlp = FusedGatedMLP(layer.mlp, str(getattr(config, "hidden_act", "")))
         for name in _LAYER_NORMS:
             setattr(layer, name, FusedRMSNorm.from_module(getattr(layer, name)))
+        if {name for name, _ in layer.named_children()} == _PRE_NORM_BLOCK:
+            layer.forward = types.MethodType(pre_norm_block_forward, layer)
     base.norm = FusedRMSNorm.from_module(base.norm)
     head = model.get_output_embeddings()
     if type(head) is nn.Linear:  # a float head; LowBitLinear already multiplies rows
         head.forward = types.MethodType(linear_on_rows, head)
+
+
+# the children of a pre-norm residual block (LlamaDecoderLayer and its Mistral / Qwen2 / Qwen3 twins); a layer with
+# any other (a post-norm, say) keeps transformers' forward
+_PRE_NORM_BLOCK = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+
+
+def pre_norm_block_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                           position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
+                           position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           **kwargs: Any) -> torch.Tensor:
+    """LlamaDecoderLayer.forward with the attention's residual add and the post-attention norm as one op
+    (FusedRMSNorm.add_forward: one kernel on Triton, the same two ops as transformers elsewhere)."""
+    if cache is None:
+        cache = kwargs.pop("past_key_values", None)  # the name transformers used before 5.x
+    attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
+                                 position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                 position_embeddings=position_embeddings, **kwargs)
+    normed, summed = self.post_attention_layernorm.add_forward(attended, hidden_states)
+    return summed + self.mlp(normed)
 
 
 def linear_on_rows(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

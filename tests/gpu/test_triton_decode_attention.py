@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 
 from ipex_llm_tf.kernels import arrivals  # noqa: E402
 from ipex_llm_tf.kernels import triton_decode_attention as TDA  # noqa: E402
-from ipex_llm_tf.kernels.triton_kv_write import rotary_and_write_kv, write_kv_slot  # noqa: E402
+from ipex_llm_tf.kernels.triton_kv_write import rotary_and_append_kv, rotary_and_write_kv, write_kv_slot  # noqa: E402
 from ipex_llm_tf.kernels.triton_rotary import rotary  # noqa: E402
 from ipex_llm_tf.kernels.reference import decode_attention_reference, quantize_kv_vectors  # noqa: E402
 from ipex_llm_tf.kernels.triton_linear import fp8_native  # noqa: E402
@@ -167,12 +167,12 @@ def test_kv_write_quantizes_like_the_fp8_cache() -> None:
         assert torch.equal(scale[:, :, 9:10], want_scale)
 
 
-def _merged_token(batch: int, heads: int, kv_heads: int, dim: int, dtype: torch.dtype):
-    """One token's merged q/k/v projection [B, 1, H + 2 H_kv, D] as a step has it (a view of a wider output), with
-    cos / sin as transformers' rotary embedding gives them."""
+def _merged_token(batch: int, heads: int, kv_heads: int, dim: int, dtype: torch.dtype, tokens: int = 1):
+    """One token's (or `tokens` tokens') merged q/k/v projection [B, S, H + 2 H_kv, D] as a layer has it (a view of
+    a wider output), with cos / sin as transformers' rotary embedding gives them."""
     gen = torch.Generator().manual_seed(heads + dim)
-    wide = torch.randn(batch, 1, heads + 2 * kv_heads + 3, dim, generator=gen).to(DEVICE, dtype)
-    angle = torch.rand(batch, 1, dim // 2, generator=gen).to(DEVICE) * 6.0
+    wide = torch.randn(batch, tokens, heads + 2 * kv_heads + 3, dim, generator=gen).to(DEVICE, dtype)
+    angle = torch.rand(batch, tokens, dim // 2, generator=gen).to(DEVICE) * 6.0
     cos, sin = (torch.cat([f(angle), f(angle)], dim=-1).to(dtype) for f in (torch.cos, torch.sin))
     return wide[:, :, :heads + 2 * kv_heads], cos, sin
 
@@ -197,6 +197,27 @@ def test_rotary_and_write_kv_equals_rotary_then_write(dtype, heads, kv_heads, di
         query = rotary_and_write_kv(qkv, *cos_sin, heads, kv_heads, planes[0][:, :, :32], planes[1][:, :, :32], slot)
         assert torch.equal(query, want_query), "query heads"
         assert torch.equal(planes[0], want_planes[0]) and torch.equal(planes[1], want_planes[1]), "cache planes"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("heads, kv_heads, dim, tokens, first", [(4, 4, 64, 7, 0), (8, 2, 80, 33, 5)])
+def test_rotary_and_append_kv_equals_rotary_then_copies(dtype, heads, kv_heads, dim, tokens, first) -> None:
+    """A prompt's RoPE and cache write in one kernel: the rotary kernel's query, and its keys and the values in
+    slots first.. of the planes, bit for bit, for per-row and broadcast positions; nothing else written."""
+    qkv, cos, sin = _merged_token(2, heads, kv_heads, dim, dtype, tokens)
+    for cos_sin in ((cos, sin), (cos[:1], sin[:1])):
+        planes = [torch.randn(2, kv_heads, 48, dim, device=DEVICE).to(dtype) for _ in range(2)]
+        want_planes = [plane.clone() for plane in planes]
+        query_key = rotary(qkv[:, :, :heads + kv_heads].transpose(1, 2), *cos_sin)
+        want_planes[0][:, :, first:first + tokens] = query_key[:, heads:]
+        want_planes[1][:, :, first:first + tokens] = qkv[:, :, heads + kv_heads:].transpose(1, 2)
+        query = rotary_and_append_kv(qkv, *cos_sin, heads, kv_heads, *planes, first)
+        assert torch.equal(query, query_key[:, :heads]), "query heads"
+        assert torch.equal(planes[0], want_planes[0]) and torch.equal(planes[1], want_planes[1]), "cache planes"
+    with pytest.raises(ValueError, match="not all inside planes of 48 slots"):
+        rotary_and_append_kv(qkv, cos, sin, heads, kv_heads, *planes, 48 - tokens + 1)
+    with pytest.raises(ValueError, match="H \\+ 2 H_kv"):
+        rotary_and_append_kv(qkv, cos, sin, heads + 1, kv_heads, *planes, 0)
 
 
 @pytest.mark.skipif(DEVICE != "cuda" or not fp8_native(torch.device("cuda")),
