@@ -26,8 +26,9 @@ def dequantize_blocks(ops: BlockOperands, n: int, dtype: torch.dtype, block_n: i
 
 # Prefill dequantizes a weight into a temporary in the activation dtype; a larger weight goes in bands of output rows,
 # so that temporary (180 MB for a 7B gate_up projection in fp16) does not set the model's peak memory. The bound grows
-# with the activation rows, as each band costs host time (a dequantize launch, a matmul, a copy). H100, 7B sym_int4,
-# per activation row:  0 (32 MB bands): 1024-token first token 45 ms;  64 KB: 37 ms;  128 KB: 34 ms;  256 KB: 33 ms;
+# with the activation rows, as each band costs host time (a dequantize launch and a matmul; until session 23 also a
+# copy into the output). H100, 7B sym_int4, per activation row (measured with the copy):  0 (32 MB bands):
+# 1024-token first token 45 ms;  64 KB: 37 ms;  128 KB: 34 ms;  256 KB: 33 ms;
 # peak of a 2k context prefilled in 512-token chunks with fp8 KV: 4.451 / 4.451 / 4.455 / 4.490 GiB.
 DEQUANT_BAND_BYTES = 32 << 20
 DEQUANT_BAND_BYTES_PER_ROW = 128 << 10
