@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .arrivals import ArrivalCounters
+from .grids import next_power_of_2
 from .launch_overlap import overlap_options, release_next, wait_previous
 from .triton_gemv_fp8 import fp8_bytes_to_float
 from .triton_linear import fp8_native, sm_count
@@ -284,8 +285,8 @@ def _attend(q: torch.Tensor, q_strides: tuple[int, int], heads: int, k: torch.Te
         part = torch.empty((batch * heads * splits, dim), device=q.device, dtype=torch.float32)
         ml = torch.empty((batch * heads * splits, 2), device=q.device, dtype=torch.float32)
         arrived = _ARRIVALS.get(q.device, batch * heads)
-    block_d = triton.next_power_of_2(dim)
-    block_p = triton.next_power_of_2(splits)
+    block_d = next_power_of_2(dim)
+    block_p = next_power_of_2(splits)
     _split_kernel[(batch * heads, splits)](
         q, k, v, ok if ok is not None else q, k_scales, v_scales, part, ml, out, out if arrived is None else arrived,
         cos, sin, slot, 0, heads, heads // kv_heads, keys, per_split, scale, *q_strides,

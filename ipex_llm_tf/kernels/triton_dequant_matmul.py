@@ -6,9 +6,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from . import triton_matmul as MM
+from .grids import cdiv
 from .triton_operands import BlockOperands, Fp8Operands
 
 
@@ -17,7 +17,7 @@ def dequantize_blocks(ops: BlockOperands, n: int, dtype: torch.dtype, block_n: i
     """The whole [N, K] weight of a block format in `dtype`, by one Triton kernel."""
     kb = ops.blocks_per_row
     out = torch.empty((n, ops.in_features), device=ops.codes.device, dtype=dtype)
-    MM.dequant_blocks_kernel[(triton.cdiv(n, block_n), triton.cdiv(kb, blocks))](
+    MM.dequant_blocks_kernel[(cdiv(n, block_n), cdiv(kb, blocks))](
         ops.codes, ops.scales, ops.mins, ops.qh, ops.table, out, n, kb,
         KIND=ops.kind, SBLK_SHIFT=ops.scale_shift_blocks, BLOCK_N=block_n, NB=blocks, EVEN=kb % blocks == 0,
         num_warps=4, enable_fp_fusion=False)  # no FMA: bit-identical to the format's own dequantize
@@ -74,7 +74,7 @@ def dequantize_fp8(ops: Fp8Operands, n: int, dtype: torch.dtype) -> torch.Tensor
     """The whole [N, K] fp8 weight times its row scales, in `dtype`, by one Triton kernel."""
     k = ops.in_features
     out = torch.empty((n, k), device=ops.qweight.device, dtype=dtype)
-    MM.dequant_fp8_kernel[(triton.cdiv(n, 16), triton.cdiv(k, 256))](
+    MM.dequant_fp8_kernel[(cdiv(n, 16), cdiv(k, 256))](
         ops.qweight, ops.scales, out, n, k, E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_N=16, BLOCK_K=256, num_warps=4,
         enable_fp_fusion=True)
     return out

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .grids import next_power_of_2
 from .launch_overlap import overlap_options, release_next, wait_previous
 from .triton_rotary import rotate_halves
 
@@ -137,7 +138,7 @@ def write_kv_slot(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, va
             keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
             key_scales.stride(0), key_scales.stride(1), key_scales.stride(2),
             value_scales.stride(0), value_scales.stride(1), value_scales.stride(2),
-            BLOCK_D=triton.next_power_of_2(dim), QUANT=quant, num_warps=1, enable_fp_fusion=True)
+            BLOCK_D=next_power_of_2(dim), QUANT=quant, num_warps=1, enable_fp_fusion=True)
 
 
 def merged_token_operands(caller: str, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
@@ -182,7 +183,7 @@ def _rotary_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, he
             query.stride(2), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
             values.stride(2), key_scales.stride(0), key_scales.stride(1), key_scales.stride(2),
             value_scales.stride(0), value_scales.stride(1), value_scales.stride(2),
-            BLOCK_D=triton.next_power_of_2(dim // 2), QUANT=quant, DEVICE_SLOT=device_slot, num_warps=1,
+            BLOCK_D=next_power_of_2(dim // 2), QUANT=quant, DEVICE_SLOT=device_slot, num_warps=1,
             enable_fp_fusion=False,  # no fused multiply-adds: RoPE rounds as triton_rotary does
             **overlap_options(qkv.device))
     return query

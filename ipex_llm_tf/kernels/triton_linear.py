@@ -28,7 +28,6 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from ..formats import LowBitFormat, Parts
 from ..formats.codebooks import CodebookFormat
@@ -38,6 +37,7 @@ from . import triton_gemv as G
 from . import triton_gemv_fp8 as GF
 from . import triton_gemv_planes as GP
 from . import triton_matmul as MM
+from .grids import cdiv
 # operands, configs and tuning are also addressed through this module (tests, benchmarks)
 from .triton_operands import (PLANE_KINDS, BlockOperands, Fp8Operands, _table,  # noqa: F401
                               block_kind, block_operands, fp8_native, fp8_operands, keeps_subnormals)
@@ -108,7 +108,7 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
             per_split, even, options["TAIL"] = kw // cfg.block_w, True, True
         elif per_split == 1 and cfg.prefetch > 0:  # one step a program: read before the wait, nothing after
             options["WHOLE"] = True
-    kernel[(triton.cdiv(x.shape[0], block_m), triton.cdiv(outputs, per_program), split)](
+    kernel[(cdiv(x.shape[0], block_m), cdiv(outputs, per_program), split)](
         x, ops.words, ops.scales, ops.mins, ops.qh, ops.gemv_table, ops.scales if bias is None else bias, y,
         x.shape[0], outputs, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
         KIND=ops.kind, SCALE_SHIFT=ops.scale_shift_blocks, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
@@ -138,7 +138,7 @@ def gemv_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: in
     m, k = x.shape
     per_split, split, even = _split_steps(k, cfg.block_w, cfg.split_k)
     y = _split_output(x, n, split)
-    GF.gemv_fp8_kernel[(m, triton.cdiv(n, cfg.block_n), split)](
+    GF.gemv_fp8_kernel[(m, cdiv(n, cfg.block_n), split)](
         x, ops.qweight, ops.scales, ops.scales if bias is None else bias, y,
         m, n, k, x.stride(0), y.stride(0), per_split,
         E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_w, SPLIT_K=split,
@@ -175,7 +175,7 @@ def matmul_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None
     kb = ops.blocks_per_row
     nb = max(1, cfg.block_k // 32)
     per_split, split, even = _split_steps(kb, nb, cfg.split_k)
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
     y, part, arrived, last_sums = _tile_outputs(x, n, split, tiles)
     MM.matmul_blocks_kernel[(tiles, split)](
         x, ops.codes, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y, part, arrived,
@@ -191,7 +191,7 @@ def matmul_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: 
                cfg: MatmulConfig) -> torch.Tensor:
     m, k = x.shape
     per_split, split, even = _split_steps(k, cfg.block_k, cfg.split_k)
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
     y, part, arrived, last_sums = _tile_outputs(x, n, split, tiles)
     MM.matmul_fp8_kernel[(tiles, split)](
         x, ops.qweight, ops.scales, ops.scales if bias is None else bias, y, part, arrived,

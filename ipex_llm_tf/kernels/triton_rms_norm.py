@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .grids import next_power_of_2
 from .launch_overlap import overlap_options, release_next, wait_previous
 
 
@@ -49,7 +50,7 @@ def _launch(rows: torch.Tensor, weight: torch.Tensor, eps: float, res: torch.Ten
     out = torch.empty(rows.shape, dtype=torch.promote_types(rows.dtype, weight.dtype), device=rows.device)
     if rows.shape[0]:
         _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, n, rows.stride(0), out.stride(0), eps,
-                                           BLOCK=triton.next_power_of_2(n), res_ptr=res, sum_ptr=summed,
+                                           BLOCK=next_power_of_2(n), res_ptr=res, sum_ptr=summed,
                                            res_row_stride=0 if res is None else res.stride(0),
                                            num_warps=4 if n <= 4096 else 8, enable_fp_fusion=True,
                                            **overlap_options(rows.device))

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grids import next_power_of_2
+
 
 @triton.jit
 def _rope_angles_kernel(pos_ptr, inv_freq_ptr, cos_ptr, sin_ptr, scaling, HALF: tl.constexpr, BLOCK: tl.constexpr):
@@ -48,5 +50,5 @@ def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
     rows = positions.numel()
     if rows and half:
         _rope_angles_kernel[(rows,)](positions.contiguous(), inv_freq.contiguous(), cos, sin, float(scaling),
-                                     HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1)
+                                     HALF=half, BLOCK=next_power_of_2(half), num_warps=1)
     return cos, sin

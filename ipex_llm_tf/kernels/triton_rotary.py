@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grids import cdiv, next_power_of_2
+
 
 @triton.jit
 def rotate_halves(x1, x2, c1, c2, s1, s2):
@@ -74,9 +76,9 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty((batch, heads, seq, dim), dtype=x.dtype, device=x.device)
-    block_h = min(16, triton.next_power_of_2(heads))
+    block_h = min(16, next_power_of_2(heads))
     if out.numel():
-        _rotary_kernel[(batch * seq, triton.cdiv(heads, block_h))](
+        _rotary_kernel[(batch * seq, cdiv(heads, block_h))](
             x, cos, sin, out, heads, seq, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
-            dim // 2, BLOCK_D=triton.next_power_of_2(dim // 2), BLOCK_H=block_h, enable_fp_fusion=False)
+            dim // 2, BLOCK_D=next_power_of_2(dim // 2), BLOCK_H=block_h, enable_fp_fusion=False)
     return out

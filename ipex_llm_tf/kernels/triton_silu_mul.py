@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .grids import cdiv, next_power_of_2
 from .launch_overlap import overlap_options, release_next, wait_previous
 
 
@@ -38,9 +39,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         rows = rows.contiguous()
     half = width // 2
     out = torch.empty((rows.shape[0], half), dtype=gate_up.dtype, device=gate_up.device)
-    block = min(1024, triton.next_power_of_2(half))
+    block = min(1024, next_power_of_2(half))
     if rows.shape[0]:
-        _silu_mul_kernel[(rows.shape[0], triton.cdiv(half, block))](rows, out, half, rows.stride(0), out.stride(0),
+        _silu_mul_kernel[(rows.shape[0], cdiv(half, block))](rows, out, half, rows.stride(0), out.stride(0),
                                                                     BLOCK=block, enable_fp_fusion=True,
                                                                     **overlap_options(out.device))
     return out.view(*gate_up.shape[:-1], half)

@@ -23,6 +23,7 @@ import torch
 import triton
 
 from . import tuning_cache
+from .grids import next_power_of_2
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,7 @@ _GEMV_FP8_TILES = ((8, 512, 4, 1, False), (16, 256, 4, 0, False), (32, 128, 8, 1
 
 def _step_width(width: int, extent: int, min_width: int) -> int:
     """A tile's K step, no wider than the row (`extent` words or elements, rounded up to a power of two) needs."""
-    return min(width, max(min_width, triton.next_power_of_2(extent)))
+    return min(width, max(min_width, next_power_of_2(extent)))
 
 
 def _gemv_configs(tiles: tuple, m: int, n: int, extent: int, min_width: int,
