@@ -103,6 +103,9 @@ def measure(name: str, model, device: str, new_tokens: int, bits: float, long_co
     decoder = graph_decoder(model)
     if decoder is not None:
         row["graph_captures"] = f"{decoder.stats.captures} in {decoder.stats.capture_seconds:.2f} s"
+        # prompts replayed from graphs of their padded length (models/prompt_graphs.py), and what recording cost
+        row["prompt_graphs"] = (f"{decoder.stats.prompt_captures} in {decoder.stats.prompt_capture_seconds:.2f} s, "
+                                f"{decoder.stats.prompt_replays} replays")
         # greedy steps replayed early (models/early_steps.py) and how many of those generate() then asked for
         row["early_steps"] = f"{decoder.stats.early_hits}/{decoder.stats.early_steps}"
         time_generate(model, ids, 1 + new_tokens, **generate_kwargs)  # the 2k runs regrew the storage: re-record
@@ -193,9 +196,8 @@ def main() -> None:
     if not args.ours_first:
         rows += measure_ours(args, device)
     print_table(rows, ["system", "bits/weight", "next_token_ms", "next_token_median_ms", "tok_s", "first_token_ms",
-                       "first_token_1024_ms",
-                       "next_token_2k_ms", "step_replay_ms", "peak_gib_2k_ctx", "warmup_ms", "graph_captures",
-                       "early_steps", "quantize_s", "note"])
+                       "first_token_1024_ms", "next_token_2k_ms", "step_replay_ms", "peak_gib_2k_ctx", "warmup_ms",
+                       "graph_captures", "prompt_graphs", "early_steps", "quantize_s", "note"])
     gpu = getattr(torch, device).get_device_name() if device in ("cuda", "xpu") else device
     print(f"wrote {write_json('bench_gpu', {'gpu': gpu, 'rows': rows}, args.json)}")
 

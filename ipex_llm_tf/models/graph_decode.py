@@ -10,7 +10,8 @@ each one-token step of a patched model is one graph replay:
   key-validity row that holds the padding mask and causality; a graph is recorded once per (batch, span) after one
   eager warm-up run of the same step (which also settles the Triton kernels' tuning), so the first steps of each span
   cost a capture: `GraphDecoder.stats` reports how many and how long.
-- prefill, and whatever else is not a plain one-token step, runs the eager fused forward on the same cache.
+- a plain prompt replays a graph recorded for its padded length (models/prompt_graphs.py); whatever else is not a
+  plain one-token step runs the eager fused forward on the same cache.
 - greedy calls replay each step early, on a side stream, while generate() does its per-token host work
   (models/early_steps.py); a step whose real inputs differ from the early ones replays again.
 """
@@ -21,42 +22,25 @@ import statistics
 import time
 import types
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import kernels
-from ..env import env_flag
 from . import eager_step
 from .compiled_step import CompiledStep, compiles_steps
 from .early_steps import EarlyStep, early_step_wanted, greedy_call, replay_early
-from .graph_storage import SPAN_BLOCK, GraphKVCache, KVBuffers, _SpanView  # noqa: F401 (re-exported)
+from .graph_storage import (SPAN_BLOCK, XPU_GRAPHS_ENV, GraphKVCache, KVBuffers, _SpanView,  # noqa: F401 (re-exported)
+                            graph_api, graphs_supported)
 from .kv_cache import Fp8BlockKVCache
+from .patching import run_blocks
+from .prompt_graphs import PromptGraphs
 from .step_rope import StepRope
 
 # transformers renamed `past_key_values` to `cache` in its 5.2x releases; speak whichever this version speaks
 CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-XPU_GRAPHS_ENV = "IPEX_LLM_TF_XPU_GRAPHS"
-
-
-def graph_api(device: torch.device) -> Any:
-    """The torch module that records graphs on `device`: torch.cuda; torch.xpu when its XPUGraph exists and
-    IPEX_LLM_TF_XPU_GRAPHS=1 (opt-in: the same capture, not yet run on Intel hardware by this project); else None."""
-    if device.type == "cuda":
-        return torch.cuda
-    if (device.type == "xpu" and hasattr(getattr(torch, "xpu", None), "XPUGraph")
-            and env_flag(XPU_GRAPHS_ENV, False)):
-        return torch.xpu
-    return None
-
-
-def graphs_supported(device: torch.device) -> bool:
-    """Whether decode steps on `device` are captured as graphs (see graph_api); elsewhere they run eagerly."""
-    return graph_api(device) is not None
 
 
 @dataclass
@@ -80,6 +64,9 @@ class DecodeStats:
     spans: list = field(default_factory=list)
     early_steps: int = 0       # steps replayed before generate() asked for them
     early_hits: int = 0        # ... whose inputs then matched, so their logits were used
+    prompt_captures: int = 0   # prompt graphs recorded (models/prompt_graphs.py), eager run included in the seconds
+    prompt_capture_seconds: float = 0.0
+    prompt_replays: int = 0
 
 
 class GraphDecoder:
@@ -95,6 +82,7 @@ class GraphDecoder:
         self.compiled = CompiledStep(self._run, self.stats)  # CPU steps, when compiles_steps() says so
         self.side: Any = None          # the stream early steps replay on, made on first use
         self.early: EarlyStep | None = None
+        self.prompts = PromptGraphs(self)
         base = model.base_model
         self.rope = StepRope(base.rotary_emb)
         self.windows = sorted({layer.self_attn.sliding_window for layer in base.layers
@@ -144,12 +132,7 @@ class GraphDecoder:
         batch, span = input_ids.shape[0], -(-(length + 1) // SPAN_BLOCK) * SPAN_BLOCK
         step = self.steps.get((batch, span))
         if step is None or step.version != self.buffers.version:
-            # graphs recorded over storage that has since moved can never replay again: free them and their inputs
-            self.steps = {key: kept for key, kept in self.steps.items() if kept.version == self.buffers.version}
-            if not self.steps:
-                # the dropped graphs held the only references to their memory pool; capturing into a pool whose
-                # last graph is gone trips the allocator, so the next capture starts a new pool
-                self.pool = None
+            self.drop_stale()
             step = self._static_inputs(input_ids, span)
             self.steps[(batch, span)] = step
         self._fill(step, input_ids, length, attention_mask, position_ids)
@@ -193,6 +176,29 @@ class GraphDecoder:
             stop.synchronize()
             times.append(start.elapsed_time(stop) / replays)
         return statistics.median_high(times)
+
+    def drop_stale(self) -> None:
+        """Free the graphs (steps and prompts) recorded over storage that has since moved, and their inputs: they can
+        never replay again."""
+        self.steps = {key: kept for key, kept in self.steps.items() if kept.version == self.buffers.version}
+        self.prompts.drop_stale(self.buffers.version)
+        if not self.steps and not self.prompts.graphs:
+            # the dropped graphs held the only references to their memory pool; capturing into a pool whose last
+            # graph is gone trips the allocator, so the next capture starts a new pool
+            self.pool = None
+
+    def record(self, run: Callable[[], torch.Tensor], device: torch.device) -> tuple[Any, torch.Tensor]:
+        """(graph, output) of `run` recorded in this decoder's memory pool and replayed once; an eager run of the
+        same work must come just before (it warms the kernels: nothing may tune or sync inside a capture)."""
+        api = graph_api(device)
+        if self.pool is None:
+            self.pool = api.graph_pool_handle()
+        graph = api.CUDAGraph() if api is torch.cuda else api.XPUGraph()
+        with api.graph(graph, pool=self.pool):
+            out = run()
+        graph.replay()
+        api.synchronize()
+        return graph, out
 
     def settle(self) -> None:
         """Make the current stream wait for an early step still running, and drop it: call before anything else
@@ -247,30 +253,13 @@ class GraphDecoder:
             for window in self.windows:
                 masks[window] = masks[None] & (key_pos > step.slot - window)[None, None, None, :]
         view = _SpanView(self.buffers.storage, step.slot, span)
-        # transformers' pre-norm residual blocks (LlamaDecoderLayer and its twins), with every residual add done by
-        # the kernel of the norm that follows it: the same roundings, half the kernels
-        layers = base.layers
-        residual, normed = hidden, layers[0].input_layernorm(hidden)
-        for i, layer in enumerate(layers):
-            attended = layer.self_attn(normed, position_embeddings=cos_sin, cache=view,
-                                       attention_mask=masks[layer.self_attn.sliding_window])[0]
-            normed, residual = layer.post_attention_layernorm.add_forward(attended, residual)
-            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else base.norm
-            normed, residual = following.add_forward(layer.mlp(normed), residual)
+        normed = run_blocks(base, hidden, cos_sin, view, masks)
         return model.lm_head(normed)
 
     def _capture(self, step: _StepGraph, span: int) -> None:
         start = time.perf_counter()
-        api = graph_api(step.ids.device)
-        if self.pool is None:
-            self.pool = api.graph_pool_handle()
         # the eager run just done warmed every kernel; recording re-runs the step, rewriting the same slot
-        graph = api.CUDAGraph() if api is torch.cuda else api.XPUGraph()
-        with api.graph(graph, pool=self.pool):
-            step.logits = self._run(step, span)
-        graph.replay()
-        step.graph = graph
-        api.synchronize()
+        step.graph, step.logits = self.record(lambda: self._run(step, span), step.ids.device)
         self.stats.captures += 1
         self.stats.capture_seconds += time.perf_counter() - start
         self.stats.spans.append(span)
@@ -285,6 +274,10 @@ def _graph_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
     if decoder is not None:
         decoder.settle()
+        if not args and decoder.prompts.applies(kwargs.get("input_ids"), cache, kwargs):
+            logits = decoder.prompts.run(kwargs["input_ids"], cache)
+            if logits is not None:
+                return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
     if not args and eager_step.can_step(model, kwargs.get("input_ids"), cache, kwargs):
         logits = eager_step.step(model, kwargs["input_ids"], cache, kwargs.get("position_ids"))
         return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})

@@ -12,9 +12,28 @@ import torch
 from transformers.cache_utils import Cache
 
 from .. import kernels
+from ..env import env_flag
 from .kv_cache import BlockKVLayer, Fp8BlockKVLayer
 
 SPAN_BLOCK = 256
+
+XPU_GRAPHS_ENV = "IPEX_LLM_TF_XPU_GRAPHS"
+
+
+def graph_api(device: torch.device) -> Any:
+    """The torch module that records graphs on `device`: torch.cuda; torch.xpu when its XPUGraph exists and
+    IPEX_LLM_TF_XPU_GRAPHS=1 (opt-in: the same capture, not yet run on Intel hardware by this project); else None."""
+    if device.type == "cuda":
+        return torch.cuda
+    if (device.type == "xpu" and hasattr(getattr(torch, "xpu", None), "XPUGraph")
+            and env_flag(XPU_GRAPHS_ENV, False)):
+        return torch.xpu
+    return None
+
+
+def graphs_supported(device: torch.device) -> bool:
+    """Whether decode steps on `device` are captured as graphs (see graph_api); elsewhere they run eagerly."""
+    return graph_api(device) is not None
 
 
 class GraphKVLayer(BlockKVLayer):
@@ -31,6 +50,13 @@ class GraphKVLayer(BlockKVLayer):
         for name, plane in planes.items():
             plane[:, :, :self.length] = self._planes[name][:, :, :self.length]
         self._planes = planes
+
+    def adopt_storage(self, tokens: int) -> None:
+        """Take the decoder's stored planes as this layer's, holding the `tokens` tokens a prompt graph wrote there."""
+        planes = self.buffers.storage[self.layer_idx]
+        self._planes = dict(planes)
+        self.device, self.dtype = planes["keys"].device, planes["keys"].dtype
+        self.length, self.is_initialized = tokens, True
 
     def _map_planes(self, fn: Any) -> None:
         if not self.is_initialized:

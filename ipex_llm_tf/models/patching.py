@@ -82,6 +82,22 @@ def pre_norm_block_forward(self: nn.Module, hidden_states: torch.Tensor, attenti
     return summed + self.mlp(normed)
 
 
+def run_blocks(base: nn.Module, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], cache: Any,
+               masks: "dict[int | None, torch.Tensor] | None") -> torch.Tensor:
+    """The patched decoder stack and its final norm as plain tensor ops, for graph steps and prompts: the pre-norm
+    residual blocks with every residual add done by the kernel of the norm that follows it (the same roundings, half
+    the kernels); masks maps a layer's sliding window to its attention mask (None: causal, built by the attention)."""
+    layers = base.layers
+    residual, normed = hidden, layers[0].input_layernorm(hidden)
+    for i, layer in enumerate(layers):
+        attended = layer.self_attn(normed, position_embeddings=cos_sin, cache=cache,
+                                   attention_mask=None if masks is None else masks[layer.self_attn.sliding_window])[0]
+        normed, residual = layer.post_attention_layernorm.add_forward(attended, residual)
+        following = layers[i + 1].input_layernorm if i + 1 < len(layers) else base.norm
+        normed, residual = following.add_forward(layer.mlp(normed), residual)
+    return normed
+
+
 def linear_on_rows(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """nn.Linear.forward with x's leading dims flattened first, so the product is always one matrix multiply.
 

@@ -56,6 +56,23 @@ def test_graph_decode_matches_eager(arch: str, low_bit: str) -> None:
     assert decoder.rope.agrees == {(ids.device, torch.float16): True}, "steps take the one-kernel RoPE angles"
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_prompt_graphs_match_the_eager_prompt(arch: str) -> None:
+    """A prompt's second call records its bucket's graph, later calls replay it (models/prompt_graphs.py): the same
+    greedy tokens as the eager cache and logits within 2e-2 (the padded prompt's matmuls take other tile shapes)."""
+    model = ipex_llm_tf.optimize_model(tiny_model(arch, attn_implementation="sdpa").half(), low_bit="sym_int4").to("cuda")
+    decoder = graph_decoder(model)
+    for batch, tokens in ((1, 12), (3, 100), (1, 300)):  # 300: the storage grows to the 320-token bucket
+        ids = torch.randint(2, 128, (batch, tokens), generator=torch.Generator().manual_seed(tokens)).cuda()
+        want_tokens, want_scores = _eager(model, ids, torch.ones_like(ids), 8)
+        for call in range(3):
+            got, scores = _generate(model, ids, torch.ones_like(ids), 8)
+            assert torch.equal(got, want_tokens), f"prompt {batch}x{tokens}, call {call}"
+            error = ((scores - want_scores).abs().max() / want_scores.abs().max()).item()
+            assert error < 2e-2, f"prompt {batch}x{tokens}, call {call}: relative logit error {error:.2e}"
+    assert decoder.stats.prompt_captures == 3 and decoder.stats.prompt_replays == 6
+
+
 def test_graph_decode_crosses_spans_and_batch_sizes() -> None:
     model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa").half(), low_bit="sym_int4").to("cuda")
     decoder = graph_decoder(model)

@@ -1,0 +1,163 @@
+"""Prompts replayed from captured CUDA graphs, one graph per padded prompt length ("bucket").
+
+An eager 7B prefill launches ~400-730 kernels with Python around each of them: on the lent H100 hosts that host work
+(~55 ms) outlasts the kernels themselves (~7 ms for a 32-token prompt, ~30 ms for 1024 tokens), so the first token's
+time depended on the host's speed. A plain first forward of a generate() call (an empty GraphKVCache, no padding, the
+last token's logits only) instead replays a graph recorded for its bucket:
+
+- the prompt is padded at its end to the bucket's length. Attention is causal, so no real token sees the padding; the
+  padding's keys and values land in cache slots past the prompt, which the cache does not count and decode steps
+  overwrite.
+- a bucket is recorded the second time a call falls in it, after one eager run at the bucket's length (which also
+  settles the kernels' tuning): a one-off prompt length costs no capture. `GraphDecoder.stats` counts both.
+- buckets are multiples of 1/8 of the prompt's next power of two (at least 32 tokens), so the padding is under 32
+  tokens or under a quarter of the prompt, and prompts up to MAX_PROMPT_TOKENS fall in 16 buckets.
+- the graphs share the decode steps' memory pool, which keeps the largest prompt's temporaries (~0.2 GB for a
+  1024-token 7B prompt: its dequantized weight bands and MLP activations). Longer prompts run eagerly: their kernels
+  take about as long as their host work (~60 ms at 2048 tokens on an H100), and their temporaries would stay held.
+
+Anything else (a cache already holding tokens, padding, custom positions, all logits asked for, hooks, an fp8 cache,
+rotary embeddings whose frequencies depend on the length) runs the eager forward. IPEX_LLM_TF_PROMPT_GRAPHS=0 turns
+the graphs off.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..env import env_flag
+from ..kernels.grids import next_power_of_2
+from .eager_step import _UNSUPPORTED, _has_hooks
+from .graph_storage import GraphKVCache, graphs_supported
+from .patching import run_blocks
+from .step_rope import fixed_frequencies
+
+PROMPT_GRAPHS_ENV = "IPEX_LLM_TF_PROMPT_GRAPHS"
+MAX_PROMPT_TOKENS = 1024
+MIN_BUCKET_STEP = 32
+
+
+def prompt_bucket(tokens: int) -> int:
+    """The padded length a prompt of `tokens` tokens is replayed at."""
+    if tokens < 1:
+        raise ValueError(f"a prompt has at least one token, got {tokens}")
+    step = max(MIN_BUCKET_STEP, next_power_of_2(tokens) // 8)
+    return -(-tokens // step) * step
+
+
+@dataclass
+class _PromptGraph:
+    ids: torch.Tensor          # [batch, bucket] the prompt's token ids, then padding
+    positions: torch.Tensor    # [batch, bucket] 0, 1, 2, ...
+    last: torch.Tensor         # [1] index of the prompt's last token: its logits are the output
+    version: int               # the KV storage's version the graph writes into
+    graph: Any = None
+    logits: torch.Tensor | None = None
+
+
+class PromptGraphs:
+    """The prompt graphs of one GraphDecoder (which owns the KV storage, the memory pool and the stats)."""
+
+    def __init__(self, decoder: Any) -> None:
+        self.decoder = decoder
+        self.graphs: dict[tuple[int, int], _PromptGraph] = {}
+        self.seen: dict[tuple[int, int], int] = {}
+
+    def applies(self, input_ids: torch.Tensor | None, cache: Any, kwargs: dict) -> bool:
+        """Whether this forward call is a plain first forward of a generate() call that a prompt graph can serve."""
+        decoder = self.decoder
+        if not env_flag(PROMPT_GRAPHS_ENV, True) or decoder.fp8:
+            return False
+        if not isinstance(cache, GraphKVCache) or cache.buffers is not decoder.buffers or decoder.buffers.detached:
+            return False
+        if input_ids is None or input_ids.dim() != 2 or not 1 < input_ids.shape[1] <= MAX_PROMPT_TOKENS:
+            return False
+        if not graphs_supported(input_ids.device):  # (compiled CPU steps use the same cache)
+            return False
+        if cache.get_seq_length() != 0 or kwargs.get("logits_to_keep") != 1 or kwargs.get("return_dict") is False:
+            return False
+        if any(kwargs.get(name) not in (None, False) for name in _UNSUPPORTED):
+            return False
+        model = decoder.model
+        if model.training or fixed_frequencies(model.base_model.rotary_emb) is None or _has_hooks(model):
+            return False
+        return _plain_positions(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+
+    def run(self, input_ids: torch.Tensor, cache: GraphKVCache) -> torch.Tensor | None:
+        """Logits [batch, 1, vocab] of the prompt's last token from its bucket's graph, the prompt's keys and values
+        written into the cache; None when the bucket has no graph yet (the caller runs the eager forward)."""
+        batch, tokens = input_ids.shape
+        key = (batch, prompt_bucket(tokens))
+        decoder = self.decoder
+        prompt = self.graphs.get(key)
+        if prompt is None or prompt.version != decoder.buffers.version:
+            self.seen[key] = self.seen.get(key, 0) + 1
+            if self.seen[key] < 2:
+                return None
+            prompt = self._record(input_ids, key[1])
+        self._fill(prompt, input_ids)
+        prompt.graph.replay()
+        decoder.stats.prompt_replays += 1
+        for layer in cache.layers:
+            layer.adopt_storage(tokens)
+        return prompt.logits.clone()
+
+    def drop_stale(self, version: int) -> None:
+        """Forget graphs recorded over storage that has since moved (they can never replay again)."""
+        self.graphs = {key: kept for key, kept in self.graphs.items() if kept.version == version}
+
+    # -- internals -----------------------------------------------------------------------------------------------------
+    def _record(self, input_ids: torch.Tensor, bucket: int) -> _PromptGraph:
+        start = time.perf_counter()
+        decoder = self.decoder
+        batch, device = input_ids.shape[0], input_ids.device
+        positions = torch.arange(bucket, device=device).expand(batch, bucket)
+        prompt = _PromptGraph(torch.zeros(batch, bucket, dtype=torch.long, device=device), positions,
+                              torch.zeros(1, dtype=torch.long, device=device), -1)
+        self._fill(prompt, input_ids)
+        # the eager run settles the kernels' tuning and one-time checks at the bucket's shapes, and grows the storage
+        # to the bucket if it must (which makes graphs recorded over the old storage useless: they go first)
+        self._forward(prompt)
+        decoder.drop_stale()
+        prompt.version = decoder.buffers.version
+        prompt.graph, prompt.logits = decoder.record(lambda: self._forward(prompt), device)
+        self.graphs[(batch, bucket)] = prompt
+        decoder.stats.prompt_captures += 1
+        decoder.stats.prompt_capture_seconds += time.perf_counter() - start
+        return prompt
+
+    def _forward(self, prompt: _PromptGraph) -> torch.Tensor:
+        """The padded prompt through the model as plain tensor ops on the static inputs (what a capture records)."""
+        model, decoder = self.decoder.model, self.decoder
+        base = model.base_model
+        hidden = base.embed_tokens(prompt.ids)
+        cos_sin = base.rotary_emb(hidden, prompt.positions)
+        # a cache of its own over the decoder's storage: it writes the bucket's keys and values from slot 0
+        scratch = GraphKVCache(decoder.buffers, len(base.layers))
+        normed = run_blocks(base, hidden, cos_sin, scratch, None)
+        return model.lm_head(normed.index_select(1, prompt.last))
+
+    @staticmethod
+    def _fill(prompt: _PromptGraph, input_ids: torch.Tensor) -> None:
+        tokens = input_ids.shape[1]
+        prompt.ids[:, :tokens].copy_(input_ids)
+        prompt.ids[:, tokens:].fill_(0)
+        prompt.last.fill_(tokens - 1)
+
+
+def _plain_positions(input_ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None) -> bool:
+    """Whether the prompt has no padding and its positions are 0, 1, 2, ... (one device sync: generate() syncs at
+    this point anyway)."""
+    checks = []
+    if mask is not None:
+        if mask.dim() != 2 or mask.shape != input_ids.shape:
+            return False
+        checks.append(mask.bool().all())
+    if positions is not None:
+        if positions.shape[-1] != input_ids.shape[1] or positions.dim() != 2:
+            return False
+        checks.append((positions == torch.arange(input_ids.shape[1], device=positions.device)).all())
+    return bool(torch.stack(checks).all()) if checks else True

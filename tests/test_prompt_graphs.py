@@ -1,0 +1,150 @@
+"""Prompt graphs (ipex_llm_tf.models.prompt_graphs) on the CPU: what a graph would record, replayed as plain ops.
+
+A CPU has no graphs, so the tests pretend it does: `record` returns a stand-in whose replay() reruns the recorded
+function into the same output tensor, as a graph replay rewrites its static output. That checks the logic a CUDA
+graph records (the prompt padded to its bucket, its keys and values written from slot 0 of the decoder's storage,
+the last real token's logits, the cache taking over the storage at the prompt's length, decode steps going on
+from there) and when a prompt declines the graph. The real capture runs in tests/gpu/test_graph_decode_cuda.py.
+Matmuls run on the float32 reference backend; a padded prompt multiplies more rows, which may change a sum's
+blocking, so logits agree within 1e-5 of the largest and greedy tokens exactly.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import ipex_llm_tf
+from ipex_llm_tf.models import prompt_graphs
+from ipex_llm_tf.models.graph_decode import CACHE_KWARG, GraphKVCache, install_graph_decode
+from ipex_llm_tf.models.prompt_graphs import MAX_PROMPT_TOKENS, PROMPT_GRAPHS_ENV, prompt_bucket
+from model_factories import ARCHITECTURES, tiny_model
+
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
+
+class _Rerun:
+    """A stand-in graph: replay() reruns the recorded work into the output tensor it first returned."""
+
+    def __init__(self, run, out: torch.Tensor) -> None:
+        self.run, self.out = run, out
+
+    def replay(self) -> None:
+        self.out.copy_(self.run())
+
+
+def _pretend_graphs(monkeypatch: pytest.MonkeyPatch, decoder) -> None:
+    monkeypatch.setattr(prompt_graphs, "graphs_supported", lambda device: True)
+
+    def record(run, device):
+        out = run()
+        return _Rerun(run, out), out
+    monkeypatch.setattr(decoder, "record", record)
+
+
+def _generate(model, ids, new_tokens, cache, mask=None):
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids) if mask is None else mask,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                             output_scores=True, return_dict_in_generate=True, **{CACHE_KWARG: cache})
+    return out.sequences, torch.stack(out.scores)
+
+
+def test_prompt_bucket() -> None:
+    assert [prompt_bucket(n) for n in (1, 2, 32, 33, 256, 257, 300, 513, 1000, 1024)] == \
+        [32, 32, 32, 64, 256, 320, 320, 640, 1024, 1024]
+    for tokens in range(1, MAX_PROMPT_TOKENS + 1):
+        bucket = prompt_bucket(tokens)
+        assert 0 <= bucket - tokens < max(32, tokens / 4), tokens
+    assert len({prompt_bucket(n) for n in range(1, MAX_PROMPT_TOKENS + 1)}) == 16
+    with pytest.raises(ValueError, match="at least one token"):
+        prompt_bucket(0)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_replayed_prompts_match_the_eager_forward(monkeypatch: pytest.MonkeyPatch, arch: str) -> None:
+    model = ipex_llm_tf.optimize_model(tiny_model(arch, attn_implementation="sdpa"), low_bit="sym_int8",
+                                       modules_to_not_convert=["lm_head"])
+    decoder = install_graph_decode(model)
+    _pretend_graphs(monkeypatch, decoder)
+    for batch, tokens in ((1, 10), (2, 37)):  # Mistral's window is 8: both prompts are longer
+        ids = torch.randint(2, 128, (batch, tokens), generator=torch.Generator().manual_seed(tokens))
+        want, want_scores = _generate(model, ids, 5, DynamicCache())
+        captures, replays = decoder.stats.prompt_captures, decoder.stats.prompt_replays
+        for call in range(3):  # eager, recorded then replayed, replayed
+            cache = decoder.new_cache()
+            got, scores = _generate(model, ids, 5, cache)
+            assert torch.equal(got, want), f"call {call}"
+            assert (scores - want_scores).abs().max() <= 1e-5 * want_scores.abs().max(), f"call {call}"
+            assert cache.get_seq_length() == tokens + 4
+        assert decoder.stats.prompt_captures == captures + 1
+        assert decoder.stats.prompt_replays == replays + 2
+        assert (batch, prompt_bucket(tokens)) in decoder.prompts.graphs
+
+
+def test_a_replayed_prompt_leaves_the_cache_as_the_eager_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa"), low_bit="fp16").float()
+    decoder = install_graph_decode(model)
+    _pretend_graphs(monkeypatch, decoder)
+    ids = torch.randint(2, 128, (1, 20), generator=torch.Generator().manual_seed(2))
+    caches = []
+    for _ in range(2):
+        caches.append(decoder.new_cache())
+        with torch.inference_mode():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1,
+                        **{CACHE_KWARG: caches[-1]})
+        keys = [layer.keys.clone() for layer in caches[-1].layers]
+    decoder.new_cache()
+    with torch.inference_mode():
+        replayed = model(input_ids=ids, logits_to_keep=1, **{CACHE_KWARG: (cache := decoder.new_cache())})
+    assert decoder.stats.prompt_replays == 2 and isinstance(cache, GraphKVCache)
+    assert cache.get_seq_length() == 20 and cache.layers[0].capacity() >= prompt_bucket(20)
+    for layer, want in zip(cache.layers, keys):
+        assert torch.allclose(layer.keys, want, rtol=0, atol=1e-5)
+    assert torch.allclose(replayed.logits, out.logits, rtol=0, atol=1e-5 * out.logits.abs().max().item())
+
+
+def _declines(model, decoder, ids, cache=None, **kwargs) -> bool:
+    kwargs.setdefault("logits_to_keep", 1)
+    kwargs.setdefault("attention_mask", torch.ones_like(ids))
+    return not decoder.prompts.applies(ids, decoder.new_cache() if cache is None else cache, kwargs)
+
+
+def test_prompts_that_take_the_eager_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa"), low_bit="sym_int8")
+    decoder = install_graph_decode(model)
+    _pretend_graphs(monkeypatch, decoder)
+    ids = torch.randint(2, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    assert not _declines(model, decoder, ids)
+    assert not _declines(model, decoder, ids, position_ids=torch.arange(12).expand(2, 12), attention_mask=None)
+    padded = torch.ones_like(ids)
+    padded[1, :3] = 0
+    assert _declines(model, decoder, ids, attention_mask=padded)
+    assert _declines(model, decoder, ids, position_ids=torch.arange(12).expand(2, 12) + 1)
+    assert _declines(model, decoder, ids, logits_to_keep=0), "every position's logits: the eager forward"
+    assert _declines(model, decoder, ids, output_hidden_states=True)
+    assert _declines(model, decoder, ids[:, :1]), "one token is a decode step's shape"
+    assert _declines(model, decoder, torch.randint(2, 128, (1, MAX_PROMPT_TOKENS + 1)))
+    assert _declines(model, decoder, ids, cache=DynamicCache())
+    filled = decoder.new_cache()
+    with torch.inference_mode():
+        model(input_ids=ids, **{CACHE_KWARG: filled})
+    assert _declines(model, decoder, ids, cache=filled), "a cache already holding tokens"
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda *args: None)
+    assert _declines(model, decoder, ids)
+    handle.remove()
+    monkeypatch.setenv(PROMPT_GRAPHS_ENV, "0")
+    assert _declines(model, decoder, ids)
+    monkeypatch.delenv(PROMPT_GRAPHS_ENV)
+    monkeypatch.setattr(prompt_graphs, "graphs_supported", lambda device: False)
+    assert _declines(model, decoder, ids), "no graphs on this device (compiled CPU steps share the cache)"
+
+
+def test_dynamic_rope_and_fp8_caches_take_the_eager_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    dynamic = tiny_model("llama", attn_implementation="sdpa",
+                         rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    for model in (ipex_llm_tf.optimize_model(dynamic, low_bit="sym_int8"),
+                  ipex_llm_tf.optimize_model(tiny_model("llama"), low_bit="sym_int8", quantize_kv_cache=True)):
+        decoder = install_graph_decode(model)
+        _pretend_graphs(monkeypatch, decoder)
+        assert _declines(model, decoder, torch.randint(2, 128, (1, 12)))
