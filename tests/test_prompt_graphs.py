@@ -30,7 +30,8 @@ class _Rerun:
         self.run, self.out = run, out
 
     def replay(self) -> None:
-        self.out.copy_(self.run())
+        with torch.inference_mode():  # the output was made inside it, as generate() under inference_mode makes it
+            self.out.copy_(self.run())
 
 
 def _pretend_graphs(monkeypatch: pytest.MonkeyPatch, decoder) -> None:
@@ -148,3 +149,22 @@ def test_dynamic_rope_and_fp8_caches_take_the_eager_forward(monkeypatch: pytest.
         decoder = install_graph_decode(model)
         _pretend_graphs(monkeypatch, decoder)
         assert _declines(model, decoder, torch.randint(2, 128, (1, 12)))
+
+
+@pytest.mark.parametrize("prompt_graphs_on", [True, False], ids=["prompt-graphs", "eager-prompts"])
+def test_calls_with_and_without_inference_mode_share_the_storage(monkeypatch: pytest.MonkeyPatch,
+                                                                 prompt_graphs_on: bool) -> None:
+    """Storage and static inputs made in a generate() under torch.inference_mode take writes from a later call
+    without it (generate() only disables grad): they are made outside inference mode."""
+    monkeypatch.setenv(PROMPT_GRAPHS_ENV, "1" if prompt_graphs_on else "0")
+    model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa"), low_bit="sym_int8")
+    decoder = install_graph_decode(model)
+    _pretend_graphs(monkeypatch, decoder)
+    ids = torch.randint(2, 128, (1, 10), generator=torch.Generator().manual_seed(6))
+    sequences = []
+    for inference in (True, True, False, False):
+        with torch.inference_mode(inference), torch.no_grad():
+            sequences.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                            do_sample=False, pad_token_id=0, **{CACHE_KWARG: decoder.new_cache()}))
+    assert all(torch.equal(seq, sequences[0]) for seq in sequences)
+    assert decoder.stats.prompt_replays == (3 if prompt_graphs_on else 0)

@@ -33,7 +33,7 @@ from . import eager_step
 from .compiled_step import CompiledStep, compiles_steps
 from .early_steps import EarlyStep, early_step_wanted, greedy_call, replay_early
 from .graph_storage import (SPAN_BLOCK, XPU_GRAPHS_ENV, GraphKVCache, KVBuffers, _SpanView,  # noqa: F401 (re-exported)
-                            graph_api, graphs_supported)
+                            graph_api, graphs_supported, persistent)
 from .kv_cache import Fp8BlockKVCache
 from .patching import run_blocks
 from .prompt_graphs import PromptGraphs
@@ -222,10 +222,11 @@ class GraphDecoder:
     # -- internals -----------------------------------------------------------------------------------------------------
     def _static_inputs(self, input_ids: torch.Tensor, span: int) -> _StepGraph:
         batch, device = input_ids.shape[0], input_ids.device
-        return _StepGraph(None, torch.zeros(batch, 1, dtype=torch.long, device=device),
-                          torch.zeros(batch, 1, dtype=torch.long, device=device),
-                          torch.zeros(1, dtype=torch.long, device=device),
-                          torch.zeros(batch, span, dtype=torch.bool, device=device), version=self.buffers.version)
+        with persistent():
+            return _StepGraph(None, torch.zeros(batch, 1, dtype=torch.long, device=device),
+                              torch.zeros(batch, 1, dtype=torch.long, device=device),
+                              torch.zeros(1, dtype=torch.long, device=device),
+                              torch.zeros(batch, span, dtype=torch.bool, device=device), version=self.buffers.version)
 
     @staticmethod
     def _fill(step: _StepGraph, input_ids: torch.Tensor, length: int, attention_mask: torch.Tensor | None,

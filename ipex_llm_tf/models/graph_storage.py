@@ -105,10 +105,18 @@ class KVBuffers:
             capacity = max(tokens, SPAN_BLOCK)
             capacity = 1 << (capacity - 1).bit_length()  # powers of two: a long generation regrows log2 times
             # zeros, not empty: masked slots still enter the products, and garbage NaNs would leak through them
-            held = {name: plane.new_zeros(*plane.shape[:2], capacity, *plane.shape[3:]) for name, plane in like.items()}
+            with persistent():
+                held = {name: plane.new_zeros(*plane.shape[:2], capacity, *plane.shape[3:])
+                        for name, plane in like.items()}
             self.storage[layer_idx] = held
             self.version += 1
         return held
+
+
+def persistent() -> torch.inference_mode:
+    """Where tensors that outlive a generate() call are made: outside inference mode, so that a later call made
+    without it (generate() itself only disables grad) may still write into them."""
+    return torch.inference_mode(False)
 
 
 def _fits(plane: torch.Tensor, like: torch.Tensor, tokens: int) -> bool:

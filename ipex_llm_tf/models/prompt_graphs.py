@@ -31,7 +31,7 @@ import torch
 from ..env import env_flag
 from ..kernels.grids import next_power_of_2
 from .eager_step import _UNSUPPORTED, _has_hooks
-from .graph_storage import GraphKVCache, graphs_supported
+from .graph_storage import GraphKVCache, graphs_supported, persistent
 from .patching import run_blocks
 from .step_rope import fixed_frequencies
 
@@ -114,9 +114,10 @@ class PromptGraphs:
         start = time.perf_counter()
         decoder = self.decoder
         batch, device = input_ids.shape[0], input_ids.device
-        positions = torch.arange(bucket, device=device).expand(batch, bucket)
-        prompt = _PromptGraph(torch.zeros(batch, bucket, dtype=torch.long, device=device), positions,
-                              torch.zeros(1, dtype=torch.long, device=device), -1)
+        with persistent():
+            positions = torch.arange(bucket, device=device).expand(batch, bucket)
+            prompt = _PromptGraph(torch.zeros(batch, bucket, dtype=torch.long, device=device), positions,
+                                  torch.zeros(1, dtype=torch.long, device=device), -1)
         self._fill(prompt, input_ids)
         # the eager run settles the kernels' tuning and one-time checks at the bucket's shapes, and grows the storage
         # to the bucket if it must (which makes graphs recorded over the old storage useless: they go first)
