@@ -73,6 +73,20 @@ def test_prompt_graphs_match_the_eager_prompt(arch: str) -> None:
     assert decoder.stats.prompt_captures == 3 and decoder.stats.prompt_replays == 6
 
 
+def test_calls_in_and_out_of_inference_mode_share_the_graphs() -> None:
+    """The graph storage and static inputs made under torch.inference_mode take a later plain call's writes."""
+    model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa").half(), low_bit="sym_int4").to("cuda")
+    ids = torch.randint(2, 128, (1, 12), generator=torch.Generator().manual_seed(9)).cuda()
+    runs = []
+    for inference in (True, True, False, False):
+        with torch.inference_mode(inference), torch.no_grad():
+            runs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                       pad_token_id=0))
+    assert all(torch.equal(run, runs[0]) for run in runs)
+    stats = graph_decoder(model).stats
+    assert stats.prompt_replays == 3 and stats.replays > 0
+
+
 def test_graph_decode_crosses_spans_and_batch_sizes() -> None:
     model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa").half(), low_bit="sym_int4").to("cuda")
     decoder = graph_decoder(model)
