@@ -353,13 +353,13 @@ def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
 
 
 def next_greedy_inputs(logits: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, key_ok: torch.Tensor,
-                       slot: torch.Tensor, length: int) -> None:
+                       slot: torch.Tensor, length: int, copy_to: torch.Tensor | None = None) -> None:
     """In place: ids = each row of logits [B, V]'s argmax, positions + 1, key_ok[:, length] = True, slot = length
-    (a greedy step's static inputs for the next token); one Triton kernel on GPUs."""
+    (a greedy step's static inputs for the next token), and copy_to = logits if given; one Triton kernel on GPUs."""
     if op_backend("greedy_inputs", logits.device) == "triton":
         from .triton_greedy_inputs import next_greedy_inputs as triton_next_greedy_inputs
-        return triton_next_greedy_inputs(logits, ids, positions, key_ok, slot, length)
-    return next_greedy_inputs_reference(logits, ids, positions, key_ok, slot, length)
+        return triton_next_greedy_inputs(logits, ids, positions, key_ok, slot, length, copy_to)
+    return next_greedy_inputs_reference(logits, ids, positions, key_ok, slot, length, copy_to)
 
 
 def describe_op_backends(device: torch.device) -> list[str]:

@@ -72,9 +72,12 @@ def dequantize_kv_vectors(codes: torch.Tensor, scales: torch.Tensor, dtype: torc
 
 
 def next_greedy_inputs_reference(logits: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
-                                 key_ok: torch.Tensor, slot: torch.Tensor, length: int) -> None:
+                                 key_ok: torch.Tensor, slot: torch.Tensor, length: int,
+                                 copy_to: torch.Tensor | None = None) -> None:
     """A greedy decode step's inputs for the next token, in place: each row's argmax token, its position plus one,
-    the key at `length` made visible, and the cache slot set to `length`."""
+    the key at `length` made visible, and the cache slot set to `length`; the logits copied into copy_to if given."""
+    if copy_to is not None:
+        copy_to.copy_(logits)
     torch.argmax(logits, dim=-1, keepdim=True, out=ids)
     positions.add_(1)
     key_ok[:, length] = True

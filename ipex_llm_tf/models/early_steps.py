@@ -62,16 +62,28 @@ def early_step_wanted(cache: Any, length: int, span: int) -> bool:
             and length + 1 <= span and env_flag(EARLY_STEP_ENV, True))
 
 
-def replay_early(api: Any, side: Any, step: Any, cache: Any, length: int) -> EarlyStep:
-    """Replay `step` at cache length `length` on stream `side`, its token the argmax of the step's last logits."""
-    side.wait_stream(api.current_stream())  # the caller copied the logits out before the replay rewrites them
+def replay_early(api: Any, side: Any, step: Any, cache: Any, length: int,
+                 after_current: bool) -> tuple[EarlyStep, torch.Tensor]:
+    """Replay `step` at cache length `length` on stream `side`, its token the argmax of the step's last logits:
+    (the early step, those logits copied out for generate(), which the current stream may read at once).
+
+    One kernel writes the next inputs and the copy, on the side stream right behind the step that wrote the logits
+    when that step ran there too (after_current False): the device goes from one step to the next with no clone
+    kernel and no wait between streams in the way. A step replayed on the current stream is waited for first."""
+    current = api.current_stream()
+    if after_current:
+        side.wait_stream(current)
     with api.stream(side):
+        logits = torch.empty_like(step.logits)
         # generate() extends the attention mask with ones: the key at the new slot becomes visible
-        kernels.next_greedy_inputs(step.logits[:, -1, :], step.ids, step.positions, step.key_ok, step.slot, length)
+        kernels.next_greedy_inputs(step.logits[:, -1, :], step.ids, step.positions, step.key_ok, step.slot, length,
+                                   copy_to=logits[:, -1, :])
         inputs_ready = side.record_event()
         step.graph.replay()
         done = side.record_event()
-    return EarlyStep(step, cache, length, inputs_ready, done)
+    logits.record_stream(current)  # made on the side stream, used and freed on the current one
+    current.wait_event(inputs_ready)
+    return EarlyStep(step, cache, length, inputs_ready, done), logits
 
 
 def greedy_call(model: nn.Module, kwargs: dict) -> bool:

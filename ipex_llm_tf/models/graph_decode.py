@@ -124,7 +124,7 @@ class GraphDecoder:
                 early.done.wait()  # the current stream takes the early logits once the replay wrote them
                 self.stats.replays += 1
                 self.stats.early_hits += 1
-                return self._finish(early.step, cache, length, early.step.key_ok.shape[1])
+                return self._finish(early.step, cache, length, early.step.key_ok.shape[1], on_side=True)
             cache.early_misses += 1
             graph_api(input_ids.device).current_stream().wait_stream(self.side)
         for layer in cache.layers:  # room for this token; regrowing storage bumps buffers.version
@@ -144,7 +144,7 @@ class GraphDecoder:
         elif graphs_supported(device):
             step.graph.replay()
             self.stats.replays += 1
-            return self._finish(step, cache, length, span)
+            return self._finish(step, cache, length, span, on_side=False)
         elif compiles_steps(device, self.fp8):
             step.logits = self.compiled((batch, span), step, span)
         else:
@@ -207,16 +207,17 @@ class GraphDecoder:
             graph_api(self.early.step.ids.device).current_stream().wait_stream(self.side)
             self.early = None
 
-    def _finish(self, step: _StepGraph, cache: GraphKVCache, length: int, span: int) -> torch.Tensor:
-        """A replayed step's logits (copied out) after counting its token; the next step replayed early if it can."""
+    def _finish(self, step: _StepGraph, cache: GraphKVCache, length: int, span: int, on_side: bool) -> torch.Tensor:
+        """A replayed step's logits (copied out) after counting its token; the next step replayed early if it can
+        (on_side: this step was itself replayed early, on the side stream)."""
         cache.advance()
-        logits = step.logits.clone()
-        if early_step_wanted(cache, length + 1, span):
-            api = graph_api(step.ids.device)
-            if self.side is None:
-                self.side = api.Stream(device=step.ids.device)
-            self.early = replay_early(api, self.side, step, cache, length + 1)
-            self.stats.early_steps += 1
+        if not early_step_wanted(cache, length + 1, span):
+            return step.logits.clone()
+        api = graph_api(step.ids.device)
+        if self.side is None:
+            self.side = api.Stream(device=step.ids.device)
+        self.early, logits = replay_early(api, self.side, step, cache, length + 1, after_current=not on_side)
+        self.stats.early_steps += 1
         return logits
 
     # -- internals -----------------------------------------------------------------------------------------------------

@@ -141,10 +141,11 @@ def test_rope_angles_reject_bad_operands() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("vocab", [32000, 1000, 4097])
+@pytest.mark.parametrize("vocab", [32000, 1000, 4097, 70001])
 def test_next_greedy_inputs_match_argmax_and_the_updates(dtype: torch.dtype, vocab: int) -> None:
-    """Each row's token is torch.argmax's (the first of equal maxima, within a step of the loop and across steps;
-    a row of -inf gives 0), positions move on by one, the key at `length` turns visible, the slot becomes length."""
+    """Each row's token is torch.argmax's (the first of equal maxima, within a step of the loop and, for 70001,
+    across its three steps; a row of -inf gives 0), positions move on by one, the key at `length` turns visible,
+    the slot becomes length; copy_to receives the logits bit for bit."""
     if INTERPRET and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter does not emulate bf16 arithmetic")
     logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(vocab)).to(DEVICE, dtype)
@@ -159,9 +160,11 @@ def test_next_greedy_inputs_match_argmax_and_the_updates(dtype: torch.dtype, voc
               torch.tensor([36], device=DEVICE))
     want = [t.clone() for t in inputs]
     next_greedy_inputs_reference(logits, *want, 37)
-    next_greedy_inputs(wide[:, -1, :vocab], *inputs, 37)
+    copied = torch.full((4, 1, vocab + 3), 7.0, device=DEVICE, dtype=dtype)
+    next_greedy_inputs(wide[:, -1, :vocab], *inputs, 37, copy_to=copied[:, -1, :vocab])
     for got, expected in zip(inputs, want):
         _equal(got, expected)
+    assert torch.equal(copied[:, 0, :vocab], logits) and bool((copied[:, 0, vocab:] == 7.0).all())
     assert inputs[0][:3, 0].tolist() == [int(logits[0].float().argmax()), 7, 3] and inputs[0][3, 0] == 0
 
 
@@ -176,3 +179,5 @@ def test_next_greedy_inputs_reject_bad_operands() -> None:
         next_greedy_inputs(logits, ids.int(), positions, key_ok, slot, 3)
     with pytest.raises(ValueError, match="contiguous rows"):
         next_greedy_inputs(logits.t().contiguous().t(), ids, positions, key_ok, slot, 3)
+    with pytest.raises(ValueError, match="copy_to must be"):
+        next_greedy_inputs(logits, ids, positions, key_ok, slot, 3, copy_to=torch.zeros_like(logits).half())
