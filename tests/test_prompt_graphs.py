@@ -17,7 +17,7 @@ from transformers import DynamicCache
 import ipex_llm_tf
 from ipex_llm_tf.models import prompt_graphs
 from ipex_llm_tf.models.graph_decode import CACHE_KWARG, GraphKVCache, install_graph_decode
-from ipex_llm_tf.models.prompt_graphs import MAX_PROMPT_TOKENS, PROMPT_GRAPHS_ENV, prompt_bucket
+from ipex_llm_tf.models.prompt_graphs import LEFT_PADDED, MAX_PROMPT_TOKENS, PLAIN, PROMPT_GRAPHS_ENV, prompt_bucket
 from model_factories import ARCHITECTURES, tiny_model
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
@@ -68,19 +68,23 @@ def test_replayed_prompts_match_the_eager_forward(monkeypatch: pytest.MonkeyPatc
                                        modules_to_not_convert=["lm_head"])
     decoder = install_graph_decode(model)
     _pretend_graphs(monkeypatch, decoder)
-    for batch, tokens in ((1, 10), (2, 37)):  # Mistral's window is 8: both prompts are longer
+    for batch, tokens, pads in ((1, 10, ()), (2, 37, ()), (3, 21, (0, 5, 13))):  # Mistral's window is 8
         ids = torch.randint(2, 128, (batch, tokens), generator=torch.Generator().manual_seed(tokens))
-        want, want_scores = _generate(model, ids, 5, DynamicCache())
+        mask = torch.ones_like(ids)
+        for row, pad in enumerate(pads):
+            mask[row, :pad] = 0  # left padding, as generate() pads a batch
+        want, want_scores = _generate(model, ids, 5, DynamicCache(), mask)
         captures, replays = decoder.stats.prompt_captures, decoder.stats.prompt_replays
         for call in range(3):  # eager, recorded then replayed, replayed
             cache = decoder.new_cache()
-            got, scores = _generate(model, ids, 5, cache)
-            assert torch.equal(got, want), f"call {call}"
-            assert (scores - want_scores).abs().max() <= 1e-5 * want_scores.abs().max(), f"call {call}"
+            got, scores = _generate(model, ids, 5, cache, mask)
+            assert torch.equal(got, want), f"{batch}x{tokens}, call {call}"
+            error = (scores - want_scores).abs().max() / want_scores.abs().max()
+            assert error <= 1e-5, f"{batch}x{tokens}, call {call}: {error:.2e}"
             assert cache.get_seq_length() == tokens + 4
         assert decoder.stats.prompt_captures == captures + 1
         assert decoder.stats.prompt_replays == replays + 2
-        assert (batch, prompt_bucket(tokens)) in decoder.prompts.graphs
+        assert (batch, prompt_bucket(tokens), LEFT_PADDED if pads else PLAIN) in decoder.prompts.graphs
 
 
 def test_a_replayed_prompt_leaves_the_cache_as_the_eager_forward(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,10 +109,14 @@ def test_a_replayed_prompt_leaves_the_cache_as_the_eager_forward(monkeypatch: py
     assert torch.allclose(replayed.logits, out.logits, rtol=0, atol=1e-5 * out.logits.abs().max().item())
 
 
-def _declines(model, decoder, ids, cache=None, **kwargs) -> bool:
+def _kind(decoder, ids, cache=None, **kwargs) -> "str | None":
     kwargs.setdefault("logits_to_keep", 1)
     kwargs.setdefault("attention_mask", torch.ones_like(ids))
-    return not decoder.prompts.applies(ids, decoder.new_cache() if cache is None else cache, kwargs)
+    return decoder.prompts.kind_of(ids, decoder.new_cache() if cache is None else cache, kwargs)
+
+
+def _declines(model, decoder, ids, cache=None, **kwargs) -> bool:
+    return _kind(decoder, ids, cache, **kwargs) is None
 
 
 def test_prompts_that_take_the_eager_forward(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,9 +126,21 @@ def test_prompts_that_take_the_eager_forward(monkeypatch: pytest.MonkeyPatch) ->
     ids = torch.randint(2, 128, (2, 12), generator=torch.Generator().manual_seed(3))
     assert not _declines(model, decoder, ids)
     assert not _declines(model, decoder, ids, position_ids=torch.arange(12).expand(2, 12), attention_mask=None)
+    assert _kind(decoder, ids) == PLAIN
     padded = torch.ones_like(ids)
     padded[1, :3] = 0
-    assert _declines(model, decoder, ids, attention_mask=padded)
+    assert _kind(decoder, ids, attention_mask=padded) == LEFT_PADDED
+    generated_positions = (padded.cumsum(-1) - 1).masked_fill(padded == 0, 1)
+    assert _kind(decoder, ids, attention_mask=padded, position_ids=generated_positions) == LEFT_PADDED
+    assert _declines(model, decoder, ids, attention_mask=padded, position_ids=torch.arange(12).expand(2, 12))
+    right = torch.ones_like(ids)
+    right[0, -2:] = 0
+    assert _declines(model, decoder, ids, attention_mask=right), "right padding"
+    inner = torch.ones_like(ids)
+    inner[0, 4] = 0
+    assert _declines(model, decoder, ids, attention_mask=inner), "a hole inside the prompt"
+    assert _declines(model, decoder, ids, attention_mask=torch.zeros_like(ids)), "rows with no token"
+    assert _declines(model, decoder, ids, attention_mask=torch.ones(2, 1, 12, 12)), "a 4-D mask"
     assert _declines(model, decoder, ids, position_ids=torch.arange(12).expand(2, 12) + 1)
     assert _declines(model, decoder, ids, logits_to_keep=0), "every position's logits: the eager forward"
     assert _declines(model, decoder, ids, output_hidden_states=True)

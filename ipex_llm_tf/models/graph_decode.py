@@ -276,8 +276,9 @@ def _graph_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
     if decoder is not None:
         decoder.settle()
-        if not args and decoder.prompts.applies(kwargs.get("input_ids"), cache, kwargs):
-            logits = decoder.prompts.run(kwargs["input_ids"], cache)
+        kind = decoder.prompts.kind_of(kwargs.get("input_ids"), cache, kwargs) if not args else None
+        if kind is not None:
+            logits = decoder.prompts.run(kwargs["input_ids"], cache, kind, kwargs.get("attention_mask"))
             if logits is not None:
                 return CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
     if not args and eager_step.can_step(model, kwargs.get("input_ids"), cache, kwargs):

@@ -58,19 +58,24 @@ def test_graph_decode_matches_eager(arch: str, low_bit: str) -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_prompt_graphs_match_the_eager_prompt(arch: str) -> None:
-    """A prompt's second call records its bucket's graph, later calls replay it (models/prompt_graphs.py): the same
-    greedy tokens as the eager cache and logits within 2e-2 (the padded prompt's matmuls take other tile shapes)."""
+    """A prompt's second call records its bucket's graph, later calls replay it (models/prompt_graphs.py), a
+    left-padded batch included: the same greedy tokens as the eager cache and logits within 2e-2 (the padded prompt's
+    matmuls take other tile shapes)."""
     model = ipex_llm_tf.optimize_model(tiny_model(arch, attn_implementation="sdpa").half(), low_bit="sym_int4").to("cuda")
     decoder = graph_decoder(model)
-    for batch, tokens in ((1, 12), (3, 100), (1, 300)):  # 300: the storage grows to the 320-token bucket
+    # 300: the storage grows to the 320-token bucket; (3, 40) left-padded: the graph kind that takes a mask
+    for batch, tokens, pads in ((1, 12, ()), (3, 100, ()), (1, 300, ()), (3, 40, (0, 7, 30))):
         ids = torch.randint(2, 128, (batch, tokens), generator=torch.Generator().manual_seed(tokens)).cuda()
-        want_tokens, want_scores = _eager(model, ids, torch.ones_like(ids), 8)
+        mask = torch.ones_like(ids)
+        for row, pad in enumerate(pads):
+            mask[row, :pad] = 0
+        want_tokens, want_scores = _eager(model, ids, mask, 8)
         for call in range(3):
-            got, scores = _generate(model, ids, torch.ones_like(ids), 8)
+            got, scores = _generate(model, ids, mask, 8)
             assert torch.equal(got, want_tokens), f"prompt {batch}x{tokens}, call {call}"
             error = ((scores - want_scores).abs().max() / want_scores.abs().max()).item()
             assert error < 2e-2, f"prompt {batch}x{tokens}, call {call}: relative logit error {error:.2e}"
-    assert decoder.stats.prompt_captures == 3 and decoder.stats.prompt_replays == 6
+    assert decoder.stats.prompt_captures == 4 and decoder.stats.prompt_replays == 8
 
 
 def test_calls_in_and_out_of_inference_mode_share_the_graphs() -> None:
