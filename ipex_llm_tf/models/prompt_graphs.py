@@ -20,9 +20,9 @@ token's logits only) instead replays a graph recorded for its bucket:
   1024-token 7B prompt: its dequantized weight bands and MLP activations). Longer prompts run eagerly: their kernels
   take about as long as their host work (~60 ms at 2048 tokens on an H100), and their temporaries would stay held.
 
-Anything else (a cache already holding tokens, right or inner padding, custom positions, all logits asked for, hooks, an fp8 cache,
-rotary embeddings whose frequencies depend on the length) runs the eager forward. IPEX_LLM_TF_PROMPT_GRAPHS=0 turns
-the graphs off.
+Anything else (a cache already holding tokens, right or inner padding, custom positions, all logits asked for,
+hooks, an fp8 cache, rotary embeddings whose frequencies depend on the length) runs the eager forward.
+IPEX_LLM_TF_PROMPT_GRAPHS=0 turns the graphs off.
 """
 from __future__ import annotations
 
@@ -187,8 +187,8 @@ class PromptGraphs:
 
 def _prompt_kind(input_ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None) -> str | None:
     """PLAIN for a prompt without padding at positions 0, 1, 2, ...; LEFT_PADDED for rows padded on the left only
-    (each row's real tokens last, at least one), their tokens at the positions generate() gives them; else None. One device sync:
-    generate() syncs at this point anyway."""
+    (each row's real tokens last, at least one), their tokens at the positions generate() gives them; else None.
+    One device sync: generate() syncs at this point anyway."""
     tokens = input_ids.shape[1]
     if mask is not None and (mask.dim() != 2 or mask.shape != input_ids.shape):
         return None
