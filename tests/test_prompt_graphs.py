@@ -188,3 +188,30 @@ def test_calls_with_and_without_inference_mode_share_the_storage(monkeypatch: py
                                             do_sample=False, pad_token_id=0, **{CACHE_KWARG: decoder.new_cache()}))
     assert all(torch.equal(seq, sequences[0]) for seq in sequences)
     assert decoder.stats.prompt_replays == (3 if prompt_graphs_on else 0)
+
+
+def test_beam_search_and_sampling_after_a_replayed_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beams expand the prompt before its forward, so the replayed prompt has batch x beams rows; the storage it
+    fills is then reordered in place as beams are chosen. Sampling with a seed is reproducible across the calls."""
+    model = ipex_llm_tf.optimize_model(tiny_model("qwen2", attn_implementation="sdpa"), low_bit="sym_int8",
+                                       modules_to_not_convert=["lm_head"])
+    decoder = install_graph_decode(model)
+    _pretend_graphs(monkeypatch, decoder)
+    ids = torch.randint(2, 128, (2, 11), generator=torch.Generator().manual_seed(8))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, pad_token_id=0)
+    with torch.inference_mode():
+        want = model.generate(ids, num_beams=3, do_sample=False, **kwargs, **{CACHE_KWARG: DynamicCache()})
+        for call in range(3):
+            got = model.generate(ids, num_beams=3, do_sample=False, **kwargs, **{CACHE_KWARG: decoder.new_cache()})
+            assert torch.equal(got, want), f"beams, call {call}"
+        sampled = []
+        for _ in range(3):
+            torch.manual_seed(0)
+            sampled.append(model.generate(ids, do_sample=True, top_k=5, **kwargs,
+                                          **{CACHE_KWARG: decoder.new_cache()}))
+    assert all(torch.equal(seq, sampled[0]) for seq in sampled)
+    # the beams' prompt (6 rows) recorded on its second call, replayed on its second and third; the sampling calls'
+    # 2 rows then regrew the storage, which dropped the beams' graph, and recorded their own
+    assert decoder.prompts.seen == {(6, prompt_bucket(11), PLAIN): 2, (2, prompt_bucket(11), PLAIN): 2}
+    assert list(decoder.prompts.graphs) == [(2, prompt_bucket(11), PLAIN)]
+    assert decoder.stats.prompt_captures == 2 and decoder.stats.prompt_replays == 4
