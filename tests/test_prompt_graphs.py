@@ -17,7 +17,8 @@ from transformers import DynamicCache
 import ipex_llm_tf
 from ipex_llm_tf.models import prompt_graphs
 from ipex_llm_tf.models.graph_decode import CACHE_KWARG, GraphKVCache, install_graph_decode
-from ipex_llm_tf.models.prompt_graphs import LEFT_PADDED, MAX_PROMPT_TOKENS, PLAIN, PROMPT_GRAPHS_ENV, prompt_bucket
+from ipex_llm_tf.models.prompt_graphs import (LEFT_PADDED, MAX_PROMPT_TOKENS, MAX_RECORDS, PLAIN, PROMPT_GRAPHS_ENV,
+                                              prompt_bucket)
 from model_factories import ARCHITECTURES, tiny_model
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
@@ -215,3 +216,19 @@ def test_beam_search_and_sampling_after_a_replayed_prompt(monkeypatch: pytest.Mo
     assert decoder.prompts.seen == {(6, prompt_bucket(11), PLAIN): 2, (2, prompt_bucket(11), PLAIN): 2}
     assert list(decoder.prompts.graphs) == [(2, prompt_bucket(11), PLAIN)]
     assert decoder.stats.prompt_captures == 2 and decoder.stats.prompt_replays == 4
+
+
+def test_alternating_batch_sizes_stop_recording(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each batch size regrows the storage, which drops the other's graph: a bucket is recorded MAX_RECORDS times at
+    most, then its prompts stay eager; the tokens never change."""
+    model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa"), low_bit="sym_int8")
+    decoder = install_graph_decode(model)
+    _pretend_graphs(monkeypatch, decoder)
+    prompts = {batch: torch.randint(2, 128, (batch, 9), generator=torch.Generator().manual_seed(batch))
+               for batch in (1, 2)}
+    want = {batch: _generate(model, ids, 3, DynamicCache())[0] for batch, ids in prompts.items()}
+    for _ in range(6):
+        for batch, ids in prompts.items():
+            assert torch.equal(_generate(model, ids, 3, decoder.new_cache())[0], want[batch])
+    assert set(decoder.prompts.records.values()) == {MAX_RECORDS}
+    assert decoder.stats.prompt_captures == 2 * MAX_RECORDS

@@ -13,7 +13,9 @@ token's logits only) instead replays a graph recorded for its bucket:
   memory-efficient SDPA kernel instead of flash): causality and the padding, and a padding query attends to itself
   alone, so that no row is fully masked (its keys and values stay finite in slots the decode steps mask out).
 - a bucket is recorded the second time a call falls in it, after one eager run at the bucket's length (which also
-  settles the kernels' tuning): a one-off prompt length costs no capture. `GraphDecoder.stats` counts both.
+  settles the kernels' tuning): a one-off prompt length costs no capture. `GraphDecoder.stats` counts both. A bucket
+  whose graphs keep being dropped (calls alternating batch sizes regrow the storage) stops recording after
+  MAX_RECORDS.
 - buckets are multiples of 1/8 of the prompt's next power of two (at least 32 tokens), so the padding is under 32
   tokens or under a quarter of the prompt, and prompts up to MAX_PROMPT_TOKENS fall in 16 buckets.
 - the graphs share the decode steps' memory pool, which keeps the largest prompt's temporaries (~0.2 GB for a
@@ -42,6 +44,9 @@ from .step_rope import fixed_frequencies
 PROMPT_GRAPHS_ENV = "IPEX_LLM_TF_PROMPT_GRAPHS"
 MAX_PROMPT_TOKENS = 1024
 MIN_BUCKET_STEP = 32
+# times one bucket may be recorded: storage regrown for another batch size drops every graph, so calls that keep
+# alternating batch sizes would otherwise pay an eager run and a capture each; past this they stay eager
+MAX_RECORDS = 3
 
 
 def prompt_bucket(tokens: int) -> int:
@@ -73,6 +78,7 @@ class PromptGraphs:
         self.decoder = decoder
         self.graphs: dict[tuple[int, int, str], _PromptGraph] = {}
         self.seen: dict[tuple[int, int, str], int] = {}
+        self.records: dict[tuple[int, int, str], int] = {}
 
     def kind_of(self, input_ids: torch.Tensor | None, cache: Any, kwargs: dict) -> str | None:
         """PLAIN or LEFT_PADDED where this forward call is the first forward of a generate() call that a prompt
@@ -106,8 +112,9 @@ class PromptGraphs:
         prompt = self.graphs.get(key)
         if prompt is None or prompt.version != decoder.buffers.version:
             self.seen[key] = self.seen.get(key, 0) + 1
-            if self.seen[key] < 2:
+            if self.seen[key] < 2 or self.records.get(key, 0) >= MAX_RECORDS:
                 return None
+            self.records[key] = self.records.get(key, 0) + 1
             prompt = self._record(input_ids, key, attention_mask)
         self._fill(prompt, input_ids, attention_mask)
         prompt.graph.replay()
