@@ -187,9 +187,14 @@ class PromptGraphs:
             real = attention_mask.bool()
             prompt.key_ok[:, :tokens].copy_(real)
             prompt.key_ok[:, tokens:].fill_(False)
-            # generate()'s positions: counted from each row's first real token, 1 at the padding
-            prompt.positions[:, :tokens].copy_((real.long().cumsum(-1) - 1).masked_fill(~real, 1))
+            prompt.positions[:, :tokens].copy_(_positions_after_padding(real))
             prompt.positions[:, tokens:].fill_(0)
+
+
+def _positions_after_padding(real: torch.Tensor) -> torch.Tensor:
+    """generate()'s positions for a left-padded batch (real [batch, tokens], True at real tokens): counted from each
+    row's first real token, 1 at the padding."""
+    return (real.long().cumsum(-1) - 1).masked_fill(~real, 1)
 
 
 def _prompt_kind(input_ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None) -> str | None:
@@ -204,7 +209,7 @@ def _prompt_kind(input_ids: torch.Tensor, mask: torch.Tensor | None, positions: 
     device = input_ids.device
     real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
     counted = torch.arange(tokens, device=device).expand_as(input_ids)
-    padded_positions = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)
+    padded_positions = _positions_after_padding(real)
     left_only = (real[:, 1:] >= real[:, :-1]).all() & real[:, -1].all()
     no_padding = real.all()
     flags = [no_padding, left_only,
