@@ -18,10 +18,12 @@ from transformers.cache_utils import DynamicLayer
 
 from .graph_storage import GraphKVCache
 
-_UNSUPPORTED = ("inputs_embeds", "labels", "output_attentions", "output_hidden_states")
+# forward() arguments that ask for more than a step or a prompt computes: such calls take transformers' forward
+UNSUPPORTED_KWARGS = ("inputs_embeds", "labels", "output_attentions", "output_hidden_states")
 
 
-def _has_hooks(model: nn.Module) -> bool:
+def has_hooks(model: nn.Module) -> bool:
+    """Whether forward hooks sit on the model or the modules a fused step calls (they would be skipped)."""
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
     base = model.base_model
@@ -44,12 +46,12 @@ def can_step(model: nn.Module, input_ids: "torch.Tensor | None", cache: Any, kwa
         return False
     if cache is None or not _returns_valid_keys_only(cache) or kwargs.get("use_cache") is False:
         return False
-    if kwargs.get("return_dict") is False or any(kwargs.get(name) not in (None, False) for name in _UNSUPPORTED):
+    if kwargs.get("return_dict") is False or any(kwargs.get(name) not in (None, False) for name in UNSUPPORTED_KWARGS):
         return False
     mask = kwargs.get("attention_mask")
     if mask is not None and not (mask.dim() == 2 and bool(mask.all())):
         return False  # padding: transformers builds the 4-D mask
-    return cache.get_seq_length() > 0 and not _has_hooks(model)
+    return cache.get_seq_length() > 0 and not has_hooks(model)
 
 
 def step(model: nn.Module, input_ids: torch.Tensor, cache: Any, position_ids: "torch.Tensor | None") -> torch.Tensor:

@@ -111,8 +111,7 @@ class GraphDecoder:
             return False
         if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1 or cache.get_seq_length() == 0:
             return False
-        unsupported = ("inputs_embeds", "labels", "output_attentions", "output_hidden_states")
-        return not any(kwargs.get(name) for name in unsupported)
+        return not any(kwargs.get(name) not in (None, False) for name in eager_step.UNSUPPORTED_KWARGS)
 
     def step(self, input_ids: torch.Tensor, cache: GraphKVCache, attention_mask: torch.Tensor | None,
              position_ids: torch.Tensor | None) -> torch.Tensor:

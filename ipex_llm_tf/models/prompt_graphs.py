@@ -36,7 +36,7 @@ import torch
 
 from ..env import env_flag
 from ..kernels.grids import next_power_of_2
-from .eager_step import _UNSUPPORTED, _has_hooks
+from .eager_step import UNSUPPORTED_KWARGS, has_hooks
 from .graph_storage import GraphKVCache, graphs_supported, persistent
 from .patching import run_blocks
 from .step_rope import fixed_frequencies
@@ -94,10 +94,10 @@ class PromptGraphs:
             return None
         if cache.get_seq_length() != 0 or kwargs.get("logits_to_keep") != 1 or kwargs.get("return_dict") is False:
             return None
-        if any(kwargs.get(name) not in (None, False) for name in _UNSUPPORTED):
+        if any(kwargs.get(name) not in (None, False) for name in UNSUPPORTED_KWARGS):
             return None
         model = decoder.model
-        if model.training or fixed_frequencies(model.base_model.rotary_emb) is None or _has_hooks(model):
+        if model.training or fixed_frequencies(model.base_model.rotary_emb) is None or has_hooks(model):
             return None
         return _prompt_kind(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
 
