@@ -4,7 +4,8 @@ Between two graph replays generate() does its per-token host work (logits proces
 step's inputs), ~0.3 ms a token on an H100 host, and its stopping check waits for the device first, so the GPU idles
 for all of it. For a greedy call the next token is, in all but rare cases, the argmax of the logits just computed:
 so right after step t the decoder writes that argmax, the next slot, position and mask column into the step's static
-inputs and replays step t+1 on a side stream, which generate()'s own work on the current stream does not wait for.
+inputs (the same kernel copies step t's logits out for generate()) and replays step t+1 on a side stream, which
+generate()'s own work on the current stream does not wait for.
 When generate() asks for step t+1, its inputs are compared with the early ones on the device (one sync of the current
 stream, not of the replay); on a match the early logits are returned, else the decoder waits for the early replay
 and replays the step again from the real inputs, over the same slot. The logits are the same either way.

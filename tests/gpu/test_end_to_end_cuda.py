@@ -11,6 +11,14 @@ the CPU's logits for the same context:
 - low-bit formats: logits agree within LOW_BIT_TOLERANCE of the largest (the CPU's int4 kernel takes bf16
   activations, the Triton kernels fp16), and every generated token is within that tolerance of the CPU's top logit.
 Each model generates three times, so the prompt is also served by its recorded graph (models/prompt_graphs.py).
+
+The GGUF (98 MB) is more than one device call carries (64 MiB). Split it into two ignored folders, carry
+`.gguf-parts/a` in one call and `.gguf-parts/b` in the next on the same warm machine, then join them there:
+    G=$(python -c "from ipex_llm_tf.gguf_import import find_default_gguf as f; print(f())")
+    mkdir -p .gguf-parts/a .gguf-parts/b; head -c 60000000 $G > .gguf-parts/a/part
+    tail -c +60000001 $G > .gguf-parts/b/part
+    (device) cat .gguf-parts/a/part .gguf-parts/b/part > /tmp/smol.gguf
+    (device) IPEX_LLM_TF_TEST_GGUF=/tmp/smol.gguf python -m pytest tests/gpu/test_end_to_end_cuda.py
 """
 from __future__ import annotations
 
