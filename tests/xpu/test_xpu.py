@@ -31,7 +31,8 @@ def test_low_bit_linear_on_xpu_matches_cpu_reference(fmt: str, rows: int) -> Non
 
 
 def test_graph_decode_on_xpu_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
-    """IPEX_LLM_TF_XPU_GRAPHS=1: decode steps recorded as XPU graphs give eager decoding's greedy tokens."""
+    """IPEX_LLM_TF_XPU_GRAPHS=1: decode steps and prompts recorded as XPU graphs give eager decoding's greedy
+    tokens."""
     from model_factories import tiny_model
 
     import ipex_llm_tf
@@ -52,6 +53,8 @@ def test_graph_decode_on_xpu_matches_eager(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv(XPU_GRAPHS_ENV, "1")
     model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa").half(), low_bit="sym_int8",
                                        modules_to_not_convert=["lm_head"]).to("xpu")
-    assert torch.equal(generate(model), want)
+    for _ in range(3):  # the prompt: eager, then recorded and replayed, then replayed (models/prompt_graphs.py)
+        assert torch.equal(generate(model), want)
     decoder = graph_decoder(model)
     assert decoder is not None and decoder.stats.captures >= 1 and decoder.stats.replays > 0
+    assert decoder.stats.prompt_captures == 1 and decoder.stats.prompt_replays == 2
