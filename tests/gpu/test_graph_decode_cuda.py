@@ -35,6 +35,13 @@ def _eager(model, ids, mask, new_tokens):
     return _generate(model, ids, mask, new_tokens, **{CACHE_KWARG: DynamicCache()})
 
 
+def _assert_matches_eager(got, scores, want_tokens, want_scores, what: str) -> None:
+    """The same greedy tokens as the eager run and logits within 2e-2 of its largest."""
+    assert torch.equal(got, want_tokens), what
+    error = ((scores - want_scores).abs().max() / want_scores.abs().max()).item()
+    assert error < 2e-2, f"{what}: relative logit error {error:.2e}"
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("low_bit", ["sym_int4", "fp16"])
 def test_graph_decode_matches_eager(arch: str, low_bit: str) -> None:
@@ -47,10 +54,7 @@ def test_graph_decode_matches_eager(arch: str, low_bit: str) -> None:
     mask[1, :2] = 0
     want_tokens, want_scores = _eager(model, ids, mask, 24)
     for call in range(2):
-        tokens, scores = _generate(model, ids, mask, 24)
-        assert torch.equal(tokens, want_tokens), f"call {call}"
-        error = ((scores - want_scores).abs().max() / want_scores.abs().max()).item()
-        assert error < 2e-2, f"call {call}: relative logit error {error:.2e}"
+        _assert_matches_eager(*_generate(model, ids, mask, 24), want_tokens, want_scores, f"call {call}")
     assert decoder.stats.captures == 1, "the second call must replay the first call's graph"
     assert decoder.stats.replays == 2 * 23 - 1
     assert decoder.rope.agrees == {(ids.device, torch.float16): True}, "steps take the one-kernel RoPE angles"
@@ -71,10 +75,8 @@ def test_prompt_graphs_match_the_eager_prompt(arch: str) -> None:
             mask[row, :pad] = 0
         want_tokens, want_scores = _eager(model, ids, mask, 8)
         for call in range(3):
-            got, scores = _generate(model, ids, mask, 8)
-            assert torch.equal(got, want_tokens), f"prompt {batch}x{tokens}, call {call}"
-            error = ((scores - want_scores).abs().max() / want_scores.abs().max()).item()
-            assert error < 2e-2, f"prompt {batch}x{tokens}, call {call}: relative logit error {error:.2e}"
+            _assert_matches_eager(*_generate(model, ids, mask, 8), want_tokens, want_scores,
+                                  f"prompt {batch}x{tokens}, call {call}")
     assert decoder.stats.prompt_captures == 4 and decoder.stats.prompt_replays == 8
 
 
