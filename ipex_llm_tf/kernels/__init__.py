@@ -236,6 +236,16 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return rms_norm(summed, weight, eps), summed
 
 
+def embed_rms_norm(ids: torch.Tensor, table: torch.Tensor, weight: torch.Tensor,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(table[ids]), table[ids]): an embedding lookup and the first norm, one kernel with Triton."""
+    if op_backend("rms_norm", table.device) == "triton":
+        from .triton_rms_norm import embed_rms_norm as triton_embed_rms_norm
+        return triton_embed_rms_norm(ids, table, weight, eps)
+    gathered = F.embedding(ids, table)
+    return rms_norm(gathered, weight, eps), gathered
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE (rotate_half layout) for x [batch, heads, seq, head_dim] from cos/sin [batch, seq, head_dim]."""
     backend = op_backend("rotary", x.device)

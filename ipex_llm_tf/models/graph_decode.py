@@ -35,7 +35,7 @@ from .early_steps import EarlyStep, early_step_wanted, greedy_call, replay_early
 from .graph_storage import (SPAN_BLOCK, XPU_GRAPHS_ENV, GraphKVCache, KVBuffers, _SpanView,  # noqa: F401 (re-exported)
                             graph_api, graphs_supported, persistent)
 from .kv_cache import Fp8BlockKVCache
-from .patching import run_blocks
+from .patching import embed_and_first_norm, run_blocks
 from .prompt_graphs import PromptGraphs
 from .step_rope import StepRope
 
@@ -246,7 +246,7 @@ class GraphDecoder:
     def _run(self, step: _StepGraph, span: int) -> torch.Tensor:
         """The step itself, as plain tensor ops on the static inputs (what a capture records)."""
         model, base = self.model, self.model.base_model
-        hidden = base.embed_tokens(step.ids)
+        hidden, first_normed = embed_and_first_norm(base, step.ids)
         cos_sin = self.rope(hidden, step.positions)
         masks = {None: step.key_ok[:, None, None, :]}
         if self.windows:
@@ -254,7 +254,7 @@ class GraphDecoder:
             for window in self.windows:
                 masks[window] = masks[None] & (key_pos > step.slot - window)[None, None, None, :]
         view = _SpanView(self.buffers.storage, step.slot, span)
-        normed = run_blocks(base, hidden, cos_sin, view, masks)
+        normed = run_blocks(base, hidden, cos_sin, view, masks, first_normed)
         return model.lm_head(normed)
 
     def _capture(self, step: _StepGraph, span: int) -> None:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from .common import (DecoderOptions, FusedAttention, FusedGatedMLP, FusedRMSNorm, UnsupportedModelError,
                      norm_eps)
 
@@ -83,12 +84,14 @@ def pre_norm_block_forward(self: nn.Module, hidden_states: torch.Tensor, attenti
 
 
 def run_blocks(base: nn.Module, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], cache: Any,
-               masks: "dict[int | None, torch.Tensor] | None") -> torch.Tensor:
+               masks: "dict[int | None, torch.Tensor] | None", first_normed: torch.Tensor | None = None) -> torch.Tensor:
     """The patched decoder stack and its final norm as plain tensor ops, for graph steps and prompts: the pre-norm
     residual blocks with every residual add done by the kernel of the norm that follows it (the same roundings, half
-    the kernels); masks maps a layer's sliding window to its attention mask (None: causal, built by the attention)."""
+    the kernels); masks maps a layer's sliding window to its attention mask (None: causal, built by the attention);
+    first_normed: the first layer's input norm of hidden, where the caller computed it already."""
     layers = base.layers
-    residual, normed = hidden, layers[0].input_layernorm(hidden)
+    residual = hidden
+    normed = layers[0].input_layernorm(hidden) if first_normed is None else first_normed
     for i, layer in enumerate(layers):
         attended = layer.self_attn(normed, position_embeddings=cos_sin, cache=cache,
                                    attention_mask=None if masks is None else masks[layer.self_attn.sliding_window])[0]
@@ -96,6 +99,16 @@ def run_blocks(base: nn.Module, hidden: torch.Tensor, cos_sin: tuple[torch.Tenso
         following = layers[i + 1].input_layernorm if i + 1 < len(layers) else base.norm
         normed, residual = following.add_forward(layer.mlp(normed), residual)
     return normed
+
+
+def embed_and_first_norm(base: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden, the first layer's input norm of it or None): one kernel (kernels.embed_rms_norm) for a plain
+    nn.Embedding before a FusedRMSNorm, else the embedding alone."""
+    embed, first = base.embed_tokens, base.layers[0].input_layernorm
+    if type(embed) is not nn.Embedding or embed.max_norm is not None or not isinstance(first, FusedRMSNorm):
+        return embed(ids), None
+    normed, hidden = kernels.embed_rms_norm(ids, embed.weight, first.weight, first.variance_epsilon)
+    return hidden, normed
 
 
 def linear_on_rows(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

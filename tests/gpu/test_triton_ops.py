@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton")
 from ipex_llm_tf.kernels.reference import (next_greedy_inputs_reference, rms_norm_reference,  # noqa: E402
                                            rope_angles_reference, rotary_reference, silu_and_mul_reference)
 from ipex_llm_tf.kernels.triton_greedy_inputs import next_greedy_inputs  # noqa: E402
-from ipex_llm_tf.kernels.triton_rms_norm import add_rms_norm, rms_norm  # noqa: E402
+from ipex_llm_tf.kernels.triton_rms_norm import add_rms_norm, embed_rms_norm, rms_norm  # noqa: E402
 from ipex_llm_tf.kernels.triton_rope_angles import rope_angles  # noqa: E402
 from ipex_llm_tf.kernels.triton_rotary import rotary  # noqa: E402
 from ipex_llm_tf.kernels.triton_silu_mul import silu_and_mul  # noqa: E402
@@ -71,6 +71,25 @@ def test_add_rms_norm(dtype: torch.dtype, shape: tuple) -> None:
     normed, summed = add_rms_norm(x, residual, w, 1e-6)
     assert torch.equal(summed, residual + x)
     _close(normed, rms_norm_reference(residual + x, w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ids_shape", [(1, 1), (3, 1), (2, 5)])
+def test_embed_rms_norm_equals_the_lookup_then_the_norm(dtype: torch.dtype, ids_shape: tuple) -> None:
+    """The gathered rows are the table's, bit for bit, and their norm is rms_norm's of them, bit for bit (the same
+    kernel, its rows picked by the ids)."""
+    if INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter does not emulate bf16 arithmetic")
+    generator = torch.Generator().manual_seed(3)
+    table = (torch.randn(1000, 576, generator=generator) * 3).to(DEVICE, dtype)
+    weight = torch.rand(576, generator=generator).to(DEVICE, dtype) + 0.5
+    ids = torch.randint(0, 1000, ids_shape, generator=generator).to(DEVICE)
+    normed, hidden = embed_rms_norm(ids, table, weight, 1e-5)
+    _equal(hidden, torch.nn.functional.embedding(ids, table))
+    _equal(normed, rms_norm(hidden, weight, 1e-5))
+    _close(normed, rms_norm_reference(hidden, weight, 1e-5), dtype)
+    with pytest.raises(ValueError, match="integer ids"):
+        embed_rms_norm(ids.float(), table, weight, 1e-5)
 
 
 def test_add_rms_norm_rejects_mismatched_inputs() -> None:
