@@ -225,7 +225,7 @@ def main() -> None:
     parser.add_argument("--prefill-formats", nargs="+", default=["sym_int4", "sym_int8", "fp8_e4m3"])
     parser.add_argument("--prefill-rows", nargs="+", type=int, default=[16, 64, 256, 1024, 4096])
     parser.add_argument("--no-prefill", action="store_true")
-    parser.add_argument("--small-batch-formats", nargs="+", default=["sym_int4"],
+    parser.add_argument("--small-batch-formats", nargs="*", default=["sym_int4"],
                         help="formats timed at 1-16 rows: GEMV, fused matmul and dequantize + matmul")
     parser.add_argument("--warm-jobs", type=int, default=0)
     parser.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)

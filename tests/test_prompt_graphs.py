@@ -212,23 +212,44 @@ def test_beam_search_and_sampling_after_a_replayed_prompt(monkeypatch: pytest.Mo
                                           **{CACHE_KWARG: decoder.new_cache()}))
     assert all(torch.equal(seq, sampled[0]) for seq in sampled)
     # the beams' prompt (6 rows) recorded on its second call, replayed on its second and third; the sampling calls'
-    # 2 rows then regrew the storage, which dropped the beams' graph, and recorded their own
+    # 2 rows work in the first rows of the same storage, so the beams' graph stays, and they record their own
     assert decoder.prompts.seen == {(6, prompt_bucket(11), PLAIN): 2, (2, prompt_bucket(11), PLAIN): 2}
-    assert list(decoder.prompts.graphs) == [(2, prompt_bucket(11), PLAIN)]
+    assert list(decoder.prompts.graphs) == [(6, prompt_bucket(11), PLAIN), (2, prompt_bucket(11), PLAIN)]
     assert decoder.stats.prompt_captures == 2 and decoder.stats.prompt_replays == 4
 
 
-def test_alternating_batch_sizes_stop_recording(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each batch size regrows the storage, which drops the other's graph: a bucket is recorded MAX_RECORDS times at
-    most, then its prompts stay eager; the tokens never change."""
+def test_alternating_batch_sizes_keep_their_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls that alternate batch sizes share one storage, sized for the largest batch (a smaller one works in its
+    first rows): after the larger batch first grows it, nothing regrows, each bucket is recorded once and replayed
+    from then on, and the tokens never change."""
     model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa"), low_bit="sym_int8")
     decoder = install_graph_decode(model)
     _pretend_graphs(monkeypatch, decoder)
     prompts = {batch: torch.randint(2, 128, (batch, 9), generator=torch.Generator().manual_seed(batch))
                for batch in (1, 2)}
     want = {batch: _generate(model, ids, 3, DynamicCache())[0] for batch, ids in prompts.items()}
+    versions = []
     for _ in range(6):
         for batch, ids in prompts.items():
             assert torch.equal(_generate(model, ids, 3, decoder.new_cache())[0], want[batch])
+        versions.append(decoder.buffers.version)
+    assert len(set(versions)) == 1, "the storage regrew after the first round"
+    assert decoder.buffers.storage[0]["keys"].shape[0] == 2
+    assert set(decoder.prompts.records.values()) == {1} and decoder.stats.prompt_captures == 2
+    assert decoder.stats.prompt_replays == 2 * 5
+    assert {key[0] for key in decoder.steps} == {1, 2}, "each batch size keeps its decode step"
+
+
+def test_storage_that_keeps_moving_stops_recording(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Storage moved before every call drops every graph: a bucket is recorded MAX_RECORDS times at most, then its
+    prompts stay eager; the tokens never change."""
+    model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa"), low_bit="sym_int8")
+    decoder = install_graph_decode(model)
+    _pretend_graphs(monkeypatch, decoder)
+    ids = torch.randint(2, 128, (1, 9), generator=torch.Generator().manual_seed(1))
+    want = _generate(model, ids, 3, DynamicCache())[0]
+    for _ in range(6):
+        decoder.buffers.version += 1  # what regrown storage does to the graphs recorded over the old one
+        assert torch.equal(_generate(model, ids, 3, decoder.new_cache())[0], want)
     assert set(decoder.prompts.records.values()) == {MAX_RECORDS}
-    assert decoder.stats.prompt_captures == 2 * MAX_RECORDS
+    assert decoder.stats.prompt_captures == MAX_RECORDS

@@ -5,7 +5,8 @@ few ms for them. Here generate() keeps its own loop (sampling, beams, stopping c
 each one-token step of a patched model is one graph replay:
 
 - `GraphKVCache` is a transformers Cache whose layers write into buffers owned by the model's `GraphDecoder`; the
-  buffers (and so the graphs recorded over them) are reused by every later generate() call of the same batch size.
+  buffers (and so the graphs recorded over them) are reused by every later generate() call: they hold the largest
+  batch seen, and a smaller batch works in their first rows.
 - a step attends over the first `span` cache slots (the length rounded up to SPAN_BLOCK), masked by a static
   key-validity row that holds the padding mask and causality; a graph is recorded once per (batch, span) after one
   eager warm-up run of the same step (which also settles the Triton kernels' tuning), so the first steps of each span
@@ -253,7 +254,7 @@ class GraphDecoder:
             key_pos = torch.arange(span, device=hidden.device)
             for window in self.windows:
                 masks[window] = masks[None] & (key_pos > step.slot - window)[None, None, None, :]
-        view = _SpanView(self.buffers.storage, step.slot, span)
+        view = _SpanView(self.buffers, step.ids.shape[0], step.slot, span)
         normed = run_blocks(base, hidden, cos_sin, view, masks, first_normed)
         return model.lm_head(normed)
 

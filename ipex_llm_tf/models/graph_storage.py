@@ -1,8 +1,10 @@
 """The KV storage behind graph decoding: buffers owned by a model's GraphDecoder that outlive generate() calls.
 
 `GraphKVCache` is the transformers Cache generate() sees; its layers write into `KVBuffers`, whose planes keep their
-addresses (graphs recorded over them stay valid) until a longer context regrows them. `_SpanView` is what decoder
-layers see as their cache inside a static step: write the token at a device-side slot, read the first `span` slots.
+addresses (graphs recorded over them stay valid) until a longer context or a larger batch than any before regrows
+them. A call with fewer rows works in the first rows of the planes (a view with the same addresses), so calls that
+alternate batch sizes keep every graph. `_SpanView` is what decoder layers see as their cache inside a static step:
+write the token at a device-side slot, read the first `span` slots.
 """
 from __future__ import annotations
 
@@ -51,10 +53,11 @@ class GraphKVLayer(BlockKVLayer):
             plane[:, :, :self.length] = self._planes[name][:, :, :self.length]
         self._planes = planes
 
-    def adopt_storage(self, tokens: int) -> None:
-        """Take the decoder's stored planes as this layer's, holding the `tokens` tokens a prompt graph wrote there."""
-        planes = self.buffers.storage[self.layer_idx]
-        self._planes = dict(planes)
+    def adopt_storage(self, tokens: int, batch: int) -> None:
+        """Take the decoder's stored planes (their first `batch` rows) as this layer's, holding the `tokens` tokens a
+        prompt graph wrote there."""
+        planes = self.buffers.rows(self.layer_idx, batch)
+        self._planes = planes
         self.device, self.dtype = planes["keys"].device, planes["keys"].dtype
         self.length, self.is_initialized = tokens, True
 
@@ -91,7 +94,8 @@ class GraphKVCache(Cache):
 
 
 class KVBuffers:
-    """Per-layer key/value storage [batch, kv_heads, capacity, ...], grown (and graphs dropped) only as needed."""
+    """Per-layer key/value storage [rows, kv_heads, capacity, ...], grown (and graphs dropped) only as needed: rows
+    is the largest batch seen, and a smaller batch works in the first rows."""
 
     def __init__(self) -> None:
         self.storage: dict[int, dict[str, torch.Tensor]] = {}
@@ -99,18 +103,28 @@ class KVBuffers:
         self.detached = False
 
     def planes(self, layer_idx: int, like: dict[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
-        """Storage for one layer with room for `tokens`: a plane shaped and typed like each (empty) plane of `like`."""
+        """Storage for one layer with room for `tokens`: a plane shaped and typed like each (empty) plane of `like`
+        (the first rows of the stored ones)."""
         held = self.storage.get(layer_idx)
+        batch = next(iter(like.values())).shape[0]
         if held is None or held.keys() != like.keys() or not all(_fits(held[n], p, tokens) for n, p in like.items()):
-            capacity = max(tokens, SPAN_BLOCK)
+            rows, capacity = batch, max(tokens, SPAN_BLOCK)
+            if held is not None and held.keys() == like.keys() and all(_same_kind(held[n], p) for n, p in like.items()):
+                # a larger batch keeps the context reached, a longer context the rows: alternating calls settle
+                rows = max(rows, held["keys"].shape[0])
+                capacity = max(capacity, held["keys"].shape[2])
             capacity = 1 << (capacity - 1).bit_length()  # powers of two: a long generation regrows log2 times
             # zeros, not empty: masked slots still enter the products, and garbage NaNs would leak through them
             with persistent():
-                held = {name: plane.new_zeros(*plane.shape[:2], capacity, *plane.shape[3:])
+                held = {name: plane.new_zeros(rows, plane.shape[1], capacity, *plane.shape[3:])
                         for name, plane in like.items()}
             self.storage[layer_idx] = held
             self.version += 1
-        return held
+        return self.rows(layer_idx, batch)
+
+    def rows(self, layer_idx: int, batch: int) -> dict[str, torch.Tensor]:
+        """The first `batch` rows of one layer's stored planes (views: the same addresses)."""
+        return {name: plane[:batch] for name, plane in self.storage[layer_idx].items()}
 
 
 def persistent() -> torch.inference_mode:
@@ -119,16 +133,21 @@ def persistent() -> torch.inference_mode:
     return torch.inference_mode(False)
 
 
+def _same_kind(plane: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether a stored plane holds what `like` does (heads, head size, dtype, device), whatever its rows and slots."""
+    return (plane.shape[1] == like.shape[1] and plane.shape[3:] == like.shape[3:] and plane.dtype == like.dtype
+            and plane.device == like.device)
+
+
 def _fits(plane: torch.Tensor, like: torch.Tensor, tokens: int) -> bool:
-    return (plane.shape[:2] == like.shape[:2] and plane.shape[3:] == like.shape[3:] and plane.shape[2] >= tokens
-            and plane.dtype == like.dtype and plane.device == like.device)
+    return _same_kind(plane, like) and plane.shape[0] >= like.shape[0] and plane.shape[2] >= tokens
 
 
 class _SpanView:
     """What decoder layers see as their cache inside a graph step: write the token at `slot`, read `span` slots."""
 
-    def __init__(self, storage: dict[int, dict[str, torch.Tensor]], slot: torch.Tensor, span: int) -> None:
-        self.storage, self.slot, self.span = storage, slot, span
+    def __init__(self, buffers: KVBuffers, batch: int, slot: torch.Tensor, span: int) -> None:
+        self.buffers, self.batch, self.slot, self.span = buffers, batch, slot, span
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,13 +177,13 @@ class _SpanView:
                                                mask[:, 0, 0, :self.span], scale)
 
     def _span_planes(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's key and value planes, cut to the span this step reads."""
-        planes = self.storage[layer_idx]
+        """The layer's key and value planes, cut to the step's rows and the span it reads."""
+        planes = self.buffers.rows(layer_idx, self.batch)
         return planes["keys"][:, :, :self.span], planes["values"][:, :, :self.span]
 
     def kv_scales(self, layer_idx: int) -> "tuple[torch.Tensor, torch.Tensor] | None":
         """The span's per-vector key and value scales of an fp8 cache, else None."""
-        planes = self.storage[layer_idx]
+        planes = self.buffers.rows(layer_idx, self.batch)
         if "keys_scale" not in planes:
             return None
         return planes["keys_scale"][:, :, :self.span], planes["values_scale"][:, :, :self.span]

@@ -14,8 +14,8 @@ token's logits only) instead replays a graph recorded for its bucket:
   alone, so that no row is fully masked (its keys and values stay finite in slots the decode steps mask out).
 - a bucket is recorded the second time a call falls in it, after one eager run at the bucket's length (which also
   settles the kernels' tuning): a one-off prompt length costs no capture. `GraphDecoder.stats` counts both. A bucket
-  whose graphs keep being dropped (calls alternating batch sizes regrow the storage) stops recording after
-  MAX_RECORDS.
+  whose graphs keep being dropped (storage regrown for a longer context or a larger batch than any before) stops
+  recording after MAX_RECORDS.
 - buckets are multiples of 1/8 of the prompt's next power of two (at least 32 tokens), so the padding is under 32
   tokens or under a quarter of the prompt, and prompts up to MAX_PROMPT_TOKENS fall in 16 buckets.
 - the graphs share the decode steps' memory pool, which keeps the largest prompt's temporaries (~0.2 GB for a
@@ -44,8 +44,8 @@ from .step_rope import fixed_frequencies
 PROMPT_GRAPHS_ENV = "IPEX_LLM_TF_PROMPT_GRAPHS"
 MAX_PROMPT_TOKENS = 1024
 MIN_BUCKET_STEP = 32
-# times one bucket may be recorded: storage regrown for another batch size drops every graph, so calls that keep
-# alternating batch sizes would otherwise pay an eager run and a capture each; past this they stay eager
+# times one bucket may be recorded: regrown storage drops every graph, and a bucket whose graphs kept being dropped
+# would pay an eager run and a capture each call; past this its prompts stay eager
 MAX_RECORDS = 3
 
 
@@ -120,7 +120,7 @@ class PromptGraphs:
         prompt.graph.replay()
         decoder.stats.prompt_replays += 1
         for layer in cache.layers:
-            layer.adopt_storage(tokens)
+            layer.adopt_storage(tokens, batch)
         return prompt.logits.clone()
 
     def drop_stale(self, version: int) -> None:

@@ -106,6 +106,28 @@ def test_graph_decode_crosses_spans_and_batch_sizes() -> None:
     assert sorted(set(decoder.stats.spans)) == [SPAN_BLOCK, 2 * SPAN_BLOCK]
 
 
+def test_alternating_batch_sizes_keep_their_graphs() -> None:
+    """Batches of 2 and 1 rows, alternated (the larger first and then the smaller, so both orders of growth are
+    seen): one storage of 2 rows serves both, nothing is recorded again after each batch size's first calls, and
+    both keep the eager run's tokens and logits. A left-padded row shows the rows are not mixed up."""
+    model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa").half(), low_bit="sym_int4").to("cuda")
+    decoder = graph_decoder(model)
+    inputs = {}
+    for batch in (2, 1):
+        ids = torch.randint(2, 128, (batch, 12), generator=torch.Generator().manual_seed(batch)).cuda()
+        mask = torch.ones_like(ids)
+        mask[-1, :3] = 0
+        inputs[batch] = ids, mask, *_eager(model, ids, mask, 10)
+    counts = []
+    for round_ in range(4):
+        for batch, (ids, mask, want_tokens, want_scores) in inputs.items():
+            _assert_matches_eager(*_generate(model, ids, mask, 10), want_tokens, want_scores,
+                                  f"round {round_}, batch {batch}")
+        counts.append((decoder.stats.captures, decoder.stats.prompt_captures, decoder.buffers.version))
+    assert counts[1] == counts[2] == counts[3], f"graphs were recorded again or storage regrew: {counts}"
+    assert decoder.buffers.storage[0]["keys"].shape[0] == 2
+
+
 def test_replay_ms_times_a_recorded_step_and_leaves_generate_unchanged() -> None:
     model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa").half(), low_bit="sym_int4").to("cuda")
     decoder = graph_decoder(model)
