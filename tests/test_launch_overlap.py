@@ -151,7 +151,9 @@ _OVERLAPPED = {
     "silu_mul": (SM._silu_mul_kernel, {"x_ptr": F16, "out_ptr": F16}, dict(BLOCK=1024)),
     "rms_norm + residual": (triton_rms_norm._rms_norm_kernel, {k: F16 for k in ("x_ptr", "w_ptr", "out_ptr",
                                                                                  "res_ptr", "sum_ptr")},
-                            dict(BLOCK=4096)),
+                            dict(BLOCK=4096, idx_ptr=None)),
+    "embedding + rms_norm": (triton_rms_norm._rms_norm_kernel, {"idx_ptr": "*i64", **{k: F16 for k in (
+        "x_ptr", "w_ptr", "out_ptr", "sum_ptr")}}, dict(BLOCK=4096, res_ptr=None, res_row_stride=0)),
 }
 
 
@@ -168,7 +170,7 @@ def test_overlapped_kernels_write_nothing_before_the_wait(name: str) -> None:
 
 
 def test_rms_norm_reads_its_weight_before_the_wait() -> None:
-    consts = dict(BLOCK=4096, res_ptr=None, sum_ptr=None, res_row_stride=0, OVERLAP=True)  # no residual
+    consts = dict(BLOCK=4096, res_ptr=None, sum_ptr=None, res_row_stride=0, idx_ptr=None, OVERLAP=True)  # no residual
     lines = ptx_lines(triton_rms_norm._rms_norm_kernel, {k: F16 for k in ("x_ptr", "w_ptr", "out_ptr")}, consts)
     loads = [i for i, line in enumerate(lines) if "ld.global" in line]
     wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
