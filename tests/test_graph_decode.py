@@ -58,6 +58,25 @@ def test_static_step_matches_eager_with_left_padding(patched) -> None:
     assert decoder.steps and decoder.replay_ms(2) is None, "steps run eagerly here record no graph to time"
 
 
+def test_release_kv_storage_frees_it_and_the_next_call_starts_afresh() -> None:
+    """ipex_llm_tf.release_kv_storage: the bytes of the storage kept between calls, which is then gone with the
+    steps recorded over it; the next generate() allocates again and gives the same tokens. 0 for a model that keeps
+    none."""
+    model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa"), low_bit="sym_int8")
+    assert ipex_llm_tf.release_kv_storage(model) == 0
+    decoder = install_graph_decode(model)
+    ids = torch.randint(2, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    want, _ = _generate(model, ids, torch.ones_like(ids), 5, DynamicCache())
+    assert torch.equal(_generate(model, ids, torch.ones_like(ids), 5, decoder.new_cache())[0], want)
+    planes = [p for layer in decoder.buffers.storage.values() for p in layer.values()]
+    held = sum(p.numel() * p.element_size() for p in planes)
+    assert held > 0 and decoder.steps
+    assert ipex_llm_tf.release_kv_storage(model) == held
+    assert decoder.buffers.storage == {} and decoder.steps == {} and decoder.pool is None
+    assert torch.equal(_generate(model, ids, torch.ones_like(ids), 5, decoder.new_cache())[0], want)
+    assert decoder.buffers.storage and ipex_llm_tf.release_kv_storage(model) == held
+
+
 def test_static_step_across_span_boundary_and_storage_growth() -> None:
     model = ipex_llm_tf.optimize_model(tiny_model("llama", max_position_embeddings=1024), low_bit="sym_int4")
     decoder = install_graph_decode(model)

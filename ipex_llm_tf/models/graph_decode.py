@@ -377,6 +377,19 @@ def graph_decoder(model: nn.Module) -> "GraphDecoder | None":
     return getattr(model, "_ipex_llm_tf_graph_decoder", None)
 
 
+def release_kv_storage(model: nn.Module) -> int:
+    """Free the KV storage that graph decoding keeps between generate() calls (sized for the largest batch and the
+    longest context seen) and the graphs recorded over it; the next call allocates and records again. Returns the
+    bytes freed (0 for a model that keeps none)."""
+    decoder = graph_decoder(model)
+    if decoder is None:
+        return 0
+    decoder.settle()
+    freed = decoder.buffers.release()
+    decoder.drop_stale()
+    return freed
+
+
 def uninstall_graph_decode(model: nn.Module, keep_wanted: bool = False) -> None:
     """Take the GraphDecoder off a model, for good unless keep_wanted (steps spanning devices or ranks can't be
     captured); frees its storage."""

@@ -122,6 +122,14 @@ class KVBuffers:
             self.version += 1
         return self.rows(layer_idx, batch)
 
+    def release(self) -> int:
+        """Drop every layer's storage (graphs recorded over it become stale); the bytes it held."""
+        held = sum(plane.numel() * plane.element_size()
+                   for planes in self.storage.values() for plane in planes.values())
+        self.storage.clear()
+        self.version += 1
+        return held
+
     def rows(self, layer_idx: int, batch: int) -> dict[str, torch.Tensor]:
         """The first `batch` rows of one layer's stored planes (views: the same addresses)."""
         return {name: plane[:batch] for name, plane in self.storage[layer_idx].items()}

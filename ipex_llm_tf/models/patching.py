@@ -84,7 +84,8 @@ def pre_norm_block_forward(self: nn.Module, hidden_states: torch.Tensor, attenti
 
 
 def run_blocks(base: nn.Module, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], cache: Any,
-               masks: "dict[int | None, torch.Tensor] | None", first_normed: torch.Tensor | None = None) -> torch.Tensor:
+               masks: "dict[int | None, torch.Tensor] | None",
+               first_normed: torch.Tensor | None = None) -> torch.Tensor:
     """The patched decoder stack and its final norm as plain tensor ops, for graph steps and prompts: the pre-norm
     residual blocks with every residual add done by the kernel of the norm that follows it (the same roundings, half
     the kernels); masks maps a layer's sliding window to its attention mask (None: causal, built by the attention);

@@ -128,6 +128,24 @@ def test_alternating_batch_sizes_keep_their_graphs() -> None:
     assert decoder.buffers.storage[0]["keys"].shape[0] == 2
 
 
+def test_release_kv_storage_gives_the_memory_back() -> None:
+    """ipex_llm_tf.release_kv_storage after graph decoding: the storage's bytes leave the allocator's count (the
+    graphs and their pool go too), and the next call records again with the same tokens."""
+    model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa").half(), low_bit="sym_int4").to("cuda")
+    decoder = graph_decoder(model)
+    ids = torch.randint(2, 128, (2, 12), generator=torch.Generator().manual_seed(3)).cuda()
+    mask = torch.ones_like(ids)
+    want, _ = _generate(model, ids, mask, 8)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    freed = ipex_llm_tf.release_kv_storage(model)
+    assert freed > 0 and decoder.steps == {} and decoder.pool is None
+    assert before - torch.cuda.memory_allocated() >= freed
+    captures = decoder.stats.captures
+    got, _ = _generate(model, ids, mask, 8)
+    assert torch.equal(got, want) and decoder.stats.captures == captures + 1
+
+
 def test_replay_ms_times_a_recorded_step_and_leaves_generate_unchanged() -> None:
     model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa").half(), low_bit="sym_int4").to("cuda")
     decoder = graph_decoder(model)
