@@ -107,12 +107,11 @@ class KVBuffers:
         (the first rows of the stored ones)."""
         held = self.storage.get(layer_idx)
         batch = next(iter(like.values())).shape[0]
-        if held is None or held.keys() != like.keys() or not all(_fits(held[n], p, tokens) for n, p in like.items()):
+        same = held is not None and held.keys() == like.keys() and all(_same_kind(held[n], p) for n, p in like.items())
+        if not (same and held["keys"].shape[0] >= batch and held["keys"].shape[2] >= tokens):
             rows, capacity = batch, max(tokens, SPAN_BLOCK)
-            if held is not None and held.keys() == like.keys() and all(_same_kind(held[n], p) for n, p in like.items()):
-                # a larger batch keeps the context reached, a longer context the rows: alternating calls settle
-                rows = max(rows, held["keys"].shape[0])
-                capacity = max(capacity, held["keys"].shape[2])
+            if same:  # a larger batch keeps the context reached, a longer context the rows: alternating calls settle
+                rows, capacity = max(rows, held["keys"].shape[0]), max(capacity, held["keys"].shape[2])
             capacity = 1 << (capacity - 1).bit_length()  # powers of two: a long generation regrows log2 times
             # zeros, not empty: masked slots still enter the products, and garbage NaNs would leak through them
             with persistent():
@@ -145,10 +144,6 @@ def _same_kind(plane: torch.Tensor, like: torch.Tensor) -> bool:
     """Whether a stored plane holds what `like` does (heads, head size, dtype, device), whatever its rows and slots."""
     return (plane.shape[1] == like.shape[1] and plane.shape[3:] == like.shape[3:] and plane.dtype == like.dtype
             and plane.device == like.device)
-
-
-def _fits(plane: torch.Tensor, like: torch.Tensor, tokens: int) -> bool:
-    return _same_kind(plane, like) and plane.shape[0] >= like.shape[0] and plane.shape[2] >= tokens
 
 
 class _SpanView:
