@@ -38,7 +38,7 @@ from ..env import env_flag
 from ..kernels.grids import next_power_of_2
 from .eager_step import UNSUPPORTED_KWARGS, has_hooks
 from .graph_storage import GraphKVCache, graphs_supported, persistent
-from .patching import run_blocks
+from .patching import embed_and_first_norm, run_blocks
 from .step_rope import fixed_frequencies
 
 PROMPT_GRAPHS_ENV = "IPEX_LLM_TF_PROMPT_GRAPHS"
@@ -157,11 +157,11 @@ class PromptGraphs:
         """The padded prompt through the model as plain tensor ops on the static inputs (what a capture records)."""
         model, decoder = self.decoder.model, self.decoder
         base = model.base_model
-        hidden = base.embed_tokens(prompt.ids)
+        hidden, first_normed = embed_and_first_norm(base, prompt.ids)
         cos_sin = base.rotary_emb(hidden, prompt.positions)
         # a cache of its own over the decoder's storage: it writes the bucket's keys and values from slot 0
         scratch = GraphKVCache(decoder.buffers, len(base.layers))
-        normed = run_blocks(base, hidden, cos_sin, scratch, self._masks(prompt))
+        normed = run_blocks(base, hidden, cos_sin, scratch, self._masks(prompt), first_normed)
         return model.lm_head(normed.index_select(1, prompt.last))
 
     def _masks(self, prompt: _PromptGraph) -> "dict[int | None, torch.Tensor] | None":
