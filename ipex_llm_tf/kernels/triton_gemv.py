@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from .launch_overlap import release_next, wait_previous
-from .triton_gemv_tiles import gemv_program, place_bits, store_words_result
+from .triton_gemv_tiles import gemv_program, place_bits, row_rsqrt, store_residual, store_words_result
 
 # Kind codes shared with triton_matmul and triton_linear (the KIND constexpr of every kernel); constexpr so that
 # kernels can read them as globals. Host code uses `.value`.
@@ -239,6 +239,8 @@ def gemv_words_kernel(
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr, GATED: tl.constexpr = False,
     SUBNORMAL: tl.constexpr = False, BLOCK_M: tl.constexpr = 1, OVERLAP: tl.constexpr = False,
     TAIL: tl.constexpr = False, WHOLE: tl.constexpr = False,
+    ss_ptr=None, res_ptr=None, nw_ptr=None, hw_ptr=None, ss_count=1, norm_k=1.0, eps=0.0,
+    SCALE_OUT: tl.constexpr = False, RES_OUT: tl.constexpr = False, SS_BLOCK: tl.constexpr = 1,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, k] for BLOCK_M activation rows m and BLOCK_N weight rows, BLOCK_W words per K
     step.
@@ -275,6 +277,14 @@ def gemv_words_kernel(
 
     WHOLE (PREFETCH > 0, steps_per_split == 1): the program's K range is one step, all of it read before the wait
     and nothing prefetched after it (the loop would re-read the step).
+
+    Folded norms (one activation row, no K split; models/norm_fold.py): a decode step's add + RMSNorm kernels
+    folded into the GEMVs around them. RES_OUT: the outputs plus the residual row at res_ptr are stored (the new
+    residual h), with fp16(h * nw) at hw_ptr (nw: the next norm's weight), and each program stores its part of
+    the sum of h's squares at ss_ptr[pid_n] (no atomics: a fixed order of addition, the same bits every run).
+    SCALE_OUT: x is such an fp16(h * nw) row, and the outputs are multiplied by r = rsqrt(ss / norm_k + eps), ss
+    the ss_count parts at ss_ptr added up: the GEMV of RMSNorm(h), sum_k W[n, k] * nw[k] * h[k] * r, with r taken
+    out of the sum, so the K loop is unchanged.
     """
     tl.static_assert(BLOCK_M == 1 or BLOCK_M == 2 or BLOCK_M == 4, "BLOCK_M is 1, 2 or 4")
     EPW: tl.constexpr = 4 if KIND == Q8_SYM else 8          # codes per word
@@ -365,7 +375,15 @@ def gemv_words_kernel(
                                BLOCK_N)
 
     release_next(OVERLAP)  # the next kernel's programs take the SMs this one's tail leaves idle
-    store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, BLOCK_N, GATED)
+    if SCALE_OUT or RES_OUT:
+        tl.static_assert(BLOCK_M == 1 and SPLIT_K == 1, "the folded norm modes take one row and no K split")
+    if SCALE_OUT:
+        acc = acc * row_rsqrt(ss_ptr, ss_count, norm_k, eps, SS_BLOCK)
+    if RES_OUT:
+        store_residual(acc, b_ptr, y_ptr, res_ptr, nw_ptr, hw_ptr, ss_ptr, pid_n, offs_n, rows, N, HAS_BIAS)
+    else:
+        store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, BLOCK_N,
+                           GATED)
     if BLOCK_M > 1:
         store_words_result(acc1, b_ptr, y_ptr, pid_m + 1, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS,
                            BLOCK_N, GATED, pid_m + 1 < M)

@@ -1,5 +1,6 @@
 """What every decode GEMV kernel shares around its K loop: which rows a program serves, the bit moves its decoders
-use, and the epilogues that write its output (one row, split-K atomics, or the gated SiLU(gate) * up).
+use, and the epilogues that write its output (one row, split-K atomics, or the gated SiLU(gate) * up), with the
+folded-norm ones (triton_folded_norm: residual add and partial sums of squares; 1/RMS from those sums).
 triton_gemv, triton_gemv_planes and triton_gemv_fp8 build on these."""
 from __future__ import annotations
 
@@ -78,3 +79,28 @@ def store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_
         store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS, BLOCK_N, row_ok)
     else:
         store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, row_ok)
+
+
+@triton.jit
+def store_residual(acc, b_ptr, h_ptr, res_ptr, nw_ptr, hw_ptr, ss_ptr, pid_n, offs_n, rows, N,
+                   HAS_BIAS: tl.constexpr):
+    """RES_OUT's epilogue: h = residual + the outputs (rounded as the GEMV and then the add would round), stored with
+    fp16(h * nw), and the program's sum of h's squares stored at ss_ptr[pid_n]."""
+    nmask = offs_n < N
+    y = tl.sum(acc, axis=0)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows).to(tl.float32)
+    out_ty = h_ptr.dtype.element_ty
+    h = (y.to(out_ty).to(tl.float32) + tl.load(res_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)).to(out_ty)
+    tl.store(h_ptr + offs_n, h, mask=nmask)
+    hf = tl.where(nmask, h.to(tl.float32), 0.0)
+    tl.store(hw_ptr + offs_n, (hf * tl.load(nw_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)).to(out_ty),
+             mask=nmask)
+    tl.store(ss_ptr + pid_n, tl.sum(hf * hf, axis=0))
+
+
+@triton.jit
+def row_rsqrt(ss_ptr, ss_count, norm_k, eps, SS_BLOCK: tl.constexpr):
+    """1 / RMS of a row from the ss_count partial sums of squares a RES_OUT GEMV stored, added in a fixed order."""
+    offs = tl.arange(0, SS_BLOCK)
+    return tl.math.rsqrt(tl.sum(tl.load(ss_ptr + offs, mask=offs < ss_count, other=0.0), axis=0) / norm_k + eps)

@@ -93,8 +93,9 @@ def _tail_step(words: int, cfg: GemvConfig, split: int, even: bool) -> bool:
 
 
 def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, y: torch.Tensor, outputs: int,
-                cfg: GemvConfig, split_k: int, gated: bool) -> int:
-    """Launch gemv_words_kernel for `outputs` columns of y (gated: SiLU(gate) * up); returns the K splits used."""
+                cfg: GemvConfig, split_k: int, gated: bool, **epilogue: object) -> int:
+    """Launch gemv_words_kernel for `outputs` columns of y (gated: SiLU(gate) * up; epilogue: the folded-norm
+    arguments, triton_folded_norm); returns the K splits used."""
     kw = ops.words_per_row
     per_split, split, even = _split_steps(kw, cfg.block_w, split_k)
     per_program = cfg.block_n // 2 if gated else cfg.block_n  # a gated program covers gate and up rows
@@ -113,7 +114,7 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
         x.shape[0], outputs, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
         KIND=ops.kind, SCALE_SHIFT=ops.scale_shift_blocks, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
         SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, PREFETCH=cfg.prefetch, GATED=gated,
-        num_warps=cfg.num_warps, enable_fp_fusion=True, **options)
+        num_warps=cfg.num_warps, enable_fp_fusion=True, **options, **epilogue)
     return split
 
 

@@ -296,6 +296,13 @@ class FusedAttention(SeparateProjectionKeys):
             raise ValueError("FusedAttention needs the (cos, sin) position_embeddings the decoder layer passes in")
         batch, q_len, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states).view(batch, q_len, -1, self.head_dim)
+        return self.o_proj(self.attend(qkv, position_embeddings, attention_mask, cache, **kwargs)), None
+
+    def attend(self, qkv: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+               attention_mask: torch.Tensor | None, cache: Any, **kwargs: Any) -> torch.Tensor:
+        """The attention output before o_proj, [batch, seq, heads * head_dim], from the merged projection qkv
+        [batch, seq, heads + 2 * kv_heads, head_dim]: RoPE, the cache update and attention."""
+        batch, q_len = qkv.shape[:2]
         query, key, value = qkv.split([self.num_heads, self.num_key_value_heads, self.num_key_value_heads], dim=2)
         cos, sin = position_embeddings
         if self.q_norm is None and q_len == 1 and hasattr(cache, "rotate_and_update"):
@@ -304,7 +311,7 @@ class FusedAttention(SeparateProjectionKeys):
                 out = cache.rotate_and_attend(qkv, cos, sin, self.layer_idx, self.num_heads, self.num_key_value_heads,
                                               attention_mask, self.scaling)
                 if out is not None:
-                    return self.o_proj(out.reshape(batch, q_len, self.num_heads * self.head_dim)), None
+                    return out.reshape(batch, q_len, self.num_heads * self.head_dim)
             query, key, value = cache.rotate_and_update(qkv, cos, sin, self.layer_idx, self.num_heads,
                                                         self.num_key_value_heads)
         elif self.q_norm is None and cache is not None and (appended := rotate_and_append(
@@ -338,7 +345,7 @@ class FusedAttention(SeparateProjectionKeys):
         if fused_decode:
             out = kernels.decode_attention(query, key, value, None if mask is None else mask[:, 0, 0, :], self.scaling,
                                            kv_scales)
-            return self.o_proj(out.reshape(batch, q_len, self.num_heads * self.head_dim)), None
+            return out.reshape(batch, q_len, self.num_heads * self.head_dim)
         groups = self.num_key_value_groups
         if groups > 1 and q_len == 1 and (mask is None or mask.shape[1] == 1):
             # One query per head: a KV head's group of queries becomes its query sequence, so no KV head is repeated
@@ -347,7 +354,7 @@ class FusedAttention(SeparateProjectionKeys):
                 out = F.scaled_dot_product_attention(
                     query.reshape(batch, self.num_key_value_heads, groups, self.head_dim), key, value,
                     attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0, scale=self.scaling)
-            return self.o_proj(out.reshape(batch, q_len, self.num_heads * self.head_dim)), None
+            return out.reshape(batch, q_len, self.num_heads * self.head_dim)
         native_gqa = groups > 1 and native_gqa_ok(mask, key.device)
         if groups > 1 and not native_gqa:
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -355,8 +362,7 @@ class FusedAttention(SeparateProjectionKeys):
             out = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0,
                 is_causal=is_causal, scale=self.scaling, enable_gqa=native_gqa)
-        out = out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
-        return self.o_proj(out), None
+        return out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
 
     def _mask_for(self, mask: torch.Tensor | None, q_len: int, key: torch.Tensor,
                   value: torch.Tensor) -> tuple[torch.Tensor | None, bool, torch.Tensor, torch.Tensor]:

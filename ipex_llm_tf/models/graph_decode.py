@@ -36,6 +36,7 @@ from .early_steps import EarlyStep, early_step_wanted, greedy_call, replay_early
 from .graph_storage import (SPAN_BLOCK, XPU_GRAPHS_ENV, GraphKVCache, KVBuffers, _SpanView,  # noqa: F401 (re-exported)
                             graph_api, graphs_supported, persistent)
 from .kv_cache import Fp8BlockKVCache
+from .norm_fold import folded_plan, parts_buffer, run_blocks_folded
 from .patching import embed_and_first_norm, run_blocks
 from .prompt_graphs import PromptGraphs
 from .step_rope import StepRope
@@ -84,6 +85,8 @@ class GraphDecoder:
         self.side: Any = None          # the stream early steps replay on, made on first use
         self.early: EarlyStep | None = None
         self.prompts = PromptGraphs(self)
+        self.fold_parts: torch.Tensor | None = None  # one-row steps' norm sums (models/norm_fold.py)
+        self.fold_warm = False  # whether a folded step has run outside a capture (its kernels are compiled)
         base = model.base_model
         self.rope = StepRope(base.rotary_emb)
         self.windows = sorted({layer.self_attn.sliding_window for layer in base.layers
@@ -224,6 +227,9 @@ class GraphDecoder:
     def _static_inputs(self, input_ids: torch.Tensor, span: int) -> _StepGraph:
         batch, device = input_ids.shape[0], input_ids.device
         with persistent():
+            if batch == 1 and (self.fold_parts is None or self.fold_parts.device != device):
+                self.fold_parts = parts_buffer(len(self.model.base_model.layers), self.model.config.hidden_size,
+                                               device)
             return _StepGraph(None, torch.zeros(batch, 1, dtype=torch.long, device=device),
                               torch.zeros(batch, 1, dtype=torch.long, device=device),
                               torch.zeros(1, dtype=torch.long, device=device),
@@ -255,11 +261,18 @@ class GraphDecoder:
             for window in self.windows:
                 masks[window] = masks[None] & (key_pos > step.slot - window)[None, None, None, :]
         view = _SpanView(self.buffers, step.ids.shape[0], step.slot, span)
-        normed = run_blocks(base, hidden, cos_sin, view, masks, first_normed)
-        return model.lm_head(normed)
+        plan = folded_plan(base, hidden, self.fold_parts)
+        if plan is not None:  # the adds and norms in the GEMVs' epilogues (models/norm_fold.py)
+            self.fold_warm = True
+            return model.lm_head(run_blocks_folded(base, plan, hidden, first_normed, cos_sin, view, masks,
+                                                   self.fold_parts))
+        return model.lm_head(run_blocks(base, hidden, cos_sin, view, masks, first_normed))
 
     def _capture(self, step: _StepGraph, span: int) -> None:
         start = time.perf_counter()
+        if step.ids.shape[0] == 1 and not self.fold_warm:  # the eager step ran unfolded (plans not yet settled):
+            self._run(step, span)                            # again, to compile the folded kernels outside a capture
+            self.fold_warm = True
         # the eager run just done warmed every kernel; recording re-runs the step, rewriting the same slot
         step.graph, step.logits = self.record(lambda: self._run(step, span), step.ids.device)
         self.stats.captures += 1
