@@ -99,6 +99,8 @@ def test_gemv_waits_after_its_first_weights(overlap: bool) -> None:
 
 
 SPLIT_POINTERS = {"part_ptr": "*fp32", "arrived_ptr": "*i32"}  # the tile matmuls' split partials and counters
+# a folded-norm GEMV's partial sums of squares, residual in, norm weight, and h * weight out
+FOLD_POINTERS = {"ss_ptr": "*fp32", "res_ptr": F16, "nw_ptr": F16, "hw_ptr": F16}
 # (kernel, pointer types, constexprs): each overlapped kernel in a configuration that writes all it can (atomics,
 # residual sums, cache planes, split partials)
 _OVERLAPPED = {
@@ -118,6 +120,15 @@ _OVERLAPPED = {
         G.gemv_words_kernel, GEMV_POINTERS,
         dict(KIND=G.Q4_SYM.value, SCALE_SHIFT=0, BLOCK_N=16, BLOCK_W=512, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
              PREFETCH=2, GATED=False, SUBNORMAL=True, BLOCK_M=1, WHOLE=True)),
+    "gemv_words, folded norm: residual out": (
+        G.gemv_words_kernel, {**GEMV_POINTERS, **FOLD_POINTERS},
+        dict(KIND=G.Q4_SYM.value, SCALE_SHIFT=0, BLOCK_N=16, BLOCK_W=512, SPLIT_K=1, HAS_BIAS=True, EVEN=True,
+             PREFETCH=2, GATED=False, SUBNORMAL=True, BLOCK_M=1, WHOLE=True, RES_OUT=True)),
+    "gemv_words, folded norm: scaled out, gated": (
+        G.gemv_words_kernel, {**GEMV_POINTERS, "ss_ptr": "*fp32"},
+        dict(KIND=G.Q4_SYM.value, SCALE_SHIFT=0, BLOCK_N=16, BLOCK_W=128, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
+             PREFETCH=2, GATED=True, SUBNORMAL=True, BLOCK_M=1, res_ptr=None, nw_ptr=None, hw_ptr=None,
+             SCALE_OUT=True, SS_BLOCK=256)),
     "gemv_fp8": (GF.gemv_fp8_kernel, {"x_ptr": F16, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": F16,
                                       "y_ptr": F16},
                  dict(E5M2=False, NATIVE=True, BLOCK_N=16, BLOCK_K=256, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
@@ -198,3 +209,14 @@ def test_attention_with_rope_reads_its_first_keys_before_the_wait() -> None:
         kernel, pointers, consts = _OVERLAPPED[name]
         before, after = _loads_around_the_wait(ptx_lines(kernel, pointers, {**consts, "OVERLAP": True}), ".v4")
         assert (before > 0) == early and after > 0, (name, before, after)
+
+
+def test_folded_norm_gemvs_read_what_they_add_after_the_wait() -> None:
+    """RES_OUT's residual and norm weight and SCALE_OUT's partial sums (the previous kernels' writes, or beside them)
+    are read after the wait: against the same GEMV without the epilogue, every added load comes after it."""
+    for name in ("gemv_words, folded norm: residual out", "gemv_words, folded norm: scaled out, gated"):
+        kernel, pointers, consts = _OVERLAPPED[name]
+        plain = {k: v for k, v in consts.items() if k not in ("RES_OUT", "SCALE_OUT", "SS_BLOCK")}
+        folded = _loads_around_the_wait(ptx_lines(kernel, pointers, {**consts, "OVERLAP": True}), "")
+        unfolded = _loads_around_the_wait(ptx_lines(kernel, pointers, {**plain, "OVERLAP": True}), "")
+        assert folded[0] == unfolded[0] and folded[1] > unfolded[1], (name, folded, unfolded)
