@@ -20,7 +20,8 @@ import triton
 
 from ..formats import LowBitFormat, Parts
 from .grids import cdiv
-from .triton_linear import PLANE_KINDS, UNFUSED, BlockOperands, GemvConfig, _gemv_words, _operands, gemv_blocks
+from .triton_linear import (PLANE_KINDS, UNFUSED, BlockOperands, GemvConfig, _gemv_words, _operands, gated_plan_key,
+                            gemv_blocks, plan_key)
 
 
 def folded_tile(fmt: LowBitFormat, parts: Parts, cache: object, dtype: torch.dtype,
@@ -32,9 +33,9 @@ def folded_tile(fmt: LowBitFormat, parts: Parts, cache: object, dtype: torch.dty
     if not isinstance(ops, BlockOperands) or ops.kind in PLANE_KINDS:
         return None
     if gated:
-        cfg = ops.plans.get(("gated", 1, dtype))
+        cfg = ops.plans.get(gated_plan_key(1, dtype))
         return None if cfg is None or cfg == UNFUSED else (ops, cfg)
-    plan = ops.plans.get((1, dtype))
+    plan = ops.plans.get(plan_key(1, dtype))
     return None if plan is None or plan[0] is not gemv_blocks else (ops, plan[1])
 
 

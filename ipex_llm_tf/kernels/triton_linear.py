@@ -293,6 +293,16 @@ def _settled(key: tuple, options: list, device: torch.device) -> bool:
     return key in _TUNED or len(options) == 1 or not autotune_enabled(device)
 
 
+def plan_key(rows: int, dtype: torch.dtype) -> tuple:
+    """Where linear keeps its settled plan for `rows` activation rows of `dtype` in the operands' `plans`."""
+    return (rows if rows <= FUSED_MAX_ROWS_FP8 else -1, dtype)
+
+
+def gated_plan_key(rows: int, dtype: torch.dtype) -> tuple:
+    """Where linear_silu keeps its settled choice (a GEMV tile or UNFUSED) for `rows` rows of `dtype`."""
+    return ("gated", rows, dtype)
+
+
 def linear(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.Tensor | None, out_features: int,
            cache=None) -> torch.Tensor:
     """y [M, N] = x2d [M, K] @ dequantize(parts).T + bias, in x2d's dtype."""
@@ -311,7 +321,7 @@ def linear(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.Tenso
         return x.new_zeros((0, n))
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    key = (m if m <= FUSED_MAX_ROWS_FP8 else -1, x.dtype)
+    key = plan_key(m, x.dtype)
     plan = ops.plans.get(key)
     if plan is None:
         plan, final = _plan(x, ops, n, getattr(cache, "decode_context", None))
@@ -350,7 +360,7 @@ def linear_silu(x2d: torch.Tensor, fmt: LowBitFormat, parts: Parts, bias: torch.
         return None
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    key = ("gated", m, x.dtype)
+    key = gated_plan_key(m, x.dtype)
     cfg = ops.plans.get(key)
     if cfg is None:
         candidates = _gated_candidates(m, out_features, ops, x.device)

@@ -107,8 +107,8 @@ def _settle_tiles(model, cfg) -> None:
                               (layer.mlp.gate_up_proj, True), (layer.mlp.down_proj, False)):
             linear._packed_cache = PackedCache()  # the CPU path keeps its own packing in the cache it has
             ops = TL._operands(linear.fmt, linear.parts, linear._packed_cache)
-            ops.plans[("gated", 1, torch.float16) if gated else (1, torch.float16)] = cfg if gated else \
-                (TL.gemv_blocks, cfg)
+            key = TL.gated_plan_key(1, torch.float16) if gated else TL.plan_key(1, torch.float16)
+            ops.plans[key] = cfg if gated else (TL.gemv_blocks, cfg)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
