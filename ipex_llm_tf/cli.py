@@ -228,8 +228,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         for line in describe_op_backends(torch.device(dev)):
             print(f"  {dev}: {line}")
         if dev != "cpu" and triton_available():
+            from .kernels.lane_lookup import describe_lanes
             from .kernels.launch_overlap import describe_overlap
             print(f"  {dev}: {describe_overlap(torch.device(dev))}")
+            print(f"  {dev}: {describe_lanes(torch.device(dev))}")
     if report is None:
         ipex_ops.require()
     return 0

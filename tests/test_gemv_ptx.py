@@ -19,11 +19,14 @@ TILES = [(16, 64), (16, 128), (8, 128)]  # (BLOCK_N, BLOCK_W) of the H100's tune
 SHARED_LIMIT = 48
 
 
-def _loads(kind: int, block_n: int, block_w: int, subnormal: bool) -> list[str]:
+def _lines(kind: int, block_n: int, block_w: int, subnormal: bool, lanes: bool = False) -> list[str]:
     consts = dict(KIND=kind, SCALE_SHIFT=0, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
-                  PREFETCH=2, GATED=False, SUBNORMAL=subnormal, BLOCK_M=1, OVERLAP=False, TAIL=False)
-    lines = [line.strip() for line in ptx_lines(G.gemv_words_kernel, GEMV_POINTERS, consts)]
-    return [line for line in lines if ".global." in line or ".shared." in line]
+                  PREFETCH=2, GATED=False, SUBNORMAL=subnormal, BLOCK_M=1, OVERLAP=False, TAIL=False, LANES=lanes)
+    return [line.strip() for line in ptx_lines(G.gemv_words_kernel, GEMV_POINTERS, consts)]
+
+
+def _loads(kind: int, block_n: int, block_w: int, subnormal: bool, lanes: bool = False) -> list[str]:
+    return [line for line in _lines(kind, block_n, block_w, subnormal, lanes) if ".global." in line or ".shared." in line]
 
 
 @pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t[0]}x{t[1]}")
@@ -41,3 +44,17 @@ def test_table_path_is_what_the_check_catches() -> None:
     accesses = _loads(G.CB4.value, 16, 128, subnormal=False)
     assert sum("ld.global.b32" in a for a in accesses) == 8 * 16  # 8 codes a word, 16 of the tile's words a thread
     assert sum(".shared." in a for a in accesses) > 4 * SHARED_LIMIT
+
+
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_lane_lookups_shuffle_every_code_and_load_no_table(tile: tuple[int, int]) -> None:
+    """nf4 with LANES (kernels/lane_lookup): one 16-lane-segment shuffle per code of a thread's words, no per-code
+    table loads, and no per-code trips through shared memory."""
+    block_n, block_w = tile
+    lines = _lines(G.CB4.value, block_n, block_w, subnormal=False, lanes=True)
+    shuffles = [line for line in lines if line.startswith("shfl.sync.idx.b32") and "0x101f" in line]
+    words_a_thread = block_n * block_w // (32 * 4)  # every tile here runs four warps
+    assert len(shuffles) >= 8 * words_a_thread
+    accesses = [line for line in lines if ".global." in line or ".shared." in line]
+    assert sum("ld.global.b32" in a for a in accesses) <= 1  # the lane's own table entry, once
+    assert sum(".shared." in a for a in accesses) <= SHARED_LIMIT

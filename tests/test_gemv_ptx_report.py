@@ -12,7 +12,7 @@ import gemv_ptx_report as R  # noqa: E402
 
 
 def test_rows_count_the_loop_of_each_kernel() -> None:
-    """sym_int4 reads its codes in place (no gathers), nf4 looks each code up (16 words x 8 codes a thread here),
+    """sym_int4 reads its codes in place (no gathers), nf4 shuffles each code (16 words x 8 codes a thread here),
     nf3 runs the two-plane kernel; a second activation row adds multiply-adds to the same loop; registers are
     counted."""
     one = R.report_row("sym_int4", "16x64x2", 1)
@@ -21,7 +21,8 @@ def test_rows_count_the_loop_of_each_kernel() -> None:
     # half the weight rows a thread, fewer registers (read from the cubin by the cuobjdump Triton ships)
     assert R.report_row("sym_int4", "8x64x2", 1)["registers"] < one["registers"] <= 255
     assert two["top_opcodes"]["fma.rn.f32"] == 2 * one["top_opcodes"]["fma.rn.f32"]
-    assert R.report_row("nf4", "16x64x2", 1)["gathers"] == 8 * 16
+    nf4 = R.report_row("nf4", "16x64x2", 1)  # as on CUDA: a warp shuffle a code, no table loads (lane_lookup)
+    assert nf4["gathers"] == 0 and nf4["top_opcodes"]["shfl.sync.idx.b32"] == 8 * 16
     assert R.report_row("nf3", "16x64x2", 1)["loop_instructions"] > 0
     assert R.report_row("nf3", "16x64x2", 2) is None, "the two-plane GEMV serves one row a program"
 

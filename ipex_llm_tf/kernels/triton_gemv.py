@@ -25,21 +25,23 @@ q * x * 2**-SUBNORMAL_BIAS, a normal float for every fp16 activation (bf16 and f
 
     sum(q * x) = 2**SUBNORMAL_BIAS * F
 
-The 4-bit codebook formats (nf4, fp4) look each code up in a 16-entry float32 table instead: one load per weight,
-which is what bounds their GEMV (cutting the address arithmetic around the loads by a tenth of the loop's
-instructions changed nothing measurable; register gathers, tl.gather, ran 4x slower on an H100). fp4's table is
-e2m1, a float format itself, so with SUBNORMAL its GEMV reads the codes in place too: the three exponent and mantissa
-bits moved to float32 bits 22..24 and the sign to bit 31 are worth value * 2**-126 exactly (exponent 0 as the
-subnormal 2**-127), the activations are pre-scaled by 2**(126 - SUBNORMAL_BIAS), and every product and sum is the
-table path's times 2**-SUBNORMAL_BIAS (bit-equal results for fp16 and bf16 activations) for two shifts and an
-and-or a weight instead of a load: 43 -> 59-64% of copy on the H100 (triton_gemv_planes does the same for fp6).
+The 4-bit codebook formats (nf4, fp4) look each code up in a 16-entry float32 table instead: on CUDA one warp
+shuffle a code from the lanes' registers (LANES, kernels/lane_lookup: H100 20.2 -> 16.1 us), elsewhere one load a
+code from the table in memory (tl.gather, Triton's register gather, ran 4x slower than those loads on an H100).
+fp4's table is e2m1, a float format itself, so with SUBNORMAL its GEMV reads the codes in place too: the three
+exponent and mantissa bits moved to float32 bits 22..24 and the sign to bit 31 are worth value * 2**-126 exactly
+(exponent 0 as the subnormal 2**-127), the activations are pre-scaled by 2**(126 - SUBNORMAL_BIAS), and every
+product and sum is the table path's times 2**-SUBNORMAL_BIAS (bit-equal results for fp16 and bf16 activations) for
+two shifts and an and-or a weight instead of a load: 43 -> 59-64% of copy on the H100, faster than shuffles (16.1
+us; triton_gemv_planes does the same for fp6).
 fp8 weights (e4m3fn / e5m2) have their own kernel (triton_gemv_fp8).
 
 Every kernel accumulates in float32, handles any N (rows past the end are clamped on load, masked on store) and any
 K that is a multiple of the format's block. SPLIT_K > 1 splits K across programs that add into a float32 output
 with atomics (the caller zeroes it, then casts and adds the bias). No vendor intrinsics: the same source runs on
 Triton's Intel XPU backend and in the Triton interpreter. (OVERLAP, set only on CUDA sm_90+, compiles in
-launch_overlap's two launch-ordering instructions; everywhere else those lines compile to nothing.)
+launch_overlap's two launch-ordering instructions, and LANES, set only on CUDA, lane_lookup's shuffles; everywhere
+else those lines compile to nothing.)
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ import triton
 import triton.language as tl
 
 from .launch_overlap import release_next, wait_previous
+from .lane_lookup import lane_lookup, lane_table
 from .triton_gemv_tiles import gemv_program, place_bits, row_rsqrt, store_residual, store_words_result
 
 # Kind codes shared with triton_matmul and triton_linear (the KIND constexpr of every kernel); constexpr so that
@@ -67,7 +70,8 @@ SUBNORMAL_BIAS = tl.constexpr(80)
 
 
 @triton.jit
-def _code_term(words, high, qh, one, x, P: tl.constexpr, KIND: tl.constexpr, tab_ptr, SUBNORMAL: tl.constexpr):
+def _code_term(words, high, qh, one, x, P: tl.constexpr, KIND: tl.constexpr, tab_ptr, SUBNORMAL: tl.constexpr,
+               LANES: tl.constexpr):
     """f * x for code P of every word and its activations x [BW]: f from _code_floats, or with SUBNORMAL the code
     read in place as q * 2**(POS - 149) against x pre-scaled by 2**(149 - POS - SUBNORMAL_BIAS).
 
@@ -93,12 +97,12 @@ def _code_term(words, high, qh, one, x, P: tl.constexpr, KIND: tl.constexpr, tab
             f = (words & MASK).to(tl.float32, bitcast=True)
         x = x * (2.0 ** (149 - POS - SUBNORMAL_BIAS))
     else:
-        f = _code_floats(words, qh, one, P, KIND, tab_ptr)
+        f = _code_floats(words, qh, one, P, KIND, tab_ptr, LANES)
     return f * x[:, None]
 
 
 @triton.jit
-def _code_floats(words, qh, one, P: tl.constexpr, KIND: tl.constexpr, tab_ptr):
+def _code_floats(words, qh, one, P: tl.constexpr, KIND: tl.constexpr, tab_ptr, LANES: tl.constexpr):
     """Float of code P of every word: 1 + q / 2**bits for integer kinds, the table value for CB4.
 
     words [BW, BN] int32; qh [BW, BN] (int5 only) the 5th bits of each word's block, shifted right by 4 * (word
@@ -108,6 +112,8 @@ def _code_floats(words, qh, one, P: tl.constexpr, KIND: tl.constexpr, tab_ptr):
         # byte P of the word, sign bit flipped (u = q + 128), placed in mantissa bits 15..22
         # (v ^ 0x400000) | 1.0 == v ^ (1.0 | 0x400000) as the bits are disjoint: one and-xor per code
         f = (place_bits(words, 8 * P, 15, 0x7F8000) ^ one).to(tl.float32, bitcast=True)
+    elif KIND == CB4 and LANES:
+        f = lane_lookup(tab_ptr, words >> (4 * P))
     elif KIND == CB4:
         f = tl.load(tab_ptr + ((words >> (4 * P)) & 15))
     elif (KIND == Q5_SYM) or (KIND == Q5_ASYM):
@@ -198,18 +204,19 @@ def _load_x_step(x_row, w_begin, step, KW, BLOCK_W: tl.constexpr, EPW: tl.conste
 
 @triton.jit
 def _accumulate(acc, words, high, qh, one, d, mn, xs, tab_ptr, KIND: tl.constexpr, SUBNORMAL: tl.constexpr,
+                LANES: tl.constexpr,
                 EPW: tl.constexpr, SCALE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr):
     """acc [BLOCK_W / 4, BLOCK_N] plus one activation row's products with one K step of codes; xs = _load_x_step's
     (x0..x7, their sum). Corrected and scaled once per group of four words."""
-    F = _code_term(words, high, qh, one, xs[0], 0, KIND, tab_ptr, SUBNORMAL)
-    F += _code_term(words, high, qh, one, xs[1], 1, KIND, tab_ptr, SUBNORMAL)
-    F += _code_term(words, high, qh, one, xs[2], 2, KIND, tab_ptr, SUBNORMAL)
-    F += _code_term(words, high, qh, one, xs[3], 3, KIND, tab_ptr, SUBNORMAL)
+    F = _code_term(words, high, qh, one, xs[0], 0, KIND, tab_ptr, SUBNORMAL, LANES)
+    F += _code_term(words, high, qh, one, xs[1], 1, KIND, tab_ptr, SUBNORMAL, LANES)
+    F += _code_term(words, high, qh, one, xs[2], 2, KIND, tab_ptr, SUBNORMAL, LANES)
+    F += _code_term(words, high, qh, one, xs[3], 3, KIND, tab_ptr, SUBNORMAL, LANES)
     if EPW == 8:
-        F += _code_term(words, high, qh, one, xs[4], 4, KIND, tab_ptr, SUBNORMAL)
-        F += _code_term(words, high, qh, one, xs[5], 5, KIND, tab_ptr, SUBNORMAL)
-        F += _code_term(words, high, qh, one, xs[6], 6, KIND, tab_ptr, SUBNORMAL)
-        F += _code_term(words, high, qh, one, xs[7], 7, KIND, tab_ptr, SUBNORMAL)
+        F += _code_term(words, high, qh, one, xs[4], 4, KIND, tab_ptr, SUBNORMAL, LANES)
+        F += _code_term(words, high, qh, one, xs[5], 5, KIND, tab_ptr, SUBNORMAL, LANES)
+        F += _code_term(words, high, qh, one, xs[6], 6, KIND, tab_ptr, SUBNORMAL, LANES)
+        F += _code_term(words, high, qh, one, xs[7], 7, KIND, tab_ptr, SUBNORMAL, LANES)
     # sums over each group of four words (in one thread's registers), scaled once per group
     F = tl.sum(tl.reshape(F, [BLOCK_W // 4, 4, BLOCK_N]), axis=1)
     X = tl.sum(tl.reshape(xs[8], [BLOCK_W // 4, 4]), axis=1)
@@ -241,6 +248,7 @@ def gemv_words_kernel(
     TAIL: tl.constexpr = False, WHOLE: tl.constexpr = False,
     ss_ptr=None, res_ptr=None, nw_ptr=None, hw_ptr=None, ss_count=1, norm_k=1.0, eps=0.0,
     SCALE_OUT: tl.constexpr = False, RES_OUT: tl.constexpr = False, SS_BLOCK: tl.constexpr = 1,
+    LANES: tl.constexpr = False,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, k] for BLOCK_M activation rows m and BLOCK_N weight rows, BLOCK_W words per K
     step.
@@ -269,6 +277,9 @@ def gemv_words_kernel(
 
     OVERLAP (launch_overlap): the program reads its first step of weights, then waits for the previous kernel;
     it lets the next kernel launch once its K loop is done.
+
+    LANES (CB4 without SUBNORMAL, i.e. nf4; CUDA only: lane_lookup): codes are looked up by warp shuffles from the
+    lane's table entry, loaded once, instead of one table load a code.
 
     TAIL (PREFETCH = 2, BLOCK_M = 1, SPLIT_K = 1, EVEN; for K not a multiple of the step): the steps_per_split full
     steps are followed by a partial one, which the program reads first, masked, as its prefetched step 0; the loop
@@ -303,6 +314,9 @@ def gemv_words_kernel(
     one = one_bits  # a run-time value: lets the compiler fuse the mask and the OR into one instruction
     if KIND == Q8_SYM:
         one = one_bits ^ 0x400000
+    if LANES:
+        tl.static_assert(KIND == CB4 and not SUBNORMAL, "LANES looks up table codes (nf4)")
+        tab_ptr = lane_table(tab_ptr)
     acc = tl.zeros([BLOCK_W // 4, BLOCK_N], dtype=tl.float32)  # one entry per group of four words
     # rows past M (a partial last group) read row M - 1 and are not stored
     acc1, acc2, acc3 = acc, acc, acc
@@ -363,16 +377,16 @@ def gemv_words_kernel(
                 words = words ^ -0x7F7F7F80  # 0x80808080: every byte's sign flipped, u = q + 128
             high = words >> 8
         acc = _accumulate(acc, words, high, qh, one, d, mn, (x0, x1, x2, x3, x4, x5, x6, x7, X), tab_ptr, KIND,
-                          SUBNORMAL, EPW, SCALE, BLOCK_W, BLOCK_N)
+                          SUBNORMAL, LANES, EPW, SCALE, BLOCK_W, BLOCK_N)
         # further activation rows reuse the decoded codes (the same expressions, computed once)
         if BLOCK_M > 1:
-            acc1 = _accumulate(acc1, words, high, qh, one, d, mn, xs1, tab_ptr, KIND, SUBNORMAL, EPW, SCALE, BLOCK_W,
-                               BLOCK_N)
+            acc1 = _accumulate(acc1, words, high, qh, one, d, mn, xs1, tab_ptr, KIND, SUBNORMAL, LANES, EPW, SCALE,
+                               BLOCK_W, BLOCK_N)
         if BLOCK_M > 2:
-            acc2 = _accumulate(acc2, words, high, qh, one, d, mn, xs2, tab_ptr, KIND, SUBNORMAL, EPW, SCALE, BLOCK_W,
-                               BLOCK_N)
-            acc3 = _accumulate(acc3, words, high, qh, one, d, mn, xs3, tab_ptr, KIND, SUBNORMAL, EPW, SCALE, BLOCK_W,
-                               BLOCK_N)
+            acc2 = _accumulate(acc2, words, high, qh, one, d, mn, xs2, tab_ptr, KIND, SUBNORMAL, LANES, EPW, SCALE,
+                               BLOCK_W, BLOCK_N)
+            acc3 = _accumulate(acc3, words, high, qh, one, d, mn, xs3, tab_ptr, KIND, SUBNORMAL, LANES, EPW, SCALE,
+                               BLOCK_W, BLOCK_N)
 
     release_next(OVERLAP)  # the next kernel's programs take the SMs this one's tail leaves idle
     if SCALE_OUT or RES_OUT:

@@ -44,6 +44,7 @@ from .triton_operands import (PLANE_KINDS, BlockOperands, Fp8Operands, _table,  
 from .arrivals import ArrivalCounters
 # prefill's dequantize + torch matmul (also addressed through this module: tests, benchmarks)
 from .triton_dequant_matmul import dequant_matmul_blocks, dequant_matmul_fp8, dequantize_blocks, dequantize_fp8  # noqa: F401
+from .lane_lookup import lanes_available
 from .launch_overlap import overlap_options
 from .triton_silu_mul import silu_and_mul
 from .triton_tuning import (_TUNED, GEMV_MULTIROW_MAX_ROWS, GemvConfig, MatmulConfig, _interpreting,  # noqa: F401
@@ -105,6 +106,8 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
         block_m = cfg.block_m
         kernel, options = G.gemv_words_kernel, {"SUBNORMAL": ops.subnormal, "BLOCK_M": block_m,
                                                  **overlap_options(x.device)}
+        if ops.kind == G.CB4.value and not ops.subnormal and lanes_available(x.device):
+            options["LANES"] = True  # nf4: its codes looked up by warp shuffles (lane_lookup)
         if _tail_step(kw, cfg, split, even):  # full steps unmasked, the partial one read first
             per_split, even, options["TAIL"] = kw // cfg.block_w, True, True
         elif per_split == 1 and cfg.prefetch > 0:  # one step a program: read before the wait, nothing after

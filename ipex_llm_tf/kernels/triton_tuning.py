@@ -99,7 +99,7 @@ def _scope(device: torch.device) -> str:
         here = Path(__file__).parent
         sources = hashlib.sha256()
         for module in ("triton_gemv", "triton_gemv_tiles", "triton_gemv_planes", "triton_gemv_fp8", "triton_matmul",
-                       "triton_linear", "triton_operands", "triton_tuning", "launch_overlap"):
+                       "triton_linear", "triton_operands", "triton_tuning", "launch_overlap", "lane_lookup"):
             sources.update((here / f"{module}.py").read_bytes())
         _SCOPES[device] = f"{name} | triton {triton.__version__} | {sources.hexdigest()[:16]}"
     return _SCOPES[device]
