@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..env import env_flag, raw_env_reader
+from .triton_tuning import _interpreting
 
 LANE_LOOKUP_ENV = "IPEX_LLM_TF_LANE_LOOKUP"
 _raw_switch = raw_env_reader(LANE_LOOKUP_ENV)
@@ -54,8 +55,6 @@ def lanes_available(device: torch.device) -> bool:
     key = (device, _raw_switch(), _raw_interpret())
     on = _AVAILABLE.get(key)
     if on is None:
-        from .triton_tuning import _interpreting
-
         on = _AVAILABLE[key] = device.type == "cuda" and not _interpreting() and env_flag(LANE_LOOKUP_ENV, True)
     return on
 
