@@ -54,7 +54,12 @@ def test_kernel_sources_have_inline_ptx_only_behind_the_cuda_switch() -> None:
             if re.search(r"\blane_(lookup|table|id)\(", line) and not line.lstrip().startswith(("def ", "from ", "#")):
                 if path.name == "lane_lookup.py":
                     continue  # the definitions themselves (lane_table calls lane_id)
-                indent = len(line) - len(line.lstrip())
-                block = next(prev for prev in reversed(lines[:i])  # the header of the block the call sits in
-                             if prev.strip() and len(prev) - len(prev.lstrip()) < indent)
-                assert re.search(r"\b(el)?if\b.*\bLANES\b", block), f"{path.name}:{i + 1} outside a LANES branch"
+                headers, indent = [], len(line) - len(line.lstrip())
+                for prev in reversed(lines[:i]):  # the headers of the blocks the call sits in, up to its def
+                    if prev.strip() and len(prev) - len(prev.lstrip()) < indent:
+                        headers.append(prev)
+                        indent = len(prev) - len(prev.lstrip())
+                        if prev.lstrip().startswith("def "):
+                            break
+                assert any(re.search(r"\b(el)?if\b.*\bLANES\b", h) for h in headers), \
+                    f"{path.name}:{i + 1} outside a LANES branch"

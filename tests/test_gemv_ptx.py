@@ -58,3 +58,22 @@ def test_lane_lookups_shuffle_every_code_and_load_no_table(tile: tuple[int, int]
     accesses = [line for line in lines if ".global." in line or ".shared." in line]
     assert sum("ld.global.b32" in a for a in accesses) <= 1  # the lane's own table entry, once
     assert sum(".shared." in a for a in accesses) <= SHARED_LIMIT
+
+
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_nf3_lane_lookups_shuffle_every_code_and_load_no_pairs(tile: tuple[int, int]) -> None:
+    """nf3's two-plane GEMV with LANES: one 8-lane-segment shuffle per code (16 a low-plane word) and no pair-table
+    loads (8-byte scalar loads), where the table path has one a pair of codes."""
+    from ipex_llm_tf.kernels import triton_gemv_planes as GP
+    block_n, block_w = tile
+
+    def lines(lanes: bool) -> list[str]:
+        consts = dict(KIND=G.CB3.value, SCALE_SHIFT=1, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=1, HAS_BIAS=False,
+                      EVEN=True, PREFETCH=0, GATED=False, SUBNORMAL=False, LANES=lanes)
+        pointers = GEMV_POINTERS if lanes else {**GEMV_POINTERS, "tab_ptr": "*i64"}
+        return [line.strip() for line in ptx_lines(GP.gemv_planes_kernel, pointers, consts)]
+    shuffled, paired = lines(True), lines(False)
+    words_a_thread = block_n * block_w // (32 * 4)
+    assert sum(line.startswith("shfl.sync.idx.b32") and "0x181f" in line for line in shuffled) == 16 * words_a_thread
+    assert not any("ld.global.b64" in line for line in shuffled)
+    assert sum("ld.global.b64" in line for line in paired) == 8 * words_a_thread

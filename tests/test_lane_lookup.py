@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 from ipex_llm_tf.formats import get_format  # noqa: E402
 from ipex_llm_tf.kernels import lane_lookup as LL  # noqa: E402
 from ipex_llm_tf.kernels import triton_gemv as G  # noqa: E402
+from ipex_llm_tf.kernels import triton_gemv_planes as GP  # noqa: E402
 from ipex_llm_tf.kernels import triton_linear as TL  # noqa: E402
 from ipex_llm_tf.kernels.triton_tuning import GemvConfig  # noqa: E402
 
@@ -62,26 +63,30 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.options: dict = {}
+        self.args: tuple = ()
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.options = kwargs
+            self.args, self.options = args, kwargs
         return launch
 
 
 @pytest.mark.parametrize("fmt_name, lanes", [("nf4", True), ("fp4", False), ("sym_int4", False), ("asym_int5", False),
-                                             ("sym_int8", False)])
+                                             ("sym_int8", False), ("nf3", True), ("fp6", False)])
 def test_the_launcher_asks_for_lanes_only_for_table_lookups(fmt_name: str, lanes: bool,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a device with shuffles nf4 (table lookups) gets LANES; fp4 keeps its codes read in place (faster there)
-    and the integer kinds their own decoding."""
+    """On a device with shuffles nf4 and nf3 (table lookups) get LANES; fp4 and fp6 keep their codes read in place
+    (faster there for fp4) and the integer kinds their own decoding."""
     recorder = _Recorder()
     monkeypatch.setattr(G, "gemv_words_kernel", recorder)
+    monkeypatch.setattr(GP, "gemv_planes_kernel", recorder)
     monkeypatch.setattr(TL, "lanes_available", lambda device: True)
     fmt = get_format(fmt_name)
     ops = TL.block_operands(fmt, fmt.quantize(torch.randn(16, 256)))
-    ops.subnormal = fmt_name in ("fp4", "sym_int4", "sym_int8")  # as on a device that keeps float32 subnormals
+    ops.subnormal = fmt_name in ("fp4", "fp6", "sym_int4", "sym_int8")  # as on a device that keeps float32 subnormals
     x = torch.randn(1, 256, dtype=torch.float16)
     TL._gemv_words(x, ops, None, torch.empty(1, 16, dtype=torch.float16), 16, GemvConfig(8, 64, 4), 1, gated=False)
     assert recorder.options.get("LANES", False) is lanes
     assert recorder.options["SUBNORMAL"] is ops.subnormal
+    # the lanes hold the plain table's values; nf3's table loads read its pair table
+    assert recorder.args[5] is (ops.table if lanes else ops.gemv_table)

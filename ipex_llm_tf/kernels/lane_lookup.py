@@ -37,17 +37,25 @@ def lane_id():
 
 
 @triton.jit
-def lane_table(tab_ptr):
-    """This lane's entry of a 16-entry float32 table (entry lane % 16), as int32 bits."""
-    return tl.load(tab_ptr + (lane_id() & 15)).to(tl.int32, bitcast=True)
+def lane_table(tab_ptr, ENTRIES: tl.constexpr = 16):
+    """This lane's entry of an ENTRIES-entry (8 or 16) float32 table (entry lane % ENTRIES), as int32 bits."""
+    return tl.load(tab_ptr + (lane_id() & (ENTRIES - 1))).to(tl.int32, bitcast=True)
 
 
 @triton.jit
-def lane_lookup(table, codes):
-    """table[codes & 15] as float32 for every element of codes (int32; bits above the low four are ignored)."""
-    # c = 0x101f: segment mask 0x10 (two 16-lane halves), clamp 31; the source lane is (lane & 16) | (code & 15)
-    return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x101f, -1;", "=r,r,r", [table, codes],
-                                     dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
+def lane_lookup(table, codes, ENTRIES: tl.constexpr = 16):
+    """table[codes % ENTRIES] as float32 for every element of codes (int32; bits above the low log2(ENTRIES) are
+    ignored), from lane_table(..., ENTRIES)."""
+    # c: segment mask 0x10 (two 16-lane segments) or 0x18 (four of 8), clamp 31; the source lane is the lane's
+    # segment base OR the code's low bits
+    if ENTRIES == 8:
+        bits = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x181f, -1;", "=r,r,r", [table, codes],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        tl.static_assert(ENTRIES == 16, "lane tables hold 8 or 16 entries")
+        bits = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x101f, -1;", "=r,r,r", [table, codes],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    return bits.to(tl.float32, bitcast=True)
 
 
 def lanes_available(device: torch.device) -> bool:

@@ -12,7 +12,8 @@ the two planes up, and a code costs two shift-and-masks, an OR and the table loa
 nf3 looks its codes up two at a time: fields f and f + 1 (f even) have their low bits side by side and their high
 bits two apart, so one shift-and-mask of each plane gives a 7-bit index into a table of value pairs (triton_operands.
 pair_table, 1 KB of int64), half the loads (H100: 11008x4096 30.9 -> 26.9 us, 4096x11008 26.8 -> 26.0). nf4's pair
-table (256 entries) measured slower than its 16-entry one (19.9 -> 28.9 us).
+table (256 entries) measured slower than its 16-entry one (19.9 -> 28.9 us). On CUDA (LANES, kernels/lane_lookup)
+nf3's codes are instead looked up one at a time by warp shuffles from an 8-entry lane table, as nf4's are.
 fp6's table is e3m2 (bias 3), itself a float format: with SUBNORMAL (set where the device keeps float32 subnormals,
 as for triton_gemv's in-place codes) its codes are read in place instead, their five exponent and mantissa bits at
 float32 bits 21..25 and the sign at bit 31 worth value * 2**-124, against activations pre-scaled by
@@ -27,6 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .lane_lookup import lane_lookup, lane_table
 from .triton_gemv import CB3, SUBNORMAL_BIAS
 from .triton_gemv_tiles import gemv_program, place_bits, store_words_result
 
@@ -73,12 +75,13 @@ def gemv_planes_kernel(
     KIND: tl.constexpr, SCALE_SHIFT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr, GATED: tl.constexpr = False,
-    SUBNORMAL: tl.constexpr = False,
+    SUBNORMAL: tl.constexpr = False, LANES: tl.constexpr = False,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, k] for one activation row and BLOCK_N weight rows, BLOCK_W low-plane words
     per K step; grid (M, cdiv(N, BLOCK_N), SPLIT_K) as gemv_words_kernel's. PREFETCH is ignored: loading the next
     step early measured slower here (H200, nf3 4096x11008: 31.1 against 27.0 us). SUBNORMAL (fp6's e3m2 table
-    only) reads the codes in place rather than looking them up (module docstring)."""
+    only) reads the codes in place rather than looking them up (module docstring). LANES (nf3, CUDA only:
+    lane_lookup) looks each code up by a warp shuffle from an 8-entry lane table, tab_ptr being nf3's plain table."""
     BL: tl.constexpr = 2 if KIND == CB3 else 4
     BH: tl.constexpr = 1 if KIND == CB3 else 2
     LOG_BL: tl.constexpr = 1 if KIND == CB3 else 2
@@ -86,6 +89,9 @@ def gemv_planes_kernel(
     PER: tl.constexpr = 8 // BL    # codes per low-plane byte
     pid_m, pid_n, offs_n, rows, x_row, w_begin = gemv_program(x_ptr, N, stride_xm, steps_per_split, BLOCK_N, BLOCK_W,
                                                               GATED)
+    if LANES:
+        tl.static_assert(KIND == CB3, "LANES looks nf3's 8 values up (tab_ptr: the plain table)")
+        tab_ptr = lane_table(tab_ptr, 8)
     acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
     for step in range(0, steps_per_split):
         t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -106,7 +112,12 @@ def gemv_planes_kernel(
             d = tl.load(s_ptr + s_off, mask=tmask[:, None], other=0.0).to(tl.float32)
         hi = hi >> (BH * (c // BH))[:, None]
         F = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-        if KIND == CB3:
+        if KIND == CB3 and LANES:
+            # the 2-bit low field at bits 0..1 and the high bit at bit 2: the shuffle reads those three bits only
+            for f in tl.static_range(EPW):
+                code = (words >> (2 * f)) & 3 | place_bits(hi, 2 * f, 2, 4)
+                F += lane_lookup(tab_ptr, code, 8) * _plane_activations(kbase, f, PER, tmask, EVEN)[:, None]
+        elif KIND == CB3:
             # fields f and f + 1 from one load of the pair table (tab_ptr): their low bits are the 4 bits at 2f of
             # the low word, their high bits bits 2f and 2f + 2 of the shifted high word, moved up to bits 4 and 6
             # as they lie (a 64-entry table without the gaps measured slower: two more instructions a pair)

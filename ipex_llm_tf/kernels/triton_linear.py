@@ -100,8 +100,11 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
     kw = ops.words_per_row
     per_split, split, even = _split_steps(kw, cfg.block_w, split_k)
     per_program = cfg.block_n // 2 if gated else cfg.block_n  # a gated program covers gate and up rows
+    table = ops.gemv_table
     if ops.kind in PLANE_KINDS:
         kernel, options, block_m = GP.gemv_planes_kernel, {"SUBNORMAL": ops.subnormal}, 1
+        if ops.kind == G.CB3.value and lanes_available(x.device):
+            options["LANES"], table = True, ops.table  # nf3: codes by warp shuffles from its 8 values (lane_lookup)
     else:
         block_m = cfg.block_m
         kernel, options = G.gemv_words_kernel, {"SUBNORMAL": ops.subnormal, "BLOCK_M": block_m,
@@ -113,7 +116,7 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
         elif per_split == 1 and cfg.prefetch > 0:  # one step a program: read before the wait, nothing after
             options["WHOLE"] = True
     kernel[(cdiv(x.shape[0], block_m), cdiv(outputs, per_program), split)](
-        x, ops.words, ops.scales, ops.mins, ops.qh, ops.gemv_table, ops.scales if bias is None else bias, y,
+        x, ops.words, ops.scales, ops.mins, ops.qh, table, ops.scales if bias is None else bias, y,
         x.shape[0], outputs, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
         KIND=ops.kind, SCALE_SHIFT=ops.scale_shift_blocks, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
         SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, PREFETCH=cfg.prefetch, GATED=gated,
