@@ -55,13 +55,13 @@ def report_row(name: str, tile: str, rows: int) -> dict | None:
                   SUBNORMAL=reads_codes_in_place(fmt, kind))
     if planes:
         kernel, per_word = GP.gemv_planes_kernel, 16 if kind == G.CB3.value else 8
+        # nf3 looks its codes up by warp shuffles from its plain table on CUDA (kernels/lane_lookup)
+        consts["LANES"] = kind == G.CB3.value
     else:
         kernel, per_word = G.gemv_words_kernel, 4 if kind == G.Q8_SYM.value else 8
         # nf4 looks its codes up by warp shuffles on CUDA (kernels/lane_lookup)
         consts.update(BLOCK_M=rows, OVERLAP=False, TAIL=False, LANES=kind == G.CB4.value and not consts["SUBNORMAL"])
-    # nf3's GEMV reads a table of int64 value pairs (triton_operands.pair_table)
-    pointers = {**GEMV_POINTERS, "tab_ptr": "*i64"} if kind == G.CB3.value else GEMV_POINTERS
-    asm = compile_sm90(kernel, pointers, consts, num_warps=warps)
+    asm = compile_sm90(kernel, GEMV_POINTERS, consts, num_warps=warps)
     codes_per_thread = max(1, block_w * block_n * per_word // (32 * warps))
     return {"format": name, "tile": tile, "rows": rows, **loop_summary(asm, codes_per_thread),
             "registers": registers(asm)}

@@ -77,3 +77,27 @@ def test_nf3_lane_lookups_shuffle_every_code_and_load_no_pairs(tile: tuple[int, 
     assert sum(line.startswith("shfl.sync.idx.b32") and "0x181f" in line for line in shuffled) == 16 * words_a_thread
     assert not any("ld.global.b64" in line for line in shuffled)
     assert sum("ld.global.b64" in line for line in paired) == 8 * words_a_thread
+
+
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("kind", ["Q5_SYM", "Q5_ASYM", "CB3", "CB6"])
+def test_split_codes_join_once_a_word(kind: str, tile: tuple[int, int]) -> None:
+    """Codes split over two loads (5-bit codes and their 5th bits; nf3 / fp6's two planes) are joined once a word
+    (triton_gemv.merge_fifth_bits, triton_gemv_planes.merge_planes) as CUDA runs them (nf3 shuffled, fp6 in place):
+    their loads get different layouts, and joining them a code at a time converted every code's tile through shared
+    memory (main before session 28: 140-596 shared-memory accesses in these tiles, now 16-131). What is left grows
+    with the step's activations (block_w), not with its codes."""
+    from ipex_llm_tf.kernels import triton_gemv_planes as GP
+    block_n, block_w = tile
+    consts = dict(KIND=getattr(G, kind).value, SCALE_SHIFT=1 if kind == "CB3" else 0, BLOCK_N=block_n,
+                  BLOCK_W=block_w, SPLIT_K=1, HAS_BIAS=False, EVEN=True, GATED=False, LANES=kind == "CB3",
+                  SUBNORMAL=kind == "CB6")
+    if kind.startswith("Q5"):
+        kernel = G.gemv_words_kernel
+        consts.update(PREFETCH=2, BLOCK_M=1, OVERLAP=False, TAIL=False)
+    else:
+        kernel = GP.gemv_planes_kernel
+        consts.update(PREFETCH=0)
+    lines = [line.strip() for line in ptx_lines(kernel, GEMV_POINTERS, consts)]
+    shared = sum(".shared." in line for line in lines)
+    assert shared <= block_w + 32, f"{kind} {tile}: {shared} shared-memory accesses"

@@ -126,13 +126,13 @@ def test_block_replicas_copy_what_kernels_read(fmt_name: str) -> None:
 
 
 def test_nf3_pair_table_holds_both_codes_values() -> None:
-    """Entry (low fields of codes a and b in bits 0..3, their high bits at 4 and 6) holds value a, then value b."""
+    """Entry a | b << 3 (codes a and b) holds value a in its low half, then value b."""
     fmt = get_format("nf3")
     table = pair_table(fmt, torch.device("cpu"))
-    assert table.dtype == torch.int64 and table.shape == (128,)
+    assert table.dtype == torch.int64 and table.shape == (64,)
     for a in range(8):
         for b in range(8):
-            entry = int(table[(a & 3) | (b & 3) << 2 | (a >> 2) << 4 | (b >> 2) << 6])
+            entry = int(table[a | b << 3])
             halves = torch.tensor([entry & 0xFFFFFFFF, entry >> 32 & 0xFFFFFFFF], dtype=torch.int64)
             values = halves.to(torch.int32).view(torch.float32)
             assert values.tolist() == [fmt.values[a].item(), fmt.values[b].item()], (a, b)

@@ -105,8 +105,8 @@ def _code_term(words, high, qh, one, x, P: tl.constexpr, KIND: tl.constexpr, tab
 def _code_floats(words, qh, one, P: tl.constexpr, KIND: tl.constexpr, tab_ptr, LANES: tl.constexpr):
     """Float of code P of every word: 1 + q / 2**bits for integer kinds, the table value for CB4.
 
-    words [BW, BN] int32; qh [BW, BN] (int5 only) the 5th bits of each word's block, shifted right by 4 * (word
-    index in its block); `one` the bits of 1.0 (with the sign flip of the 8-bit codes folded in for Q8_SYM).
+    words [BW, BN] int32 (int5: merge_fifth_bits' first word, even codes; qh its second, odd codes); `one` the bits
+    of 1.0 (with the sign flip of the 8-bit codes folded in for Q8_SYM).
     """
     if KIND == Q8_SYM:
         # byte P of the word, sign bit flipped (u = q + 128), placed in mantissa bits 15..22
@@ -117,15 +117,24 @@ def _code_floats(words, qh, one, P: tl.constexpr, KIND: tl.constexpr, tab_ptr, L
     elif KIND == CB4:
         f = tl.load(tab_ptr + ((words >> (4 * P)) & 15))
     elif (KIND == Q5_SYM) or (KIND == Q5_ASYM):
-        # nibble into mantissa bits 18..21, the 5th bit (bit e of the block's qh word) into bit 22
-        v = place_bits(words, 4 * P, 18, 0x3C0000)
-        # qh was shifted right by 4 * (word index in block): the code's 5th bit is bit (P % 2) * 16 + P // 2
-        hb = place_bits(qh, (P % 2) * 16 + P // 2, 22, 0x400000)
-        f = (v | hb | one).to(tl.float32, bitcast=True)
+        # the whole 5-bit code from its slot of merge_fifth_bits' words into mantissa bits 18..22
+        f = (place_bits(words if P % 2 == 0 else qh, 8 * (P // 2), 18, 0x7C0000) | one).to(tl.float32, bitcast=True)
     else:
         # nibble into mantissa bits 19..22
         f = (place_bits(words, 4 * P, 19, 0x780000) | one).to(tl.float32, bitcast=True)
     return f
+
+
+@triton.jit
+def merge_fifth_bits(words, qh):
+    """A 5-bit word's eight codes whole in two words, a code to an 8-bit slot: codes 0, 2, 4, 6 in the first, 1, 3, 5,
+    7 in the second (code 2j or 2j + 1 at bit 8j: its nibble, then its 5th bit). qh: the block's 5th-bit word shifted
+    right by 4 * (the word's index in its block), so code p's 5th bit is its bit (p % 2) * 16 + p // 2."""
+    # two words built once where the code and 5th-bit layouts meet, so Triton converts these and not every code;
+    # the multiply spreads bits 0..3 to bits 4, 12, 20, 28 (no two partial products overlap, so nothing carries)
+    even = (words & 0x0F0F0F0F) | (((qh & 15) * 0x02040810) & 0x10101010)
+    odd = ((words >> 4) & 0x0F0F0F0F) | ((((qh >> 16) & 15) * 0x02040810) & 0x10101010)
+    return even, odd
 
 
 @triton.jit
@@ -370,7 +379,7 @@ def gemv_words_kernel(
                 xs3 = _load_x_step(x_row3, w_begin, step, KW, BLOCK_W, EPW, EVEN)
         if KIND == Q5_SYM or KIND == Q5_ASYM:
             t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
-            qh = qh >> ((t & 3) * 4)[:, None]
+            words, qh = merge_fifth_bits(words, qh >> ((t & 3) * 4)[:, None])
         high = words
         if SUBNORMAL and KIND != CB4:
             if KIND == Q8_SYM:

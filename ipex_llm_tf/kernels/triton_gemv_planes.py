@@ -7,13 +7,16 @@ field f (bits f*BL ..), the code of element
     32 * run + 4 * c + f // P + (32 / P) * (f % P),     run = t // BL, c = t % BL, P = 8 // BL codes per byte.
 
 The high plane (BH bits a code, BH words a run) holds the same element's high bits in its word run * BH + c % BH,
-at bit f * BL once that word is shifted right by BH * (c // BH). So one shift of each high word per low word lines
-the two planes up, and a code costs two shift-and-masks, an OR and the table load, as nf4's does plus the high bits.
-nf3 looks its codes up two at a time: fields f and f + 1 (f even) have their low bits side by side and their high
-bits two apart, so one shift-and-mask of each plane gives a 7-bit index into a table of value pairs (triton_operands.
-pair_table, 1 KB of int64), half the loads (H100: 11008x4096 30.9 -> 26.9 us, 4096x11008 26.8 -> 26.0). nf4's pair
-table (256 entries) measured slower than its 16-entry one (19.9 -> 28.9 us). On CUDA (LANES, kernels/lane_lookup)
-nf3's codes are instead looked up one at a time by warp shuffles from an 8-entry lane table, as nf4's are.
+at bit f * BL once that word is shifted right by BH * (c // BH). A K step reads its high words once a run
+(contiguous loads) and spreads each to its run's low words; merge_planes then joins the two planes once a word into
+two words holding every code whole, a code to a 2 * BL-bit slot, so a code costs one shift before its lookup.
+Joining them once a word, not once a code, matters on the GPU: the two planes' loads get different register layouts,
+and Triton converted every code's bits between them through shared memory (H100, nf3 4096x11008 23.2 -> 21.0 us,
+11008x4096 25.5 -> 22.4; fp6 23.0 -> 22.6 and 26.5 -> 25.7 in place, with scales applied once per group of four
+words).
+nf3 looks its codes up two at a time from a 64-entry table of value pairs indexed by both 3-bit codes
+(triton_operands.pair_table, 512 bytes of int64), half the loads; on CUDA (LANES, kernels/lane_lookup) one at a time
+by warp shuffles from an 8-entry lane table instead, as nf4's are.
 fp6's table is e3m2 (bias 3), itself a float format: with SUBNORMAL (set where the device keeps float32 subnormals,
 as for triton_gemv's in-place codes) its codes are read in place instead, their five exponent and mantissa bits at
 float32 bits 21..25 and the sign at bit 31 worth value * 2**-124, against activations pre-scaled by
@@ -40,12 +43,27 @@ def join_planes(low, high, low_shift, high_shift, BL: tl.constexpr, BH: tl.const
 
 
 @triton.jit
-def _e3m2_in_place(low, high, shift: tl.constexpr):
-    """The fp6 code at bit `shift` of both planes as a float32 worth its e3m2 value * 2**-124: the low plane's
-    mantissa and two exponent bits to float32 bits 21..24, the high plane's third exponent bit to 25 and sign to 31
-    (exponent 0 reads as a subnormal, as e3m2's own subnormals scale)."""
-    bits = (place_bits(low, shift, 21, 0x1E00000) | place_bits(high, shift, 25, 0x2000000)
-            | place_bits(high, shift + 1, 31, -0x80000000))
+def merge_planes(words, hi, BL: tl.constexpr):
+    """Both planes' bits of every code in one of two words, a code to a slot of 2 * BL bits (its low bits, then its
+    high bits): fields 0, 2, 4, ... in the first word, 1, 3, 5, ... in the second, field 2j or 2j + 1 at bit 2 * BL * j.
+    hi: the low word's high word, shifted so that field f's high bits sit at bit f * BL."""
+    if BL == 2:  # nf3: two low bits and a high bit in 4-bit slots
+        LOW: tl.constexpr = 0x33333333
+        HIGH: tl.constexpr = 0x44444444
+    else:  # fp6: four low bits and two high bits in 8-bit slots
+        LOW: tl.constexpr = 0x0F0F0F0F
+        HIGH: tl.constexpr = 0x30303030
+    even = (words & LOW) | ((hi << BL) & HIGH)
+    odd = ((words >> BL) & LOW) | (hi & HIGH)
+    return even, odd
+
+
+@triton.jit
+def _e3m2_in_place(merged, shift: tl.constexpr):
+    """The fp6 code in the 8-bit slot at `shift` of a merge_planes word as a float32 worth its e3m2 value * 2**-124:
+    its mantissa and three exponent bits to float32 bits 21..25 and its sign to 31 (exponent 0 reads as a
+    subnormal, as e3m2's own subnormals scale)."""
+    bits = place_bits(merged, shift, 21, 0x3E00000) | place_bits(merged, shift + 5, 31, -0x80000000)
     return bits.to(tl.float32, bitcast=True)
 
 
@@ -92,15 +110,22 @@ def gemv_planes_kernel(
     if LANES:
         tl.static_assert(KIND == CB3, "LANES looks nf3's 8 values up (tab_ptr: the plain table)")
         tab_ptr = lane_table(tab_ptr, 8)
-    acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+    # a scale covers GW words (4 for both formats' blocks); acc holds one entry per group, scaled once a step, so
+    # the per-code arithmetic keeps the words' own layout (a scale per word made Triton convert every code's layout)
+    GW: tl.constexpr = BL << SCALE_SHIFT
+    tl.static_assert(BLOCK_W % GW == 0, "a K step holds whole scale groups")
+    acc = tl.zeros([BLOCK_W // GW, BLOCK_N], dtype=tl.float32)
     for step in range(0, steps_per_split):
         t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
         tmask = t < KW
         c = t & (BL - 1)
         flat = rows[None, :] * KW + t[:, None]    # word offset in the whole plane
-        # the run's high word for this low word, and where its bits for field 0 start
-        hi_off = (flat >> LOG_BL) * BH + (c % BH)[:, None]
-        s_off = flat >> (LOG_BL + SCALE_SHIFT)    # a scale covers BL << SCALE_SHIFT words
+        # the step's high words (BH a run, contiguous), loaded once and spread to the BL low words of their run
+        # below: low word c reads high word c % BH, whose bits for field 0 start at BH * (c // BH)
+        h = (w_begin + step * BLOCK_W) // BL * BH + tl.arange(0, BLOCK_W // BL * BH)
+        hi_off = rows[None, :] * (KW // BL * BH) + h[:, None]
+        group = w_begin + step * BLOCK_W + GW * tl.arange(0, BLOCK_W // GW)   # each group's first word
+        s_off = (rows[None, :] * KW + group[:, None]) >> (LOG_BL + SCALE_SHIFT)
         kbase = x_row + (t >> LOG_BL) * 32 + c * 4
         if EVEN:
             words = tl.load(w_ptr + flat)
@@ -108,30 +133,38 @@ def gemv_planes_kernel(
             d = tl.load(s_ptr + s_off).to(tl.float32)
         else:
             words = tl.load(w_ptr + flat, mask=tmask[:, None], other=0)
-            hi = tl.load(qh_ptr + hi_off, mask=tmask[:, None], other=0)
-            d = tl.load(s_ptr + s_off, mask=tmask[:, None], other=0.0).to(tl.float32)
-        hi = hi >> (BH * (c // BH))[:, None]
+            hi = tl.load(qh_ptr + hi_off, mask=(h < KW // BL * BH)[:, None], other=0)
+            d = tl.load(s_ptr + s_off, mask=(group < KW)[:, None], other=0.0).to(tl.float32)  # groups are whole
+        hi = tl.reshape(tl.broadcast_to(tl.reshape(hi, [BLOCK_W // BL, 1, BH, BLOCK_N]),
+                                        [BLOCK_W // BL, BL // BH, BH, BLOCK_N]), [BLOCK_W, BLOCK_N])
+        even, odd = merge_planes(words, hi >> (BH * (c // BH))[:, None], BL)
         F = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
         if KIND == CB3 and LANES:
-            # the 2-bit low field at bits 0..1 and the high bit at bit 2: the shuffle reads those three bits only
-            for f in tl.static_range(EPW):
-                code = (words >> (2 * f)) & 3 | place_bits(hi, 2 * f, 2, 4)
-                F += lane_lookup(tab_ptr, code, 8) * _plane_activations(kbase, f, PER, tmask, EVEN)[:, None]
+            # a code's three bits at the bottom of its slot: the shuffle reads those three bits only
+            for j in tl.static_range(EPW // 2):
+                F += lane_lookup(tab_ptr, even >> (4 * j), 8) * _plane_activations(kbase, 2 * j, PER, tmask,
+                                                                                   EVEN)[:, None]
+                F += lane_lookup(tab_ptr, odd >> (4 * j), 8) * _plane_activations(kbase, 2 * j + 1, PER, tmask,
+                                                                                  EVEN)[:, None]
         elif KIND == CB3:
-            # fields f and f + 1 from one load of the pair table (tab_ptr): their low bits are the 4 bits at 2f of
-            # the low word, their high bits bits 2f and 2f + 2 of the shifted high word, moved up to bits 4 and 6
-            # as they lie (a 64-entry table without the gaps measured slower: two more instructions a pair)
-            for f in tl.static_range(0, EPW, 2):
-                pair = place_bits(words, 2 * f, 0, 15) | place_bits(hi, 2 * f, 4, 0x50)
-                F = pair_terms(F, pair, _plane_activations(kbase, f, PER, tmask, EVEN),
-                               _plane_activations(kbase, f + 1, PER, tmask, EVEN), tab_ptr)
+            # codes 2j and 2j + 1 from one load of the pair table (tab_ptr), indexed by the two 3-bit codes
+            for j in tl.static_range(EPW // 2):
+                pair = place_bits(even, 4 * j, 0, 7) | place_bits(odd, 4 * j, 3, 0x38)
+                F = pair_terms(F, pair, _plane_activations(kbase, 2 * j, PER, tmask, EVEN),
+                               _plane_activations(kbase, 2 * j + 1, PER, tmask, EVEN), tab_ptr)
+        elif SUBNORMAL:
+            for j in tl.static_range(EPW // 2):
+                x_even = _plane_activations(kbase, 2 * j, PER, tmask, EVEN) * (2.0 ** (124 - SUBNORMAL_BIAS))
+                x_odd = _plane_activations(kbase, 2 * j + 1, PER, tmask, EVEN) * (2.0 ** (124 - SUBNORMAL_BIAS))
+                F += _e3m2_in_place(even, 8 * j) * x_even[:, None]
+                F += _e3m2_in_place(odd, 8 * j) * x_odd[:, None]
         else:
-            for f in tl.static_range(EPW):
-                xf = _plane_activations(kbase, f, PER, tmask, EVEN)
-                if SUBNORMAL:
-                    F += _e3m2_in_place(words, hi, f * BL) * (xf * (2.0 ** (124 - SUBNORMAL_BIAS)))[:, None]
-                else:
-                    F += tl.load(tab_ptr + join_planes(words, hi, f * BL, f * BL, BL, BH)) * xf[:, None]
+            for j in tl.static_range(EPW // 2):
+                F += tl.load(tab_ptr + place_bits(even, 8 * j, 0, 63)) * _plane_activations(kbase, 2 * j, PER, tmask,
+                                                                                             EVEN)[:, None]
+                F += tl.load(tab_ptr + place_bits(odd, 8 * j, 0, 63)) * _plane_activations(kbase, 2 * j + 1, PER,
+                                                                                            tmask, EVEN)[:, None]
+        F = tl.sum(tl.reshape(F, [BLOCK_W // GW, GW, BLOCK_N]), axis=1)
         if SUBNORMAL:
             acc += ((2.0 ** SUBNORMAL_BIAS) * d) * F
         else:

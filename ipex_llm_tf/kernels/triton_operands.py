@@ -110,13 +110,13 @@ _PAIR_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
 def pair_table(fmt: CodebookFormat, device: torch.device) -> torch.Tensor:
-    """int64 [128] for a two-plane 3-bit codebook (CB3): entry i holds the float32 bits of two neighbouring codes'
-    values, the first code's in the low half, so the GEMV reads two codes with one load (triton_gemv_planes). i holds
-    the codes' 2-bit low fields in bits 0..3 (the first code's lowest) and their high bits at bits 4 and 6."""
+    """int64 [64] for a two-plane 3-bit codebook (CB3): entry first | second << 3 holds the float32 bits of two
+    neighbouring codes' values, the first code's in the low half, so the GEMV reads two codes with one load
+    (triton_gemv_planes)."""
     key = (fmt.name, device)
     if key not in _PAIR_TABLES:
-        i = torch.arange(128)
-        first, second = (i & 3) | ((i >> 4) & 1) << 2, ((i >> 2) & 3) | ((i >> 6) & 1) << 2
+        i = torch.arange(64)
+        first, second = i & 7, i >> 3
         bits = fmt.values.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
         _PAIR_TABLES[key] = (bits[first] | (bits[second] << 32)).to(device).contiguous()
     return _PAIR_TABLES[key]

@@ -404,32 +404,3 @@ def test_float_codes_read_in_place_equal_the_table_lookups(fmt_name: str) -> Non
             table = TL.gemv_blocks(xd, replace(ops, subnormal=False), None, n, cfg)
             assert dtype == torch.float32 or torch.equal(y, table), f"{fmt_name} {dtype} {cfg}"
             _check(y, F.linear(xd.double(), w_ref.double()), dtype, f"{fmt_name} {dtype} {cfg}")
-
-
-@pytest.mark.skipif(DEVICE != "cuda" or INTERPRET, reason="warp-shuffle lookups are CUDA-only")
-@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-@pytest.mark.parametrize("fmt_name", ["nf4", "nf3"])
-def test_lane_lookups_equal_table_loads(fmt_name: str, gated: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Codes looked up by warp shuffles (kernels/lane_lookup, LANES; CUDA's default) give the table loads' bits
-    (IPEX_LLM_TF_LANE_LOOKUP=0; nf3's pair table): the same values in the same order of addition. Tiles of one, two
-    and four warps, one to four activation rows a program (nf4), a partial last step (K = 4160) and an odd N."""
-    from ipex_llm_tf.kernels import lane_lookup as LL
-    n, k = 2 * 37, 4160
-    fmt, parts, ref = _weight(fmt_name, n, k)
-    ops = TL.block_operands(fmt, parts)
-    configs = (TL.GemvConfig(16, 64, 2, 1, 2), TL.GemvConfig(8, 128, 4, 1, 2), TL.GemvConfig(16, 256, 8, 1, 1),
-               TL.GemvConfig(8, 32, 1, 1, 0))
-    if fmt_name == "nf4":  # the two-plane GEMV serves one row a program
-        configs += (TL.GemvConfig(16, 64, 2, 1, 2, block_m=2), TL.GemvConfig(8, 32, 4, 1, 1, block_m=4))
-    launch = TL.gemv_gated if gated else TL.gemv_blocks
-    for cfg in configs:
-        x = torch.randn(cfg.block_m + 1, k, device=DEVICE).to(torch.float16)
-        monkeypatch.setenv(LL.LANE_LOOKUP_ENV, "0")
-        assert not LL.lanes_available(x.device)
-        loaded = launch(x, ops, None, n, cfg)
-        monkeypatch.setenv(LL.LANE_LOOKUP_ENV, "1")
-        assert LL.lanes_available(x.device)
-        shuffled = launch(x, ops, None, n, cfg)
-        assert torch.equal(shuffled, loaded), f"{fmt_name} gated={gated} {cfg}"
-        if not gated:
-            _check(shuffled, F.linear(x.float(), ref), torch.float16, f"{fmt_name} lanes {cfg}")
