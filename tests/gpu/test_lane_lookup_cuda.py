@@ -3,8 +3,8 @@
 lane_lookup itself: every code's value bit for bit equal to the table's, for 8- and 16-entry tables, with the bits
 above a code's low ones set at random (the shuffle must ignore them). The GEMVs that use it (nf4's words kernel,
 nf3's two-plane kernel) against the same GEMVs with table loads (IPEX_LLM_TF_LANE_LOOKUP=0): nf4 bit for bit (the
-same values added in the same order); nf3 within one fp16 rounding step of the larger output, as its table path
-loads pairs through a layout of its own and Triton may sum a scale group's four words in another order there.
+same values added in the same order); nf3 within four fp16 rounding steps of the largest output, as its table
+path loads pairs through a layout of its own and Triton may sum a scale group's four words in another order there.
 """
 from __future__ import annotations
 
@@ -73,8 +73,10 @@ def test_lane_lookups_match_table_loads(fmt_name: str, gated: bool, monkeypatch:
         if fmt_name == "nf4":
             assert torch.equal(shuffled, loaded), what
         else:
-            step = loaded.float().abs().max() * 2.0 ** -10  # one fp16 rounding step at the largest output
-            assert float((shuffled.float() - loaded.float()).abs().max()) <= step, what
+            # a few fp16 rounding steps at the largest output (the gated output rounds gate, up and their product).
+            # A wrong lookup rule moves outputs by many products; single lookups are held bit for bit by the test above
+            bound = 4 * float(loaded.float().abs().max()) * 2.0 ** -10
+            assert float((shuffled.float() - loaded.float()).abs().max()) <= bound, what
         if not gated:
             err = relative_error(shuffled.float(), F.linear(x.float(), ref))
             assert err < 1e-2, f"{what}: relative error {err:.2e} against the dequantized weight"
