@@ -22,7 +22,8 @@ from ipex_llm_tf.formats import get_format  # noqa: E402
 from ipex_llm_tf.kernels import triton_gemv as G  # noqa: E402
 from ipex_llm_tf.kernels import triton_gemv_planes as GP  # noqa: E402
 from ipex_llm_tf.kernels.sm90_ptx import GEMV_POINTERS, compile_sm90, loop_summary, registers  # noqa: E402
-from ipex_llm_tf.kernels.triton_operands import PLANE_KINDS, block_kind, reads_codes_in_place  # noqa: E402
+from ipex_llm_tf.kernels.triton_operands import (PLANE_KINDS, block_kind, reads_codes_in_place,  # noqa: E402
+                                                 shuffles_codes)
 
 FORMATS = ["sym_int4", "asym_int4", "sym_int5", "asym_int5", "sym_int8", "nf4", "fp4", "nf3", "fp6"]
 TILES = ["16x64x2", "16x256x8", "8x128x4"]  # H100 decode choices at the 7B shapes (bench_gpu_linear)
@@ -50,17 +51,16 @@ def report_row(name: str, tile: str, rows: int) -> dict | None:
     planes = kind in PLANE_KINDS
     if planes and rows != 1:
         return None
+    subnormal = reads_codes_in_place(fmt, kind)
+    # as CUDA launches it: table lookups by warp shuffles (kernels/lane_lookup)
     consts = dict(KIND=kind, SCALE_SHIFT=int(math.log2(fmt.block_size // 32)), BLOCK_N=block_n, BLOCK_W=block_w,
                   SPLIT_K=1, HAS_BIAS=False, EVEN=True, PREFETCH=0 if planes else 2, GATED=False,
-                  SUBNORMAL=reads_codes_in_place(fmt, kind))
+                  SUBNORMAL=subnormal, LANES=shuffles_codes(kind, subnormal))
     if planes:
         kernel, per_word = GP.gemv_planes_kernel, 16 if kind == G.CB3.value else 8
-        # nf3 looks its codes up by warp shuffles from its plain table on CUDA (kernels/lane_lookup)
-        consts["LANES"] = kind == G.CB3.value
     else:
         kernel, per_word = G.gemv_words_kernel, 4 if kind == G.Q8_SYM.value else 8
-        # nf4 looks its codes up by warp shuffles on CUDA (kernels/lane_lookup)
-        consts.update(BLOCK_M=rows, OVERLAP=False, TAIL=False, LANES=kind == G.CB4.value and not consts["SUBNORMAL"])
+        consts.update(BLOCK_M=rows, OVERLAP=False, TAIL=False)
     asm = compile_sm90(kernel, GEMV_POINTERS, consts, num_warps=warps)
     codes_per_thread = max(1, block_w * block_n * per_word // (32 * warps))
     return {"format": name, "tile": tile, "rows": rows, **loop_summary(asm, codes_per_thread),

@@ -40,7 +40,8 @@ from . import triton_matmul as MM
 from .grids import cdiv
 # operands, configs and tuning are also addressed through this module (tests, benchmarks)
 from .triton_operands import (PLANE_KINDS, BlockOperands, Fp8Operands, _table,  # noqa: F401
-                              block_kind, block_operands, fp8_native, fp8_operands, keeps_subnormals)
+                              block_kind, block_operands, fp8_native, fp8_operands, keeps_subnormals,
+                              shuffles_codes)
 from .arrivals import ArrivalCounters
 # prefill's dequantize + torch matmul (also addressed through this module: tests, benchmarks)
 from .triton_dequant_matmul import dequant_matmul_blocks, dequant_matmul_fp8, dequantize_blocks, dequantize_fp8  # noqa: F401
@@ -100,17 +101,15 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
     kw = ops.words_per_row
     per_split, split, even = _split_steps(kw, cfg.block_w, split_k)
     per_program = cfg.block_n // 2 if gated else cfg.block_n  # a gated program covers gate and up rows
-    table = ops.gemv_table
+    lanes = shuffles_codes(ops.kind, ops.subnormal) and lanes_available(x.device)
+    # the lanes hold the plain table's values (nf3's table loads read its pair table)
+    table = ops.table if lanes else ops.gemv_table
     if ops.kind in PLANE_KINDS:
-        kernel, options, block_m = GP.gemv_planes_kernel, {"SUBNORMAL": ops.subnormal}, 1
-        if ops.kind == G.CB3.value and lanes_available(x.device):
-            options["LANES"], table = True, ops.table  # nf3: codes by warp shuffles from its 8 values (lane_lookup)
+        kernel, options, block_m = GP.gemv_planes_kernel, {"SUBNORMAL": ops.subnormal, "LANES": lanes}, 1
     else:
         block_m = cfg.block_m
-        kernel, options = G.gemv_words_kernel, {"SUBNORMAL": ops.subnormal, "BLOCK_M": block_m,
+        kernel, options = G.gemv_words_kernel, {"SUBNORMAL": ops.subnormal, "BLOCK_M": block_m, "LANES": lanes,
                                                  **overlap_options(x.device)}
-        if ops.kind == G.CB4.value and not ops.subnormal and lanes_available(x.device):
-            options["LANES"] = True  # nf4: its codes looked up by warp shuffles (lane_lookup)
         if _tail_step(kw, cfg, split, even):  # full steps unmasked, the partial one read first
             per_split, even, options["TAIL"] = kw // cfg.block_w, True, True
         elif per_split == 1 and cfg.prefetch > 0:  # one step a program: read before the wait, nothing after

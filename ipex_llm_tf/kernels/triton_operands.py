@@ -197,6 +197,12 @@ def reads_codes_in_place(fmt: LowBitFormat, kind: int) -> bool:
     return isinstance(fmt, CodebookFormat) and fmt.values.tolist() == _IN_PLACE_TABLES.get(kind)
 
 
+def shuffles_codes(kind: int, subnormal: bool) -> bool:
+    """Whether the GEMV looks this kind's codes up by warp shuffles where the device has them (lane_lookup, LANES):
+    the table lookups, nf4 and nf3; fp4's codes read in place stay faster read in place."""
+    return kind in (G.CB4.value, G.CB3.value) and not subnormal
+
+
 def keeps_subnormals(device: torch.device) -> bool:
     """Whether Triton kernels on the device keep float32 subnormal operands of a multiply-add (probed once: some
     parts or compilers flush them to zero, which would zero the subnormal-coded GEMV's low codes)."""
