@@ -23,6 +23,7 @@ from ipex_llm_tf.formats import get_format, list_formats  # noqa: E402
 from ipex_llm_tf.kernels import PackedCache, arrivals, low_bit_linear  # noqa: E402
 from ipex_llm_tf.kernels import triton_dequant_matmul as TDM  # noqa: E402
 from ipex_llm_tf.kernels import triton_linear as TL  # noqa: E402
+from ipex_llm_tf.kernels import triton_tuning  # noqa: E402
 
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4}
 # (out_features N, in_features K): N not a multiple of any block size; K odd multiples of 32 / 64
@@ -185,9 +186,13 @@ def test_dequantize_kernel_is_exact(fmt_name: str) -> None:
         assert torch.equal(w, w_ref.to(dtype)), f"{fmt_name} {dtype}"
 
 
-def test_small_batch_plans_without_autotuning() -> None:
+def test_small_batch_plans_without_autotuning(monkeypatch: pytest.MonkeyPatch) -> None:
     """3..64 rows: the fused matmul, for integer and codebook formats alike; a float32 batch always dequantizes
     (the tile kernels take fp16 / bf16)."""
+    # choices another test of this process tuned would be returned first (under xdist, any test may come before)
+    tuned: dict = {}
+    monkeypatch.setattr(triton_tuning, "_TUNED", tuned)
+    monkeypatch.setattr(TL, "_TUNED", tuned)
     for fmt_name, m, dtype, launcher in (("sym_int4", 16, torch.float16, TL.matmul_blocks),
                                          ("nf4", 4, torch.float16, TL.matmul_blocks),
                                          ("fp6", 8, torch.float16, TL.matmul_blocks),
@@ -222,7 +227,6 @@ def test_decode_autotuning_replays_graphs_on_replicas(monkeypatch: pytest.Monkey
     import triton.testing
     monkeypatch.setenv("IPEX_LLM_TF_TRITON_AUTOTUNE", "1")
     monkeypatch.setenv("IPEX_LLM_TF_TUNING_CACHE", "0")
-    from ipex_llm_tf.kernels import triton_tuning
     tuned: dict = {}  # one fresh table for the tuner and the planner that reads it
     monkeypatch.setattr(triton_tuning, "_TUNED", tuned)
     monkeypatch.setattr(TL, "_TUNED", tuned)
