@@ -12,16 +12,18 @@ import pytest
 pytest.importorskip("triton")
 
 from ipex_llm_tf.kernels import triton_gemv as G  # noqa: E402
-from ipex_llm_tf.kernels.sm90_ptx import GEMV_POINTERS, ptx_lines  # noqa: E402
+from ipex_llm_tf.kernels.sm90_ptx import GEMV_POINTERS, loop_body, ptx_lines  # noqa: E402
 
 TILES = [(16, 64), (16, 128), (8, 128)]  # (BLOCK_N, BLOCK_W) of the H100's tuned decode tiles
 # the tile sums' reductions and the scale and min tiles' conversions: 6-35 shared-memory accesses in these tiles
 SHARED_LIMIT = 48
 
 
-def _lines(kind: int, block_n: int, block_w: int, subnormal: bool, lanes: bool = False) -> list[str]:
+def _lines(kind: int, block_n: int, block_w: int, subnormal: bool, lanes: bool = False,
+           x_tile: bool = False) -> list[str]:
     consts = dict(KIND=kind, SCALE_SHIFT=0, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=1, HAS_BIAS=False, EVEN=True,
-                  PREFETCH=2, GATED=False, SUBNORMAL=subnormal, BLOCK_M=1, OVERLAP=False, TAIL=False, LANES=lanes)
+                  PREFETCH=2, GATED=False, SUBNORMAL=subnormal, BLOCK_M=1, OVERLAP=False, TAIL=False, LANES=lanes,
+                  X_TILE=x_tile)
     return [line.strip() for line in ptx_lines(G.gemv_words_kernel, GEMV_POINTERS, consts)]
 
 
@@ -58,6 +60,17 @@ def test_lane_lookups_shuffle_every_code_and_load_no_table(tile: tuple[int, int]
     accesses = [line for line in lines if ".global." in line or ".shared." in line]
     assert sum("ld.global.b32" in a for a in accesses) <= 1  # the lane's own table entry, once
     assert sum(".shared." in a for a in accesses) <= SHARED_LIMIT
+
+
+@pytest.mark.parametrize("tile", [(16, 128), (8, 128)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_activation_tile_takes_the_barriers_out_of_the_loop(tile: tuple[int, int]) -> None:
+    """nf4 with LANES reads a step's activations as one tile (X_TILE): a few barriers in the K loop, where the
+    eight vector loads, each converted to the codes' layout through shared memory, put three times as many (18 and
+    4 in these four-warp tiles; a 16x64 tile at four warps gets the vectors' layout from Triton as they are)."""
+    counts = {x_tile: sum(line.startswith("bar.sync") for line in
+                          loop_body(_lines(G.CB4.value, *tile, subnormal=False, lanes=True, x_tile=x_tile)))
+              for x_tile in (True, False)}
+    assert counts[True] <= 6 and counts[False] >= 3 * counts[True], f"{tile}: barriers {counts}"
 
 
 @pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t[0]}x{t[1]}")

@@ -50,7 +50,8 @@ import triton.language as tl
 
 from .launch_overlap import release_next, wait_previous
 from .lane_lookup import lane_lookup, lane_table
-from .triton_gemv_tiles import gemv_program, place_bits, row_rsqrt, store_residual, store_words_result
+from .triton_gemv_tiles import (gemv_program, load_x, load_x_step, load_x_tile, place_bits, row_rsqrt,
+                                split_x_tile, store_residual, store_words_result)
 
 # Kind codes shared with triton_matmul and triton_linear (the KIND constexpr of every kernel); constexpr so that
 # kernels can read them as globals. Host code uses `.value`.
@@ -172,50 +173,10 @@ def _load_words_step(w_base, s_base, mn_ptr, qh_ptr, off0, row_base, w_begin, bl
 
 
 @triton.jit
-def _load_x_step(x_row, w_begin, step, KW, BLOCK_W: tl.constexpr, EPW: tl.constexpr, EVEN: tl.constexpr):
-    """The activations under code p of every word of step `step` (x0..x7, float32 [BLOCK_W]; for 8-bit codes
-    x4..x7 repeat x0..x3) and their sum over p."""
-    t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
-    tmask = t < KW
-    if EPW == 8:
-        kbase = x_row + (t >> 2) * 32 + (t & 3) * 4
-        offs0, offs1, offs2, offs3 = 0, 16, 1, 17
-    else:
-        kbase = x_row + t * 4
-        offs0, offs1, offs2, offs3 = 0, 1, 2, 3
-    if EVEN:
-        x0 = tl.load(kbase + offs0).to(tl.float32)
-        x1 = tl.load(kbase + offs1).to(tl.float32)
-        x2 = tl.load(kbase + offs2).to(tl.float32)
-        x3 = tl.load(kbase + offs3).to(tl.float32)
-    else:
-        x0 = tl.load(kbase + offs0, mask=tmask, other=0.0).to(tl.float32)
-        x1 = tl.load(kbase + offs1, mask=tmask, other=0.0).to(tl.float32)
-        x2 = tl.load(kbase + offs2, mask=tmask, other=0.0).to(tl.float32)
-        x3 = tl.load(kbase + offs3, mask=tmask, other=0.0).to(tl.float32)
-    if EPW == 8:
-        if EVEN:
-            x4 = tl.load(kbase + 2).to(tl.float32)
-            x5 = tl.load(kbase + 18).to(tl.float32)
-            x6 = tl.load(kbase + 3).to(tl.float32)
-            x7 = tl.load(kbase + 19).to(tl.float32)
-        else:
-            x4 = tl.load(kbase + 2, mask=tmask, other=0.0).to(tl.float32)
-            x5 = tl.load(kbase + 18, mask=tmask, other=0.0).to(tl.float32)
-            x6 = tl.load(kbase + 3, mask=tmask, other=0.0).to(tl.float32)
-            x7 = tl.load(kbase + 19, mask=tmask, other=0.0).to(tl.float32)
-        xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-    else:
-        x4, x5, x6, x7 = x0, x1, x2, x3
-        xsum = (x0 + x1) + (x2 + x3)
-    return x0, x1, x2, x3, x4, x5, x6, x7, xsum
-
-
-@triton.jit
 def _accumulate(acc, words, high, qh, one, d, mn, xs, tab_ptr, KIND: tl.constexpr, SUBNORMAL: tl.constexpr,
                 LANES: tl.constexpr,
                 EPW: tl.constexpr, SCALE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr):
-    """acc [BLOCK_W / 4, BLOCK_N] plus one activation row's products with one K step of codes; xs = _load_x_step's
+    """acc [BLOCK_W / 4, BLOCK_N] plus one activation row's products with one K step of codes; xs = load_x_step's
     (x0..x7, their sum). Corrected and scaled once per group of four words."""
     F = _code_term(words, high, qh, one, xs[0], 0, KIND, tab_ptr, SUBNORMAL, LANES)
     F += _code_term(words, high, qh, one, xs[1], 1, KIND, tab_ptr, SUBNORMAL, LANES)
@@ -257,7 +218,7 @@ def gemv_words_kernel(
     TAIL: tl.constexpr = False, WHOLE: tl.constexpr = False,
     ss_ptr=None, res_ptr=None, nw_ptr=None, hw_ptr=None, ss_count=1, norm_k=1.0, eps=0.0,
     SCALE_OUT: tl.constexpr = False, RES_OUT: tl.constexpr = False, SS_BLOCK: tl.constexpr = 1,
-    LANES: tl.constexpr = False,
+    LANES: tl.constexpr = False, X_TILE: tl.constexpr = False,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, k] for BLOCK_M activation rows m and BLOCK_N weight rows, BLOCK_W words per K
     step.
@@ -289,6 +250,12 @@ def gemv_words_kernel(
 
     LANES (CB4 without SUBNORMAL, i.e. nf4; CUDA only: lane_lookup): codes are looked up by warp shuffles from the
     lane's table entry, loaded once, instead of one table load a code.
+
+    X_TILE (4-bit codes; the launcher sets it with LANES): the first row's activations of a step come from one fp16
+    [BLOCK_W, 8] load (load_x_tile), not eight [BLOCK_W] loads that Triton converts to the codes' layout one by one
+    through shared memory, a barrier each (sm_90 PTX, nf4's 16x64 tile: 18 -> 4 barriers a loop). It pays where the
+    shuffles bound the kernel (H100, nf4 4096x11008 / 11008x4096: 16.0 / 16.0 -> 14.0 / 14.3 us, the same bits);
+    sym_int4 and fp4 measured 1-7% slower with it (their loops are busier, and the tile costs registers).
 
     TAIL (PREFETCH = 2, BLOCK_M = 1, SPLIT_K = 1, EVEN; for K not a multiple of the step): the steps_per_split full
     steps are followed by a partial one, which the program reads first, masked, as its prefetched step 0; the loop
@@ -342,7 +309,12 @@ def gemv_words_kernel(
     n_words, n_d, n_mn, n_qh = _load_words_step(w_base, s_base, mn_ptr, qh_ptr, off0, row_base, w_begin, blk_base,
                                                 first, KW, KIND, WPB_SHIFT, SCALE_SHIFT, BLOCK_W, EVEN and not TAIL)
     wait_previous(OVERLAP)  # the first weights are in flight; the activations are the previous kernel's output
-    n0, n1, n2, n3, n4, n5, n6, n7, nsum = _load_x_step(x_row, w_begin, first, KW, BLOCK_W, EPW, EVEN and not TAIL)
+    if X_TILE:
+        tl.static_assert(EPW == 8, "X_TILE reads the activations of 4-bit codes")
+        n_tile = load_x_tile(x_row, w_begin, first, KW, BLOCK_W, EVEN and not TAIL)
+    else:
+        n0, n1, n2, n3, n4, n5, n6, n7, nsum = load_x_step(x_row, w_begin, first, KW, BLOCK_W, EPW,
+                                                           EVEN and not TAIL)
     for step in range(0, steps_per_split + TAIL_STEPS):
         if PREFETCH > 0:
             words, d, mn, qh = n_words, n_d, n_mn, n_qh
@@ -353,30 +325,34 @@ def gemv_words_kernel(
                 n_words, n_d, n_mn, n_qh = _load_words_step(w_base, s_base, mn_ptr, qh_ptr, off0, row_base, w_begin,
                                                             blk_base, ahead, KW, KIND, WPB_SHIFT, SCALE_SHIFT,
                                                             BLOCK_W, EVEN)
-            if PREFETCH > 1 or WHOLE:  # the activations of the next step too (WHOLE: this step's, read before)
+            if (PREFETCH > 1 or WHOLE) and X_TILE:  # kept as fp16 until used: fewer registers across the step
+                x0, x1, x2, x3, x4, x5, x6, x7, X = split_x_tile(n_tile, BLOCK_W)
+                if not WHOLE:
+                    n_tile = load_x_tile(x_row, w_begin, ahead, KW, BLOCK_W, EVEN)
+            elif PREFETCH > 1 or WHOLE:  # the activations of the next step too (WHOLE: this step's, read before)
                 x0, x1, x2, x3, x4, x5, x6, x7, X = n0, n1, n2, n3, n4, n5, n6, n7, nsum
                 if not WHOLE:
-                    n0, n1, n2, n3, n4, n5, n6, n7, nsum = _load_x_step(x_row, w_begin, ahead, KW, BLOCK_W, EPW,
+                    n0, n1, n2, n3, n4, n5, n6, n7, nsum = load_x_step(x_row, w_begin, ahead, KW, BLOCK_W, EPW,
                                                                         EVEN)
             else:
-                x0, x1, x2, x3, x4, x5, x6, x7, X = _load_x_step(x_row, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+                x0, x1, x2, x3, x4, x5, x6, x7, X = load_x(x_row, w_begin, step, KW, BLOCK_W, EPW, EVEN, X_TILE)
             if BLOCK_M > 1:
-                xs1 = _load_x_step(x_row1, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+                xs1 = load_x_step(x_row1, w_begin, step, KW, BLOCK_W, EPW, EVEN)
             if BLOCK_M > 2:
-                xs2 = _load_x_step(x_row2, w_begin, step, KW, BLOCK_W, EPW, EVEN)
-                xs3 = _load_x_step(x_row3, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+                xs2 = load_x_step(x_row2, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+                xs3 = load_x_step(x_row3, w_begin, step, KW, BLOCK_W, EPW, EVEN)
             # keeps the backend from sinking the prefetch below this step's arithmetic (it would, to reuse the
             # registers of the current step's words, and the next step would wait for memory again)
             tl.debug_barrier()
         else:
             words, d, mn, qh = _load_words_step(w_base, s_base, mn_ptr, qh_ptr, off0, row_base, w_begin, blk_base,
                                                 step, KW, KIND, WPB_SHIFT, SCALE_SHIFT, BLOCK_W, EVEN)
-            x0, x1, x2, x3, x4, x5, x6, x7, X = _load_x_step(x_row, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+            x0, x1, x2, x3, x4, x5, x6, x7, X = load_x(x_row, w_begin, step, KW, BLOCK_W, EPW, EVEN, X_TILE)
             if BLOCK_M > 1:
-                xs1 = _load_x_step(x_row1, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+                xs1 = load_x_step(x_row1, w_begin, step, KW, BLOCK_W, EPW, EVEN)
             if BLOCK_M > 2:
-                xs2 = _load_x_step(x_row2, w_begin, step, KW, BLOCK_W, EPW, EVEN)
-                xs3 = _load_x_step(x_row3, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+                xs2 = load_x_step(x_row2, w_begin, step, KW, BLOCK_W, EPW, EVEN)
+                xs3 = load_x_step(x_row3, w_begin, step, KW, BLOCK_W, EPW, EVEN)
         if KIND == Q5_SYM or KIND == Q5_ASYM:
             t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
             words, qh = merge_fifth_bits(words, qh >> ((t & 3) * 4)[:, None])

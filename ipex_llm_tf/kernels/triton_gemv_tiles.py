@@ -1,5 +1,5 @@
-"""What every decode GEMV kernel shares around its K loop: which rows a program serves, the bit moves its decoders
-use, and the epilogues that write its output (one row, split-K atomics, or the gated SiLU(gate) * up), with the
+"""What every decode GEMV kernel shares around its K loop: which rows a program serves, how a step's activations are
+read, the bit moves its decoders use, and the epilogues that write its output (one row, split-K atomics, or the gated SiLU(gate) * up), with the
 folded-norm ones (triton_folded_norm: residual add and partial sums of squares; 1/RMS from those sums).
 triton_gemv, triton_gemv_planes and triton_gemv_fp8 build on these."""
 from __future__ import annotations
@@ -36,6 +36,82 @@ def gemv_program(x_ptr, N, stride_xm, steps_per_split, BLOCK_N: tl.constexpr, BL
         rows = tl.minimum(offs_n, N - 1)
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     return pid_m, pid_n, offs_n, rows, x_row, pid_k * steps_per_split * BLOCK_W
+
+
+@triton.jit
+def load_x_step(x_row, w_begin, step, KW, BLOCK_W: tl.constexpr, EPW: tl.constexpr, EVEN: tl.constexpr):
+    """The activations under code p of every word of step `step` (x0..x7, float32 [BLOCK_W]; for 8-bit codes
+    x4..x7 repeat x0..x3) and their sum over p."""
+    t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
+    tmask = t < KW
+    if EPW == 8:
+        kbase = x_row + (t >> 2) * 32 + (t & 3) * 4
+        offs0, offs1, offs2, offs3 = 0, 16, 1, 17
+    else:
+        kbase = x_row + t * 4
+        offs0, offs1, offs2, offs3 = 0, 1, 2, 3
+    if EVEN:
+        x0 = tl.load(kbase + offs0).to(tl.float32)
+        x1 = tl.load(kbase + offs1).to(tl.float32)
+        x2 = tl.load(kbase + offs2).to(tl.float32)
+        x3 = tl.load(kbase + offs3).to(tl.float32)
+    else:
+        x0 = tl.load(kbase + offs0, mask=tmask, other=0.0).to(tl.float32)
+        x1 = tl.load(kbase + offs1, mask=tmask, other=0.0).to(tl.float32)
+        x2 = tl.load(kbase + offs2, mask=tmask, other=0.0).to(tl.float32)
+        x3 = tl.load(kbase + offs3, mask=tmask, other=0.0).to(tl.float32)
+    if EPW == 8:
+        if EVEN:
+            x4 = tl.load(kbase + 2).to(tl.float32)
+            x5 = tl.load(kbase + 18).to(tl.float32)
+            x6 = tl.load(kbase + 3).to(tl.float32)
+            x7 = tl.load(kbase + 19).to(tl.float32)
+        else:
+            x4 = tl.load(kbase + 2, mask=tmask, other=0.0).to(tl.float32)
+            x5 = tl.load(kbase + 18, mask=tmask, other=0.0).to(tl.float32)
+            x6 = tl.load(kbase + 3, mask=tmask, other=0.0).to(tl.float32)
+            x7 = tl.load(kbase + 19, mask=tmask, other=0.0).to(tl.float32)
+        xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+    else:
+        x4, x5, x6, x7 = x0, x1, x2, x3
+        xsum = (x0 + x1) + (x2 + x3)
+    return x0, x1, x2, x3, x4, x5, x6, x7, xsum
+
+
+@triton.jit
+def load_x_tile(x_row, w_begin, step, KW, BLOCK_W: tl.constexpr, EVEN: tl.constexpr):
+    """load_x_step's activations of a 4-bit-code step as one fp16 [BLOCK_W, 8] tile (split_x_tile splits it): a
+    word's eight are two runs of four, 16 apart, so column (p % 2) * 4 + p // 2 holds code p's."""
+    t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
+    c = tl.arange(0, 8)
+    offs = ((t >> 2) * 32 + (t & 3) * 4)[:, None] + ((c & 3) + (c >> 2) * 16)[None, :]
+    if EVEN:
+        return tl.load(x_row + offs)
+    return tl.load(x_row + offs, mask=(t < KW)[:, None], other=0.0)
+
+
+@triton.jit
+def split_x_tile(tile, BLOCK_W: tl.constexpr):
+    """load_x_tile's tile as load_x_step returns its activations: x0..x7 float32 [BLOCK_W] and their sum (added in
+    load_x_step's order, so both give the same bits)."""
+    # column bits: p % 2, p // 4, (p // 2) % 2; tl.split takes the last dimension first
+    p_bit1_clear, p_bit1_set = tl.split(tl.reshape(tile.to(tl.float32), [BLOCK_W, 2, 2, 2]))
+    codes01, codes45 = tl.split(p_bit1_clear)
+    codes23, codes67 = tl.split(p_bit1_set)
+    x0, x1 = tl.split(codes01)
+    x2, x3 = tl.split(codes23)
+    x4, x5 = tl.split(codes45)
+    x6, x7 = tl.split(codes67)
+    return x0, x1, x2, x3, x4, x5, x6, x7, ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+
+
+@triton.jit
+def load_x(x_row, w_begin, step, KW, BLOCK_W: tl.constexpr, EPW: tl.constexpr, EVEN: tl.constexpr,
+           X_TILE: tl.constexpr):
+    """load_x_step's result, read as one tile (load_x_tile) where X_TILE."""
+    if X_TILE:
+        return split_x_tile(load_x_tile(x_row, w_begin, step, KW, BLOCK_W, EVEN), BLOCK_W)
+    return load_x_step(x_row, w_begin, step, KW, BLOCK_W, EPW, EVEN)
 
 
 @triton.jit

@@ -109,7 +109,7 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
     else:
         block_m = cfg.block_m
         kernel, options = G.gemv_words_kernel, {"SUBNORMAL": ops.subnormal, "BLOCK_M": block_m, "LANES": lanes,
-                                                 **overlap_options(x.device)}
+                                                 "X_TILE": lanes, **overlap_options(x.device)}
         if _tail_step(kw, cfg, split, even):  # full steps unmasked, the partial one read first
             per_split, even, options["TAIL"] = kw // cfg.block_w, True, True
         elif per_split == 1 and cfg.prefetch > 0:  # one step a program: read before the wait, nothing after

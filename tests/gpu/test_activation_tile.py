@@ -1,0 +1,50 @@
+"""The decode GEMV's activations read as one tile a step (triton_gemv X_TILE, kernels/triton_gemv_tiles.load_x_tile)
+give the same bits as its eight vector loads: the same values reach the same multiply-adds in the same order. Runs on
+a GPU as launched there (nf4 with its warp shuffles, where CUDA has them) and in Triton's interpreter."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import triton_device
+
+DEVICE = triton_device()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None, reason="needs a GPU or TRITON_INTERPRET=1")]
+pytest.importorskip("triton")
+
+from ipex_llm_tf.formats import get_format  # noqa: E402
+from ipex_llm_tf.kernels import triton_gemv as G  # noqa: E402
+from ipex_llm_tf.kernels import triton_linear as TL  # noqa: E402
+from ipex_llm_tf.kernels.triton_tuning import GemvConfig  # noqa: E402
+
+# (tile, activation rows): prefetched activations, prefetched weights only, no prefetch, and two rows a program (the
+# second row keeps its vector loads)
+CONFIGS = [(GemvConfig(16, 64, 2, 1, 2), 1), (GemvConfig(8, 32, 1, 1, 1), 1), (GemvConfig(8, 32, 1, 1, 0), 1),
+           (GemvConfig(16, 32, 2, 1, 2, block_m=2), 2)]
+
+
+class _WithXTile:
+    """gemv_words_kernel as the launcher uses it, with X_TILE forced on or off."""
+
+    def __init__(self, kernel, on: bool):
+        self.kernel, self.on = kernel, on
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+        return lambda *args, **kwargs: launch(*args, **{**kwargs, "X_TILE": self.on})
+
+
+@pytest.mark.parametrize("fmt_name", ["nf4", "sym_int4", "fp4"])
+def test_activation_tile_gives_the_vector_loads_bits(fmt_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    fmt = get_format(fmt_name)
+    torch.manual_seed(0)
+    n, k = 40, 320  # 40 words a row: the 64-word step is partial (masked), the 32-word one is not
+    ops = TL.block_operands(fmt, fmt.quantize(torch.randn(n, k, device=DEVICE) * 0.05))
+    x = torch.randn(2, k, device=DEVICE, dtype=torch.float16)
+    kernel = G.gemv_words_kernel
+    for cfg, rows in CONFIGS:
+        outs = []
+        for on in (False, True):
+            monkeypatch.setattr(G, "gemv_words_kernel", _WithXTile(kernel, on))
+            outs.append(TL.gemv_blocks(x[:rows], ops, None, n, cfg))
+        assert torch.equal(*outs), f"{fmt_name} {cfg}"
