@@ -37,7 +37,7 @@ def machine() -> dict[str, object]:
 def print_table(rows: list[dict[str, object]], columns: list[str]) -> None:
     """Print rows as one aligned text table."""
     cells = [[str(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]  # rows may be none
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     print("  ".join("-" * w for w in widths))
     for r in cells:
