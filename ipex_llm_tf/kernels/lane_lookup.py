@@ -6,7 +6,8 @@ A codebook GEMV (nf4) otherwise loads each code's value from a table in memory: 
 for every lane at once with `shfl.sync.idx`: its segment mask splits the warp into two 16-lane halves, so only the
 code's low four bits pick the lane, and the codes need no masking.
 
-H100, nf4 4096x11008: 20.2 -> 16.1 us. The shuffles then bound the kernel (one a code, against sym_int4's 11.8 us at
+H100, nf4 4096x11008: 20.2 -> 16.1 us (13.8 since the GEMV reads a step's activations as one tile, triton_gemv
+X_TILE). The shuffles then bound the kernel (one a code, against sym_int4's 11.8 us at
 about as many instructions). fp4's codes, read in place with bit moves, stay faster that way: 13.9 against 16.1 us
 on 11008x4096 with every code shuffled, and shuffling two of a word's eight (work shared between the ALUs and the
 shuffle unit) measured level. nf3's two-plane GEMV (triton_gemv_planes) shuffles its 3-bit codes from an 8-entry
