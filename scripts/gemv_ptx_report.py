@@ -55,12 +55,12 @@ def report_row(name: str, tile: str, rows: int) -> dict | None:
     # as CUDA launches it: table lookups by warp shuffles (kernels/lane_lookup), with their activations as one tile
     consts = dict(KIND=kind, SCALE_SHIFT=int(math.log2(fmt.block_size // 32)), BLOCK_N=block_n, BLOCK_W=block_w,
                   SPLIT_K=1, HAS_BIAS=False, EVEN=True, PREFETCH=0 if planes else 2, GATED=False,
-                  SUBNORMAL=subnormal, LANES=shuffles_codes(kind, subnormal))
+                  SUBNORMAL=subnormal, LANES=shuffles_codes(kind, subnormal), X_TILE=shuffles_codes(kind, subnormal))
     if planes:
         kernel, per_word = GP.gemv_planes_kernel, 16 if kind == G.CB3.value else 8
     else:
         kernel, per_word = G.gemv_words_kernel, 4 if kind == G.Q8_SYM.value else 8
-        consts.update(BLOCK_M=rows, OVERLAP=False, TAIL=False, X_TILE=consts["LANES"])
+        consts.update(BLOCK_M=rows, OVERLAP=False, TAIL=False)
     asm = compile_sm90(kernel, GEMV_POINTERS, consts, num_warps=warps)
     codes_per_thread = max(1, block_w * block_n * per_word // (32 * warps))
     return {"format": name, "tile": tile, "rows": rows, **loop_summary(asm, codes_per_thread),

@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("triton")
 
 from ipex_llm_tf.kernels import triton_gemv as G  # noqa: E402
+from ipex_llm_tf.kernels import triton_gemv_planes as GP  # noqa: E402
 from ipex_llm_tf.kernels.sm90_ptx import GEMV_POINTERS, loop_body, ptx_lines  # noqa: E402
 
 TILES = [(16, 64), (16, 128), (8, 128)]  # (BLOCK_N, BLOCK_W) of the H100's tuned decode tiles
@@ -73,11 +74,24 @@ def test_activation_tile_takes_the_barriers_out_of_the_loop(tile: tuple[int, int
     assert counts[True] <= 6 and counts[False] >= 3 * counts[True], f"{tile}: barriers {counts}"
 
 
+@pytest.mark.parametrize("tile", [(16, 128), (8, 128)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_nf3_activation_tile_takes_the_barriers_out_of_the_loop(tile: tuple[int, int]) -> None:
+    """nf3's two-plane GEMV with LANES and X_TILE: its sixteen activation vectors a step from one tile, so a third of
+    the barriers in the K loop or fewer (42 -> 12 in the 16x128 tile at four warps; a 16x64 tile at four warps gets
+    the vectors' layout from Triton as they are)."""
+    counts = {}
+    for x_tile in (True, False):
+        consts = dict(KIND=G.CB3.value, SCALE_SHIFT=1, BLOCK_N=tile[0], BLOCK_W=tile[1], SPLIT_K=1, HAS_BIAS=False,
+                      EVEN=True, PREFETCH=0, GATED=False, SUBNORMAL=False, LANES=True, X_TILE=x_tile)
+        body = loop_body(ptx_lines(GP.gemv_planes_kernel, GEMV_POINTERS, consts))
+        counts[x_tile] = sum(line.strip().startswith("bar.sync") for line in body)
+    assert 3 * counts[True] <= counts[False], f"{tile}: barriers {counts}"
+
+
 @pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t[0]}x{t[1]}")
 def test_nf3_lane_lookups_shuffle_every_code_and_load_no_pairs(tile: tuple[int, int]) -> None:
     """nf3's two-plane GEMV with LANES: one 8-lane-segment shuffle per code (16 a low-plane word) and no pair-table
     loads (8-byte scalar loads), where the table path has one a pair of codes."""
-    from ipex_llm_tf.kernels import triton_gemv_planes as GP
     block_n, block_w = tile
 
     def lines(lanes: bool) -> list[str]:
@@ -100,7 +114,6 @@ def test_split_codes_join_once_a_word(kind: str, tile: tuple[int, int]) -> None:
     their loads get different layouts, and joining them a code at a time converted every code's tile through shared
     memory (main before session 28: 140-596 shared-memory accesses in these tiles, now 16-131). What is left grows
     with the step's activations (block_w), not with its codes."""
-    from ipex_llm_tf.kernels import triton_gemv_planes as GP
     block_n, block_w = tile
     consts = dict(KIND=getattr(G, kind).value, SCALE_SHIFT=1 if kind == "CB3" else 0, BLOCK_N=block_n,
                   BLOCK_W=block_w, SPLIT_K=1, HAS_BIAS=False, EVEN=True, GATED=False, LANES=kind == "CB3",

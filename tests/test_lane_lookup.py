@@ -75,7 +75,7 @@ class _Recorder:
                                              ("sym_int8", False), ("nf3", True), ("fp6", False)])
 def test_the_launcher_asks_for_lanes_only_for_table_lookups(fmt_name: str, lanes: bool,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a device with shuffles nf4 and nf3 (table lookups) get LANES, and nf4 its activations as one tile; fp4 and
+    """On a device with shuffles nf4 and nf3 (table lookups) get LANES and their activations as one tile; fp4 and
     fp6 keep their codes read in place (faster there for fp4) and the integer kinds their own decoding."""
     recorder = _Recorder()
     monkeypatch.setattr(G, "gemv_words_kernel", recorder)
@@ -88,7 +88,7 @@ def test_the_launcher_asks_for_lanes_only_for_table_lookups(fmt_name: str, lanes
     TL._gemv_words(x, ops, None, torch.empty(1, 16, dtype=torch.float16), 16, GemvConfig(8, 64, 4), 1, gated=False)
     assert recorder.options.get("LANES", False) is lanes
     assert recorder.options["SUBNORMAL"] is ops.subnormal
-    # the words kernel's shuffles take a step's activations as one tile (X_TILE); the two-plane kernel has no tile
-    assert recorder.options.get("X_TILE", False) is (lanes and fmt_name == "nf4")
+    # with the shuffles, a step's activations come as one tile (X_TILE)
+    assert recorder.options.get("X_TILE", False) is lanes
     # the lanes hold the plain table's values; nf3's table loads read its pair table
     assert recorder.args[5] is (ops.table if lanes else ops.gemv_table)

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .lane_lookup import lane_lookup, lane_table
 from .triton_gemv import CB3, SUBNORMAL_BIAS
-from .triton_gemv_tiles import gemv_program, place_bits, store_words_result
+from .triton_gemv_tiles import gemv_program, load_x_tile, place_bits, split_x_tile16, store_words_result
 
 
 @triton.jit
@@ -93,13 +93,16 @@ def gemv_planes_kernel(
     KIND: tl.constexpr, SCALE_SHIFT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr, GATED: tl.constexpr = False,
-    SUBNORMAL: tl.constexpr = False, LANES: tl.constexpr = False,
+    SUBNORMAL: tl.constexpr = False, LANES: tl.constexpr = False, X_TILE: tl.constexpr = False,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, k] for one activation row and BLOCK_N weight rows, BLOCK_W low-plane words
     per K step; grid (M, cdiv(N, BLOCK_N), SPLIT_K) as gemv_words_kernel's. PREFETCH is ignored: loading the next
     step early measured slower here (H200, nf3 4096x11008: 31.1 against 27.0 us). SUBNORMAL (fp6's e3m2 table
     only) reads the codes in place rather than looking them up (module docstring). LANES (nf3, CUDA only:
-    lane_lookup) looks each code up by a warp shuffle from an 8-entry lane table, tab_ptr being nf3's plain table."""
+    lane_lookup) looks each code up by a warp shuffle from an 8-entry lane table, tab_ptr being nf3's plain table.
+    X_TILE (nf3; the launcher sets it with LANES): a step's activations come from one [BLOCK_W, 16] load
+    (triton_gemv_tiles.load_x_tile), not sixteen vector loads each converted to the codes' layout through shared
+    memory."""
     BL: tl.constexpr = 2 if KIND == CB3 else 4
     BH: tl.constexpr = 1 if KIND == CB3 else 2
     LOG_BL: tl.constexpr = 1 if KIND == CB3 else 2
@@ -139,7 +142,16 @@ def gemv_planes_kernel(
                                         [BLOCK_W // BL, BL // BH, BH, BLOCK_N]), [BLOCK_W, BLOCK_N])
         even, odd = merge_planes(words, hi >> (BH * (c // BH))[:, None], BL)
         F = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-        if KIND == CB3 and LANES:
+        if KIND == CB3 and X_TILE:  # the activations as one tile (gemv_words_kernel's X_TILE), by either lookup
+            xs = split_x_tile16(load_x_tile(x_row, w_begin, step, KW, BLOCK_W, EVEN, 16), BLOCK_W)
+            for j in tl.static_range(EPW // 2):
+                if LANES:
+                    F += lane_lookup(tab_ptr, even >> (4 * j), 8) * xs[2 * j][:, None]
+                    F += lane_lookup(tab_ptr, odd >> (4 * j), 8) * xs[2 * j + 1][:, None]
+                else:
+                    pair = place_bits(even, 4 * j, 0, 7) | place_bits(odd, 4 * j, 3, 0x38)
+                    F = pair_terms(F, pair, xs[2 * j], xs[2 * j + 1], tab_ptr)
+        elif KIND == CB3 and LANES:
             # a code's three bits at the bottom of its slot: the shuffle reads those three bits only
             for j in tl.static_range(EPW // 2):
                 F += lane_lookup(tab_ptr, even >> (4 * j), 8) * _plane_activations(kbase, 2 * j, PER, tmask,

@@ -79,12 +79,16 @@ def load_x_step(x_row, w_begin, step, KW, BLOCK_W: tl.constexpr, EPW: tl.constex
 
 
 @triton.jit
-def load_x_tile(x_row, w_begin, step, KW, BLOCK_W: tl.constexpr, EVEN: tl.constexpr):
-    """load_x_step's activations of a 4-bit-code step as one fp16 [BLOCK_W, 8] tile (split_x_tile splits it): a
-    word's eight are two runs of four, 16 apart, so column (p % 2) * 4 + p // 2 holds code p's."""
+def load_x_tile(x_row, w_begin, step, KW, BLOCK_W: tl.constexpr, EVEN: tl.constexpr, COLS: tl.constexpr = 8):
+    """A step's activations as one fp16 [BLOCK_W, COLS] tile, a word's in memory order: COLS 8, load_x_step's for
+    4-bit codes (four words a 32-weight block, a word's eight activations two runs of four, 16 apart: column
+    (p % 2) * 4 + p // 2 holds code p's; split_x_tile splits it); COLS 16, nf3's low-plane words (two a block, four
+    runs of four, 8 apart: column (f % 4) * 4 + f // 4 holds field f's; split_x_tile16)."""
+    LOG_WORDS: tl.constexpr = 2 if COLS == 8 else 1  # log2(words a 32-weight block)
     t = w_begin + step * BLOCK_W + tl.arange(0, BLOCK_W)
-    c = tl.arange(0, 8)
-    offs = ((t >> 2) * 32 + (t & 3) * 4)[:, None] + ((c & 3) + (c >> 2) * 16)[None, :]
+    c = tl.arange(0, COLS)
+    base = (t >> LOG_WORDS) * 32 + (t & ((1 << LOG_WORDS) - 1)) * 4
+    offs = base[:, None] + ((c & 3) + (c >> 2) * (128 // COLS))[None, :]
     if EVEN:
         return tl.load(x_row + offs)
     return tl.load(x_row + offs, mask=(t < KW)[:, None], other=0.0)
@@ -103,6 +107,29 @@ def split_x_tile(tile, BLOCK_W: tl.constexpr):
     x4, x5 = tl.split(codes45)
     x6, x7 = tl.split(codes67)
     return x0, x1, x2, x3, x4, x5, x6, x7, ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+
+
+@triton.jit
+def _four_runs(part):
+    """The four [BLOCK_W] vectors of a [BLOCK_W, 2, 2] part of split_x_tile16's tile, by run (f % 4)."""
+    bit0_clear, bit0_set = tl.split(part)
+    run0, run2 = tl.split(bit0_clear)
+    run1, run3 = tl.split(bit0_set)
+    return run0, run1, run2, run3
+
+
+@triton.jit
+def split_x_tile16(tile, BLOCK_W: tl.constexpr):
+    """load_x_tile(..., COLS=16)'s tile as float32 [BLOCK_W] vectors, fields 0..15 in order (a 16-tuple)."""
+    # column bits: f % 4 (two), f // 4 (two); tl.split takes the last dimension first
+    pos_even, pos_odd = tl.split(tl.reshape(tile.to(tl.float32), [BLOCK_W, 2, 2, 2, 2]))
+    pos0, pos2 = tl.split(pos_even)
+    pos1, pos3 = tl.split(pos_odd)
+    x0, x1, x2, x3 = _four_runs(pos0)
+    x4, x5, x6, x7 = _four_runs(pos1)
+    x8, x9, x10, x11 = _four_runs(pos2)
+    x12, x13, x14, x15 = _four_runs(pos3)
+    return x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15
 
 
 @triton.jit

@@ -105,7 +105,8 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
     # the lanes hold the plain table's values (nf3's table loads read its pair table)
     table = ops.table if lanes else ops.gemv_table
     if ops.kind in PLANE_KINDS:
-        kernel, options, block_m = GP.gemv_planes_kernel, {"SUBNORMAL": ops.subnormal, "LANES": lanes}, 1
+        kernel, options, block_m = GP.gemv_planes_kernel, {"SUBNORMAL": ops.subnormal, "LANES": lanes,
+                                                           "X_TILE": lanes}, 1
     else:
         block_m = cfg.block_m
         kernel, options = G.gemv_words_kernel, {"SUBNORMAL": ops.subnormal, "BLOCK_M": block_m, "LANES": lanes,

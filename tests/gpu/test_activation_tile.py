@@ -1,12 +1,15 @@
-"""The decode GEMV's activations read as one tile a step (triton_gemv X_TILE, kernels/triton_gemv_tiles.load_x_tile)
-give the same bits as its eight vector loads: the same values reach the same multiply-adds in the same order. Runs on
-a GPU as launched there (nf4 with its warp shuffles, where CUDA has them) and in Triton's interpreter."""
+"""The decode GEMVs' activations read as one tile a step (X_TILE, kernels/triton_gemv_tiles.load_x_tile) against
+their vector loads: the words kernel (8 a step) gives the same bits, the same values reaching the same multiply-adds
+in the same order; nf3's two-plane kernel (16 a step) the same bits in the interpreter and, on a GPU, within four
+fp16 steps of the largest output (Triton may add a scale group's four words in another order in another layout, as
+tests/gpu/test_lane_lookup_cuda.py found for nf3). Runs on a GPU as launched there (nf4 and nf3 with their warp
+shuffles, where CUDA has them) and in Triton's interpreter."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import triton_device
+from conftest import TRITON_INTERPRET, triton_device
 
 DEVICE = triton_device()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None, reason="needs a GPU or TRITON_INTERPRET=1")]
@@ -14,6 +17,7 @@ pytest.importorskip("triton")
 
 from ipex_llm_tf.formats import get_format  # noqa: E402
 from ipex_llm_tf.kernels import triton_gemv as G  # noqa: E402
+from ipex_llm_tf.kernels import triton_gemv_planes as GP  # noqa: E402
 from ipex_llm_tf.kernels import triton_linear as TL  # noqa: E402
 from ipex_llm_tf.kernels.triton_tuning import GemvConfig  # noqa: E402
 
@@ -24,7 +28,7 @@ CONFIGS = [(GemvConfig(16, 64, 2, 1, 2), 1), (GemvConfig(8, 32, 1, 1, 1), 1), (G
 
 
 class _WithXTile:
-    """gemv_words_kernel as the launcher uses it, with X_TILE forced on or off."""
+    """A GEMV kernel as the launcher uses it, with X_TILE forced on or off."""
 
     def __init__(self, kernel, on: bool):
         self.kernel, self.on = kernel, on
@@ -48,3 +52,22 @@ def test_activation_tile_gives_the_vector_loads_bits(fmt_name: str, monkeypatch:
             monkeypatch.setattr(G, "gemv_words_kernel", _WithXTile(kernel, on))
             outs.append(TL.gemv_blocks(x[:rows], ops, None, n, cfg))
         assert torch.equal(*outs), f"{fmt_name} {cfg}"
+
+
+def test_nf3_activation_tile_gives_the_vector_loads_sums(monkeypatch: pytest.MonkeyPatch) -> None:
+    fmt = get_format("nf3")
+    torch.manual_seed(0)
+    n, k = 40, 320  # 20 low-plane words a row: the 32-word step is partial (masked), the 16-word one is not
+    ops = TL.block_operands(fmt, fmt.quantize(torch.randn(n, k, device=DEVICE) * 0.05))
+    x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
+    kernel = GP.gemv_planes_kernel
+    for cfg in (GemvConfig(16, 32, 2, 1, 0), GemvConfig(8, 16, 1, 1, 0)):
+        outs = []
+        for on in (False, True):
+            monkeypatch.setattr(GP, "gemv_planes_kernel", _WithXTile(kernel, on))
+            outs.append(TL.gemv_blocks(x, ops, None, n, cfg).float())
+        if TRITON_INTERPRET:
+            assert torch.equal(*outs), str(cfg)
+        else:
+            bound = 4 * 2.0 ** -10 * outs[0].abs().max().item()
+            assert (outs[0] - outs[1]).abs().max().item() <= bound, str(cfg)
