@@ -79,8 +79,12 @@ def pair_terms(F, pair_index, x_first, x_second, pair_ptr):
 
 
 @triton.jit
-def _plane_activations(kbase, f: tl.constexpr, PER: tl.constexpr, tmask, EVEN: tl.constexpr):
-    """The float32 activations under field f of each low-plane word of the step (kbase: their runs' bases)."""
+def _plane_activations(xs, kbase, f: tl.constexpr, PER: tl.constexpr, tmask, EVEN: tl.constexpr,
+                       X_TILE: tl.constexpr):
+    """The float32 activations under field f of each low-plane word of the step: split_x_tile16's vector f where
+    X_TILE (xs), else loaded from their runs' bases (kbase)."""
+    if X_TILE:
+        return xs[f]
     if EVEN:
         return tl.load(kbase + (f // PER + (32 // PER) * (f % PER))).to(tl.float32)
     return tl.load(kbase + (f // PER + (32 // PER) * (f % PER)), mask=tmask, other=0.0).to(tl.float32)
@@ -142,40 +146,39 @@ def gemv_planes_kernel(
                                         [BLOCK_W // BL, BL // BH, BH, BLOCK_N]), [BLOCK_W, BLOCK_N])
         even, odd = merge_planes(words, hi >> (BH * (c // BH))[:, None], BL)
         F = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-        if KIND == CB3 and X_TILE:  # the activations as one tile (gemv_words_kernel's X_TILE), by either lookup
+        if X_TILE:  # the activations as one tile (gemv_words_kernel's X_TILE)
+            tl.static_assert(KIND == CB3, "X_TILE reads nf3's sixteen activations a low-plane word")
             xs = split_x_tile16(load_x_tile(x_row, w_begin, step, KW, BLOCK_W, EVEN, 16), BLOCK_W)
-            for j in tl.static_range(EPW // 2):
-                if LANES:
-                    F += lane_lookup(tab_ptr, even >> (4 * j), 8) * xs[2 * j][:, None]
-                    F += lane_lookup(tab_ptr, odd >> (4 * j), 8) * xs[2 * j + 1][:, None]
-                else:
-                    pair = place_bits(even, 4 * j, 0, 7) | place_bits(odd, 4 * j, 3, 0x38)
-                    F = pair_terms(F, pair, xs[2 * j], xs[2 * j + 1], tab_ptr)
-        elif KIND == CB3 and LANES:
+        else:
+            xs = kbase  # a placeholder, never indexed
+        # each branch reads a code's activations where the measured kernels read them (the order sets the schedule)
+        if KIND == CB3 and LANES:
             # a code's three bits at the bottom of its slot: the shuffle reads those three bits only
             for j in tl.static_range(EPW // 2):
-                F += lane_lookup(tab_ptr, even >> (4 * j), 8) * _plane_activations(kbase, 2 * j, PER, tmask,
-                                                                                   EVEN)[:, None]
-                F += lane_lookup(tab_ptr, odd >> (4 * j), 8) * _plane_activations(kbase, 2 * j + 1, PER, tmask,
-                                                                                  EVEN)[:, None]
+                F += lane_lookup(tab_ptr, even >> (4 * j), 8) * _plane_activations(
+                    xs, kbase, 2 * j, PER, tmask, EVEN, X_TILE)[:, None]
+                F += lane_lookup(tab_ptr, odd >> (4 * j), 8) * _plane_activations(
+                    xs, kbase, 2 * j + 1, PER, tmask, EVEN, X_TILE)[:, None]
         elif KIND == CB3:
             # codes 2j and 2j + 1 from one load of the pair table (tab_ptr), indexed by the two 3-bit codes
             for j in tl.static_range(EPW // 2):
                 pair = place_bits(even, 4 * j, 0, 7) | place_bits(odd, 4 * j, 3, 0x38)
-                F = pair_terms(F, pair, _plane_activations(kbase, 2 * j, PER, tmask, EVEN),
-                               _plane_activations(kbase, 2 * j + 1, PER, tmask, EVEN), tab_ptr)
+                F = pair_terms(F, pair, _plane_activations(xs, kbase, 2 * j, PER, tmask, EVEN, X_TILE),
+                               _plane_activations(xs, kbase, 2 * j + 1, PER, tmask, EVEN, X_TILE), tab_ptr)
         elif SUBNORMAL:
             for j in tl.static_range(EPW // 2):
-                x_even = _plane_activations(kbase, 2 * j, PER, tmask, EVEN) * (2.0 ** (124 - SUBNORMAL_BIAS))
-                x_odd = _plane_activations(kbase, 2 * j + 1, PER, tmask, EVEN) * (2.0 ** (124 - SUBNORMAL_BIAS))
+                x_even = _plane_activations(xs, kbase, 2 * j, PER, tmask, EVEN, X_TILE) * (
+                    2.0 ** (124 - SUBNORMAL_BIAS))
+                x_odd = _plane_activations(xs, kbase, 2 * j + 1, PER, tmask, EVEN, X_TILE) * (
+                    2.0 ** (124 - SUBNORMAL_BIAS))
                 F += _e3m2_in_place(even, 8 * j) * x_even[:, None]
                 F += _e3m2_in_place(odd, 8 * j) * x_odd[:, None]
         else:
             for j in tl.static_range(EPW // 2):
-                F += tl.load(tab_ptr + place_bits(even, 8 * j, 0, 63)) * _plane_activations(kbase, 2 * j, PER, tmask,
-                                                                                             EVEN)[:, None]
-                F += tl.load(tab_ptr + place_bits(odd, 8 * j, 0, 63)) * _plane_activations(kbase, 2 * j + 1, PER,
-                                                                                            tmask, EVEN)[:, None]
+                F += tl.load(tab_ptr + place_bits(even, 8 * j, 0, 63)) * _plane_activations(
+                    xs, kbase, 2 * j, PER, tmask, EVEN, X_TILE)[:, None]
+                F += tl.load(tab_ptr + place_bits(odd, 8 * j, 0, 63)) * _plane_activations(
+                    xs, kbase, 2 * j + 1, PER, tmask, EVEN, X_TILE)[:, None]
         F = tl.sum(tl.reshape(F, [BLOCK_W // GW, GW, BLOCK_N]), axis=1)
         if SUBNORMAL:
             acc += ((2.0 ** SUBNORMAL_BIAS) * d) * F
