@@ -53,9 +53,10 @@ def report_row(name: str, tile: str, rows: int) -> dict | None:
         return None
     subnormal = reads_codes_in_place(fmt, kind)
     # as CUDA launches it: table lookups by warp shuffles (kernels/lane_lookup), with their activations as one tile
+    lanes = shuffles_codes(kind, subnormal)
     consts = dict(KIND=kind, SCALE_SHIFT=int(math.log2(fmt.block_size // 32)), BLOCK_N=block_n, BLOCK_W=block_w,
                   SPLIT_K=1, HAS_BIAS=False, EVEN=True, PREFETCH=0 if planes else 2, GATED=False,
-                  SUBNORMAL=subnormal, LANES=shuffles_codes(kind, subnormal), X_TILE=shuffles_codes(kind, subnormal))
+                  SUBNORMAL=subnormal, LANES=lanes, X_TILE=lanes)
     if planes:
         kernel, per_word = GP.gemv_planes_kernel, 16 if kind == G.CB3.value else 8
     else:

@@ -186,13 +186,18 @@ def test_dequantize_kernel_is_exact(fmt_name: str) -> None:
         assert torch.equal(w, w_ref.to(dtype)), f"{fmt_name} {dtype}"
 
 
+def _fresh_tuning_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One empty table of tuning choices for the tuner and the planner that reads it, for this test only."""
+    tuned: dict = {}
+    monkeypatch.setattr(triton_tuning, "_TUNED", tuned)
+    monkeypatch.setattr(TL, "_TUNED", tuned)
+
+
 def test_small_batch_plans_without_autotuning(monkeypatch: pytest.MonkeyPatch) -> None:
     """3..64 rows: the fused matmul, for integer and codebook formats alike; a float32 batch always dequantizes
     (the tile kernels take fp16 / bf16)."""
     # choices another test of this process tuned would be returned first (under xdist, any test may come before)
-    tuned: dict = {}
-    monkeypatch.setattr(triton_tuning, "_TUNED", tuned)
-    monkeypatch.setattr(TL, "_TUNED", tuned)
+    _fresh_tuning_table(monkeypatch)
     for fmt_name, m, dtype, launcher in (("sym_int4", 16, torch.float16, TL.matmul_blocks),
                                          ("nf4", 4, torch.float16, TL.matmul_blocks),
                                          ("fp6", 8, torch.float16, TL.matmul_blocks),
@@ -227,9 +232,7 @@ def test_decode_autotuning_replays_graphs_on_replicas(monkeypatch: pytest.Monkey
     import triton.testing
     monkeypatch.setenv("IPEX_LLM_TF_TRITON_AUTOTUNE", "1")
     monkeypatch.setenv("IPEX_LLM_TF_TUNING_CACHE", "0")
-    tuned: dict = {}  # one fresh table for the tuner and the planner that reads it
-    monkeypatch.setattr(triton_tuning, "_TUNED", tuned)
-    monkeypatch.setattr(TL, "_TUNED", tuned)
+    _fresh_tuning_table(monkeypatch)
     monkeypatch.setattr(triton.testing, "do_bench", lambda *a, **k: pytest.fail("decode rows used do_bench"))
     n, k = 300, 4160
     fmt, parts, w_ref = _weight("sym_int4", n, k)
