@@ -5,9 +5,16 @@
 No GPU is needed and nothing is timed: each (format, tile, activation rows) is compiled for an sm_90 target as
 decode launches it (kernels.sm90_ptx), and the loop's instructions are counted, with the registers a thread uses
 (which cap occupancy: 25% at 116 or more on an H100, where the tuned GEMVs ran latency-bound in session 20). A tile
-is BLOCK_N x BLOCK_W x warps. Codes read in place (SUBNORMAL) are assumed, as on a device that keeps float32 subnormals (H100s do). The
-host's Triton may differ from a device's, and fewer instructions need not mean faster (docs/gpu-log.md, session 19):
-use it to see what a kernel change does to the loop, then time it on a GPU.
+is BLOCK_N x BLOCK_W x warps. Codes read in place (SUBNORMAL) are assumed, as on a device that keeps float32
+subnormals (H100s do). Fewer instructions need not mean faster (docs/gpu-log.md, sessions 19, 24 and 30): use it to
+see what a kernel change does to the loop, then time it on a GPU.
+
+The host's Triton may lay a loop out otherwise than a device's (session 30: 3.9 gave main's sym_int5 16x64 tile 32
+barriers and cross-warp group sums, the H100s' 3.6 gives it 20 and none). To compile with the device's version, put
+that package first on the path, with no GPU and no other change:
+
+    pip install --no-deps --target /tmp/triton36 triton==3.6.0
+    PYTHONPATH=/tmp/triton36 python scripts/gemv_ptx_report.py ...
 """
 from __future__ import annotations
 

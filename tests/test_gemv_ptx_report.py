@@ -36,3 +36,19 @@ def test_malformed_tiles_are_refused(tile: str) -> None:
 def test_formats_without_a_block_gemv_are_refused() -> None:
     with pytest.raises(SystemExit, match="no block-format GEMV"):
         R.report_row("fp8_e4m3", "16x64x2", 1)
+
+
+LOOP_AFTER = ["\tld.global.b32 %r1, [%rd1];", "$L__BB0_3:", "\tst.global.b32 [%rd2], %r1;", "\tret;"]
+
+
+@pytest.mark.parametrize("header", [["$L__BB0_2:                              // =>This Inner Loop Header: Depth=1"],
+                                    ["$L__BB0_2:                              // %.lr.ph",
+                                     "                                        // =>This Inner Loop Header: Depth=1"]],
+                         ids=["label-on-the-comment-line", "label-above-the-comment"])
+def test_loop_body_finds_the_loop_as_either_triton_prints_it(header: list[str]) -> None:
+    """LLVM puts the loop-header comment on its label's line (the host's Triton 3.9) or, where the block has a name
+    to print, on a line of its own under it (Triton 3.6, the device's): both give the same loop."""
+    from ipex_llm_tf.kernels.sm90_ptx import loop_body
+    lines = ["\tmov.u32 %r0, 0;", *header, "\tadd.s32 %r1, %r1, 1;", "\tfma.rn.f32 %f1, %f2, %f3, %f1;",
+             "\t@%p2 bra \t$L__BB0_2;", *LOOP_AFTER]
+    assert loop_body(lines) == ["add.s32 %r1, %r1, 1;", "fma.rn.f32 %f1, %f2, %f3, %f1;", "@%p2 bra \t$L__BB0_2;"]

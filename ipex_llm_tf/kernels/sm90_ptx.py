@@ -19,6 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 F16 = "*fp16"
+LABEL = re.compile(r"^\$L\w+:")  # a PTX block label at the start of a line
 # pointer types of the block-format GEMV's arguments (triton_gemv.gemv_words_kernel, triton_gemv_planes)
 GEMV_POINTERS = {"w_ptr": "*i32", "qh_ptr": "*i32", "tab_ptr": "*fp32",
                  **{name: F16 for name in ("x_ptr", "s_ptr", "mn_ptr", "b_ptr", "y_ptr")}}
@@ -56,6 +57,9 @@ def loop_body(lines: list[str]) -> list[str]:
     header = next((i for i, line in enumerate(lines) if "Inner Loop Header" in line), None)
     if header is None:
         return []
+    # the label shares the comment's line, or (LLVM with a block name to print, as Triton 3.6's) is the line above
+    while not LABEL.match(lines[header]):
+        header -= 1
     label = lines[header].split(":")[0].strip()
     back = re.compile(rf"bra(\.uni)?\s+{re.escape(label)};")
     end = next(i for i in range(header, len(lines)) if back.search(lines[i]))
