@@ -127,3 +127,17 @@ def test_split_codes_join_once_a_word(kind: str, tile: tuple[int, int]) -> None:
     lines = [line.strip() for line in ptx_lines(kernel, GEMV_POINTERS, consts)]
     shared = sum(".shared." in line for line in lines)
     assert shared <= block_w + 32, f"{kind} {tile}: {shared} shared-memory accesses"
+
+
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_fp4_codes_in_place_take_three_integer_instructions(tile: tuple[int, int]) -> None:
+    """fp4's e2m1 codes read in place (CB4 with SUBNORMAL): a shift up, an arithmetic shift down and one mask a code,
+    no OR joining a sign to a magnitude (four a code before session 30: for the 128 codes a thread of the 16x64 tile
+    at two warps 210 shifts, 257 ANDs and 129 ORs, now 214 shifts, 129 ANDs and no OR)."""
+    block_n, block_w = tile
+    body = loop_body(_lines(G.CB4.value, block_n, block_w, subnormal=True))
+    codes = block_n * block_w * 8 // (32 * 4)  # four warps
+    ops = [line.split()[1] if line.startswith("@") else line.split()[0] for line in body]
+    integer = sum(op in ("shl.b32", "shr.s32", "shr.u32", "and.b32", "or.b32") for op in ops)
+    assert integer <= 3 * codes + 8, f"{tile}: {integer} integer instructions for {codes} codes"
+    assert ops.count("or.b32") <= 2, f"{tile}: {ops.count('or.b32')} ORs"
