@@ -141,3 +141,17 @@ def test_fp4_codes_in_place_take_three_integer_instructions(tile: tuple[int, int
     integer = sum(op in ("shl.b32", "shr.s32", "shr.u32", "and.b32", "or.b32") for op in ops)
     assert integer <= 3 * codes + 8, f"{tile}: {integer} integer instructions for {codes} codes"
     assert ops.count("or.b32") <= 2, f"{tile}: {ops.count('or.b32')} ORs"
+
+
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_fp6_codes_in_place_need_no_or_a_code(tile: tuple[int, int]) -> None:
+    """fp6's e3m2 codes read in place (the two-plane GEMV with SUBNORMAL) as fp4's are: an OR is left only where
+    merge_planes joins a word's planes (16 in the 16x64 tile at four warps, 64 codes a thread; 80 before session
+    30, one a code more)."""
+    block_n, block_w = tile
+    consts = dict(KIND=G.CB6.value, SCALE_SHIFT=0, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=1, HAS_BIAS=False,
+                  EVEN=True, PREFETCH=0, GATED=False, SUBNORMAL=True, LANES=False)
+    body = [line.strip() for line in loop_body(ptx_lines(GP.gemv_planes_kernel, GEMV_POINTERS, consts))]
+    codes = block_n * block_w * 8 // (32 * 4)  # eight fp6 codes a low-plane word (its 4-bit parts), four warps
+    ors = sum(line.startswith("or.b32") for line in body)
+    assert ors <= codes // 4 + 2, f"{tile}: {ors} ORs for {codes} codes"

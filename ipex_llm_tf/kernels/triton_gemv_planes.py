@@ -20,7 +20,8 @@ by warp shuffles from an 8-entry lane table instead, as nf4's are.
 fp6's table is e3m2 (bias 3), itself a float format: with SUBNORMAL (set where the device keeps float32 subnormals,
 as for triton_gemv's in-place codes) its codes are read in place instead, their five exponent and mantissa bits at
 float32 bits 21..25 and the sign at bit 31 worth value * 2**-124, against activations pre-scaled by
-2**(124 - SUBNORMAL_BIAS): the table path's products times 2**-SUBNORMAL_BIAS, so the same bits without the load.
+2**(124 - SUBNORMAL_BIAS): the table path's products times 2**-SUBNORMAL_BIAS, so the same bits without the load
+(three instructions a code: _e3m2_in_place).
 Tests check these positions against the formats' own unpacking (tests/gpu/test_triton_linear.py).
 
 Same tiles and grid as triton_gemv.gemv_words_kernel, and the same launch arguments (mn_ptr and one_bits unused;
@@ -62,9 +63,9 @@ def merge_planes(words, hi, BL: tl.constexpr):
 def _e3m2_in_place(merged, shift: tl.constexpr):
     """The fp6 code in the 8-bit slot at `shift` of a merge_planes word as a float32 worth its e3m2 value * 2**-124:
     its mantissa and three exponent bits to float32 bits 21..25 and its sign to 31 (exponent 0 reads as a
-    subnormal, as e3m2's own subnormals scale)."""
-    bits = place_bits(merged, shift, 21, 0x3E00000) | place_bits(merged, shift + 5, 31, -0x80000000)
-    return bits.to(tl.float32, bitcast=True)
+    subnormal, as e3m2's own subnormals scale). The slot goes up until its sign is bit 31, and an arithmetic shift
+    brings the rest down while the sign stays: one mask (0x83E00000) keeps both, as triton_gemv reads fp4."""
+    return (((merged << (26 - shift)) >> 5) & -0x7C200000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
