@@ -1,0 +1,196 @@
+"""A/B of the decode GEMV kernels: a git revision's against the working tree's, in one process, as decode runs them.
+
+    python scripts/ab_gemv.py check --base main --formats fp4 fp6      # outputs equal? (GPU or TRITON_INTERPRET=1)
+    python scripts/ab_gemv.py time --base main --formats fp4 sym_int4 --shapes 4096x11008 11008x4096 [--rounds 3]
+
+The base revision's GEMV kernel files (KERNEL_FILES) are read from git into a temporary package and run through the
+working tree's launcher (kernels/triton_linear), which swaps them in for its own; launch options the base kernels
+do not know (a constexpr added since) are dropped. `time` times every GEMV candidate tile of each side the way the
+tuner does (CUDA graph replays over weight replicas, so weights come from memory), alternating the sides `--rounds`
+times, and prints the best of each side with its tile; `--json` also writes the rows. Each session wrote such a
+script for itself (.carry/s27-s30): this one keeps the sides' machine, process and candidates the same.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from ipex_llm_tf.formats import get_format  # noqa: E402
+from ipex_llm_tf.kernels import triton_gemv as G  # noqa: E402
+from ipex_llm_tf.kernels import triton_gemv_planes as GP  # noqa: E402
+from ipex_llm_tf.kernels import triton_linear as TL  # noqa: E402
+from ipex_llm_tf.kernels.triton_tuning import GemvConfig, _interpreting, _replay_ms, replicas_for  # noqa: E402
+
+# the GEMV kernels and what they import from the package (only each other and Triton)
+KERNEL_FILES = ("triton_gemv.py", "triton_gemv_planes.py", "triton_gemv_tiles.py", "lane_lookup.py",
+                "launch_overlap.py")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "launch_pdl")  # Triton's, not the kernel's
+# tiles for `check`: prefetch 2, 1 and 0, a K split, two rows a program
+CHECK_CONFIGS = [(GemvConfig(16, 64, 2, 1, 2), 1), (GemvConfig(8, 32, 1, 1, 1), 1), (GemvConfig(8, 32, 1, 1, 0), 1),
+                 (GemvConfig(16, 64, 2, 2, 2), 1), (GemvConfig(16, 32, 2, 1, 2, block_m=2), 2)]
+
+
+class _KnownOptions:
+    """A kernel launched with only the keyword arguments it declares (a base kernel may predate some)."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel, self.names = kernel, set(kernel.arg_names)
+
+    def __getitem__(self, grid: Any) -> Any:
+        launch = self.kernel[grid]
+        return lambda *args, **kwargs: launch(*args, **{k: v for k, v in kwargs.items()
+                                                        if k in self.names or k in LAUNCH_OPTIONS})
+
+
+def load_base(rev: str, into: Path) -> dict[str, Any]:
+    """{"words": ..., "planes": ...}: the GEMV kernels of git revision `rev`, imported from a package under `into`."""
+    package = into / "ab_base_kernels"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text("")
+    for name in KERNEL_FILES:
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:ipex_llm_tf/kernels/{name}"],
+                               capture_output=True, text=True)
+        if shown.returncode != 0:
+            raise SystemExit(f"cannot read ipex_llm_tf/kernels/{name} at {rev!r}: {shown.stderr.strip()}")
+        (package / name).write_text(_outside_imports(shown.stdout))
+    sys.path.insert(0, str(into))
+    words = importlib.import_module("ab_base_kernels.triton_gemv").gemv_words_kernel
+    planes = importlib.import_module("ab_base_kernels.triton_gemv_planes").gemv_planes_kernel
+    return {"words": _KnownOptions(words), "planes": _KnownOptions(planes)}
+
+
+def _outside_imports(source: str) -> str:
+    """A kernel file's imports of the package's other modules pointed at the working tree's package, so the copied
+    kernel files import each other and nothing else of the base revision."""
+    def pointed(match: re.Match) -> str:
+        dots, module = match.group(1), match.group(2)
+        if dots == "." and f"{module}.py" in KERNEL_FILES:
+            return match.group(0)
+        return f"from ipex_llm_tf.{'kernels.' if dots == '.' else ''}{module} import"
+    return re.sub(r"^from (\.\.?)(\w+) import", pointed, source, flags=re.MULTILINE)
+
+
+class Sides:
+    """The two sides' kernels, swapped into the launcher's modules for one call at a time."""
+
+    def __init__(self, base: dict[str, Any]) -> None:
+        self.kernels = {"base": base, "tree": {"words": G.gemv_words_kernel, "planes": GP.gemv_planes_kernel}}
+
+    def run(self, side: str, x: torch.Tensor, ops: Any, n: int, cfg: GemvConfig) -> torch.Tensor:
+        """The working tree's launcher on `side`'s kernels."""
+        own = (G.gemv_words_kernel, GP.gemv_planes_kernel)
+        G.gemv_words_kernel, GP.gemv_planes_kernel = self.kernels[side]["words"], self.kernels[side]["planes"]
+        try:
+            return TL.gemv_blocks(x, ops, None, n, cfg)
+        finally:
+            G.gemv_words_kernel, GP.gemv_planes_kernel = own
+
+
+def operands(name: str, n: int, k: int, device: torch.device) -> Any:
+    """The GEMV operands of a random n x k weight in format `name` (seeded: both sides read the same codes)."""
+    fmt = get_format(name)
+    if TL.block_kind(fmt) is None:
+        raise SystemExit(f"{name} has no block-format GEMV to compare (fp8, fp16 and bf16 have their own kernels)")
+    torch.manual_seed(0)
+    return TL.block_operands(fmt, fmt.quantize(torch.randn(n, k, device=device) * 0.05))
+
+
+def check(sides: Sides, names: list[str], device: torch.device) -> list[dict]:
+    """Both sides' outputs for a few tiles and odd shapes: equal, or their largest difference."""
+    rows = []
+    for name in names:
+        for n, k in ((40, 320), (24, 256)):  # 40 words a row: a partial 64-word step
+            ops = operands(name, n, k, device)
+            x = torch.randn(2, k, device=device, dtype=torch.float16)
+            for cfg, m in CHECK_CONFIGS:
+                if ops.kind in TL.PLANE_KINDS and m > 1:
+                    continue
+                a, b = (sides.run(side, x[:m], ops, n, cfg).float() for side in ("base", "tree"))
+                rows.append({"format": name, "shape": f"{k}x{n}", "config": str(cfg), "equal": torch.equal(a, b),
+                             "max_diff": (a - b).abs().max().item()})
+    return rows
+
+
+def time_sides(sides: Sides, names: list[str], shapes: list[tuple[int, int]], rounds: int,
+               device: torch.device) -> list[dict]:
+    """Best us of each side over every candidate tile, sides alternated `rounds` times."""
+    rows = []
+    for name in names:
+        for k, n in shapes:
+            ops = operands(name, n, k, device)
+            x = torch.randn(1, k, device=device, dtype=torch.float16)
+            candidates = TL._block_gemv_candidates(1, n, ops, device)
+            replicas = replicas_for(ops)
+            best: dict[tuple[str, GemvConfig], float] = {}
+            for _ in range(rounds):
+                for side in ("base", "tree"):
+                    for cfg in candidates:
+                        calls = [lambda r=r, c=cfg, s=side: sides.run(s, x, r, n, c) for r in replicas]
+                        try:
+                            ms = _replay_ms(calls, device)
+                        except Exception as err:  # noqa: BLE001  (a tile one side cannot compile or launch)
+                            print(f"  {side} {cfg}: {type(err).__name__}: {str(err)[:160]}", flush=True)
+                            continue
+                        best[(side, cfg)] = min(best.get((side, cfg), float("inf")), ms)
+            for side in ("base", "tree"):
+                timed = [(ms, cfg) for (s, cfg), ms in best.items() if s == side]
+                if timed:
+                    ms, cfg = min(timed, key=lambda t: t[0])
+                    rows.append({"format": name, "shape": f"{k}x{n}", "side": side, "us": round(ms * 1e3, 2),
+                                 "config": str(cfg)})
+                    print(f"{name} {k}x{n} {side}: {ms * 1e3:.2f} us  {cfg}", flush=True)
+    return rows
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """(in, out) from "4096x11008"."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise SystemExit(f"--shapes takes INxOUT, like 4096x11008; got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run `check` or `time` as the command line says; returns the rows printed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["check", "time"])
+    parser.add_argument("--base", default="main", help="git revision whose kernels are side A (default: main)")
+    parser.add_argument("--formats", nargs="+", required=True)
+    parser.add_argument("--shapes", nargs="+", default=["4096x11008", "11008x4096"])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1; got {args.rounds}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.mode == "time" and device.type != "cuda":
+        raise SystemExit("time needs a CUDA GPU (it times CUDA graph replays); check also runs under TRITON_INTERPRET=1")
+    if device.type != "cuda" and not _interpreting():
+        raise SystemExit("check needs a CUDA GPU, or Triton's interpreter on the CPU: set TRITON_INTERPRET=1")
+    with tempfile.TemporaryDirectory() as tmp:
+        sides = Sides(load_base(args.base, Path(tmp)))
+        if args.mode == "check":
+            rows = check(sides, args.formats, device)
+            for row in rows:
+                print(f"{row['format']} {row['shape']} {row['config']}: equal={row['equal']} "
+                      f"max_diff={row['max_diff']:.3g}")
+        else:
+            rows = time_sides(sides, args.formats, [parse_shape(s) for s in args.shapes], args.rounds, device)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"base": args.base, "mode": args.mode, "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""scripts/ab_gemv.py without a GPU: the base revision's kernel files import each other and the working tree's
+package for the rest, and every bad argument is refused with what to do. Its `check` runs in
+tests/gpu/test_ab_gemv_check.py (a GPU or the interpreter)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import ab_gemv as AB  # noqa: E402
+
+
+def test_kernel_files_keep_each_other_and_take_the_rest_from_the_tree() -> None:
+    source = ("from .triton_gemv_tiles import (place_bits,\n    gemv_program)\nfrom .triton_tuning import _interpreting\n"
+              "from ..env import env_flag\nfrom .lane_lookup import lane_lookup\nx = 'from .a import b'\n")
+    assert AB._outside_imports(source).splitlines() == [
+        "from .triton_gemv_tiles import (place_bits,", "    gemv_program)",
+        "from ipex_llm_tf.kernels.triton_tuning import _interpreting", "from ipex_llm_tf.env import env_flag",
+        "from .lane_lookup import lane_lookup", "x = 'from .a import b'"]
+
+
+def test_the_base_kernels_are_the_revisions_own(tmp_path: Path) -> None:
+    """Loaded from a package of the revision's files (not the working tree's modules), importable together."""
+    base = AB.load_base("HEAD", tmp_path)
+    words, planes = base["words"].kernel, base["planes"].kernel
+    assert Path(words.fn.__code__.co_filename).parent == tmp_path / "ab_base_kernels"
+    assert Path(planes.fn.__code__.co_filename).parent == tmp_path / "ab_base_kernels"
+    assert words is not AB.G.gemv_words_kernel and {"KIND", "BLOCK_W", "x_ptr"} <= base["words"].names
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["check", "--base", "no-such-revision", "--formats", "fp4"], "cannot read ipex_llm_tf/kernels/triton_gemv.py"),
+    (["time", "--formats", "fp4", "--rounds", "0"], "--rounds must be at least 1"),
+    (["time", "--formats", "fp4", "--shapes", "4096"], "--shapes takes INxOUT"),
+])
+def test_bad_arguments_are_refused(argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(AB.torch.cuda, "is_available", lambda: True)  # past the device check to the argument's
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit, match=message):
+        AB.main(argv)
+
+
+def test_a_format_without_a_block_gemv_is_refused() -> None:
+    with pytest.raises(SystemExit, match="fp8_e4m3 has no block-format GEMV"):
+        AB.operands("fp8_e4m3", 16, 256, AB.torch.device("cpu"))
+
+
+@pytest.mark.parametrize("mode, message", [("time", "time needs a CUDA GPU"), ("check", "set TRITON_INTERPRET=1")])
+def test_without_a_gpu_each_mode_says_what_it_needs(mode: str, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(AB.torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit, match=message):
+        AB.main([mode, "--formats", "fp4"])
