@@ -33,8 +33,9 @@ exponent and mantissa bits moved to float32 bits 22..24 and the sign to bit 31 a
 (exponent 0 as the subnormal 2**-127), the activations are pre-scaled by 2**(126 - SUBNORMAL_BIAS), and every
 product and sum is the table path's times 2**-SUBNORMAL_BIAS (bit-equal results for fp16 and bf16 activations) for
 bit moves instead of a load: 43 -> 59-64% of copy on the H100, faster than shuffles (16.1 us; triton_gemv_planes
-does the same for fp6). Since session 30 the moves are a shift, an arithmetic shift and a mask a weight (two shifts
-and an and-or before: sm_90 PTX 22-29% fewer loop instructions; not yet timed on a GPU).
+does the same for fp6). Since session 30 the moves are a shift, an arithmetic shift and a mask a weight
+(triton_gemv_tiles.float_code_bits; two shifts and an and-or before: sm_90 PTX 22-29% fewer loop instructions; not
+yet timed on a GPU).
 fp8 weights (e4m3fn / e5m2) have their own kernel (triton_gemv_fp8).
 
 Every kernel accumulates in float32, handles any N (rows past the end are clamped on load, masked on store) and any
@@ -51,8 +52,8 @@ import triton.language as tl
 
 from .launch_overlap import release_next, wait_previous
 from .lane_lookup import lane_lookup, lane_table
-from .triton_gemv_tiles import (gemv_program, load_x, load_x_step, load_x_tile, place_bits, row_rsqrt,
-                                split_x_tile, store_residual, store_words_result)
+from .triton_gemv_tiles import (float_code_bits, gemv_program, load_x, load_x_step, load_x_tile, place_bits,
+                                row_rsqrt, split_x_tile, store_residual, store_words_result)
 
 # Kind codes shared with triton_matmul and triton_linear (the KIND constexpr of every kernel); constexpr so that
 # kernels can read them as globals. Host code uses `.value`.
@@ -81,10 +82,8 @@ def _code_term(words, high, qh, one, x, P: tl.constexpr, KIND: tl.constexpr, tab
     """
     if SUBNORMAL and KIND == CB4:
         # fp4's e2m1 codes: exponent and mantissa bits moved to float32 bits 22..24 and the sign to bit 31 read as
-        # value * 2**-126 (exponent 0 gives the subnormal 2**-127 for 0.5). The code goes to the top of the word,
-        # its sign to bit 31, and an arithmetic shift brings the rest down while the sign stays: one mask
-        # (0x81C00000) keeps both, three instructions where moving sign and magnitude apart took four
-        f = (((words << (28 - 4 * P)) >> 6) & -0x7E400000).to(tl.float32, bitcast=True)
+        # value * 2**-126 (exponent 0 gives the subnormal 2**-127 for 0.5)
+        f = float_code_bits(words, 4 * P + 3, 3, 22).to(tl.float32, bitcast=True)
         x = x * (2.0 ** (126 - SUBNORMAL_BIAS))
     elif SUBNORMAL:
         # codes above bit 23 (nibbles 6, 7; byte 3) are read from the shifted word, 8 bits lower

@@ -21,7 +21,7 @@ fp6's table is e3m2 (bias 3), itself a float format: with SUBNORMAL (set where t
 as for triton_gemv's in-place codes) its codes are read in place instead, their five exponent and mantissa bits at
 float32 bits 21..25 and the sign at bit 31 worth value * 2**-124, against activations pre-scaled by
 2**(124 - SUBNORMAL_BIAS): the table path's products times 2**-SUBNORMAL_BIAS, so the same bits without the load
-(three instructions a code: _e3m2_in_place).
+(three instructions a code: triton_gemv_tiles.float_code_bits).
 Tests check these positions against the formats' own unpacking (tests/gpu/test_triton_linear.py).
 
 Same tiles and grid as triton_gemv.gemv_words_kernel, and the same launch arguments (mn_ptr and one_bits unused;
@@ -34,7 +34,8 @@ import triton.language as tl
 
 from .lane_lookup import lane_lookup, lane_table
 from .triton_gemv import CB3, SUBNORMAL_BIAS
-from .triton_gemv_tiles import gemv_program, load_x_tile, place_bits, split_x_tile16, store_words_result
+from .triton_gemv_tiles import (float_code_bits, gemv_program, load_x_tile, place_bits, split_x_tile16,
+                                store_words_result)
 
 
 @triton.jit
@@ -63,9 +64,8 @@ def merge_planes(words, hi, BL: tl.constexpr):
 def _e3m2_in_place(merged, shift: tl.constexpr):
     """The fp6 code in the 8-bit slot at `shift` of a merge_planes word as a float32 worth its e3m2 value * 2**-124:
     its mantissa and three exponent bits to float32 bits 21..25 and its sign to 31 (exponent 0 reads as a
-    subnormal, as e3m2's own subnormals scale). The slot goes up until its sign is bit 31, and an arithmetic shift
-    brings the rest down while the sign stays: one mask (0x83E00000) keeps both, as triton_gemv reads fp4."""
-    return (((merged << (26 - shift)) >> 5) & -0x7C200000).to(tl.float32, bitcast=True)
+    subnormal, as e3m2's own subnormals scale)."""
+    return float_code_bits(merged, shift + 5, 5, 21).to(tl.float32, bitcast=True)
 
 
 @triton.jit

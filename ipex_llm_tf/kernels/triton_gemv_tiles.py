@@ -19,6 +19,15 @@ def place_bits(v, SRC: tl.constexpr, DST: tl.constexpr, MASK: tl.constexpr):
 
 
 @triton.jit
+def float_code_bits(v, SIGN: tl.constexpr, WIDTH: tl.constexpr, DST: tl.constexpr):
+    """A float code of v as float32 bits: its sign (v's bit SIGN) to bit 31 and the WIDTH bits under it to DST and up,
+    the rest zero. The code goes up until its sign is bit 31 and an arithmetic shift brings the rest down while the
+    sign stays, so one mask keeps both: three instructions, where moving sign and field apart took four."""
+    MASK: tl.constexpr = -(1 << 31) | (((1 << WIDTH) - 1) << DST)
+    return ((v << (31 - SIGN)) >> (31 - WIDTH - DST)) & MASK
+
+
+@triton.jit
 def gemv_program(x_ptr, N, stride_xm, steps_per_split, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                  GATED: tl.constexpr, BLOCK_M: tl.constexpr = 1):
     """This GEMV program's (first activation row, pid_n, output columns, weight rows clamped in range, first
