@@ -65,6 +65,9 @@ def load_base(rev: str, into: Path) -> dict[str, Any]:
             raise SystemExit(f"cannot read ipex_llm_tf/kernels/{name} at {rev!r}: {shown.stderr.strip()}")
         (package / name).write_text(_outside_imports(shown.stdout))
     sys.path.insert(0, str(into))
+    for loaded in [name for name in sys.modules if name.split(".")[0] == "ab_base_kernels"]:
+        del sys.modules[loaded]  # an earlier load's package (another revision or folder) must not answer this one
+    importlib.invalidate_caches()
     words = importlib.import_module("ab_base_kernels.triton_gemv").gemv_words_kernel
     planes = importlib.import_module("ab_base_kernels.triton_gemv_planes").gemv_planes_kernel
     return {"words": _KnownOptions(words), "planes": _KnownOptions(planes)}

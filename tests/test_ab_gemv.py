@@ -23,12 +23,14 @@ def test_kernel_files_keep_each_other_and_take_the_rest_from_the_tree() -> None:
 
 
 def test_the_base_kernels_are_the_revisions_own(tmp_path: Path) -> None:
-    """Loaded from a package of the revision's files (not the working tree's modules), importable together."""
-    base = AB.load_base("HEAD", tmp_path)
-    words, planes = base["words"].kernel, base["planes"].kernel
-    assert Path(words.fn.__code__.co_filename).parent == tmp_path / "ab_base_kernels"
-    assert Path(planes.fn.__code__.co_filename).parent == tmp_path / "ab_base_kernels"
-    assert words is not AB.G.gemv_words_kernel and {"KIND", "BLOCK_W", "x_ptr"} <= base["words"].names
+    """Loaded from a package of the revision's files (not the working tree's modules), importable together, and
+    loaded afresh for each call (a second revision in the same process gets its own files)."""
+    for folder in (tmp_path / "first", tmp_path / "second"):
+        base = AB.load_base("HEAD", folder)
+        words, planes = base["words"].kernel, base["planes"].kernel
+        assert Path(words.fn.__code__.co_filename).parent == folder / "ab_base_kernels"
+        assert Path(planes.fn.__code__.co_filename).parent == folder / "ab_base_kernels"
+        assert words is not AB.G.gemv_words_kernel and {"KIND", "BLOCK_W", "x_ptr"} <= base["words"].names
 
 
 @pytest.mark.parametrize("argv, message", [
