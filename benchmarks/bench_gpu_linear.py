@@ -37,8 +37,11 @@ L2_FLUSH_BYTES = 256 << 20  # weight copies per timed sequence cover at least th
 
 
 def parse_shape(text: str) -> tuple[int, int]:
-    k, n = (int(v) for v in text.lower().split("x"))
-    return k, n
+    """(in_features, out_features) from "4096x11008"."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise SystemExit(f"--shapes takes INxOUT, like 4096x11008; got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def events_ms(fn, reps: int, warmup: int = 3) -> float:

@@ -26,6 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_gpu_linear import parse_shape  # noqa: E402
 from ipex_llm_tf.formats import get_format  # noqa: E402
 from ipex_llm_tf.kernels import triton_gemv as G  # noqa: E402
 from ipex_llm_tf.kernels import triton_gemv_planes as GP  # noqa: E402
@@ -156,14 +158,6 @@ def time_sides(sides: Sides, names: list[str], shapes: list[tuple[int, int]], ro
     return rows
 
 
-def parse_shape(text: str) -> tuple[int, int]:
-    """(in, out) from "4096x11008"."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise SystemExit(f"--shapes takes INxOUT, like 4096x11008; got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run `check` or `time` as the command line says; returns the rows printed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -178,7 +172,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"--rounds must be at least 1; got {args.rounds}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.mode == "time" and device.type != "cuda":
-        raise SystemExit("time needs a CUDA GPU (it times CUDA graph replays); check also runs under TRITON_INTERPRET=1")
+        raise SystemExit("time needs a CUDA GPU (it times CUDA graph replays); check also runs under "
+                         "TRITON_INTERPRET=1")
     if device.type != "cuda" and not _interpreting():
         raise SystemExit("check needs a CUDA GPU, or Triton's interpreter on the CPU: set TRITON_INTERPRET=1")
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 from ipex_llm_tf.kernels import triton_gemv as G  # noqa: E402
 from ipex_llm_tf.kernels import triton_gemv_planes as GP  # noqa: E402
-from ipex_llm_tf.kernels.sm90_ptx import GEMV_POINTERS, loop_body, ptx_lines  # noqa: E402
+from ipex_llm_tf.kernels.sm90_ptx import GEMV_POINTERS, loop_body, opcode, ptx_lines  # noqa: E402
 
 TILES = [(16, 64), (16, 128), (8, 128)]  # (BLOCK_N, BLOCK_W) of the H100's tuned decode tiles
 # the tile sums' reductions and the scale and min tiles' conversions: 6-35 shared-memory accesses in these tiles
@@ -137,7 +137,7 @@ def test_fp4_codes_in_place_take_three_integer_instructions(tile: tuple[int, int
     block_n, block_w = tile
     body = loop_body(_lines(G.CB4.value, block_n, block_w, subnormal=True))
     codes = block_n * block_w * 8 // (32 * 4)  # four warps
-    ops = [line.split()[1] if line.startswith("@") else line.split()[0] for line in body]
+    ops = [opcode(line) for line in body]
     integer = sum(op in ("shl.b32", "shr.s32", "shr.u32", "and.b32", "or.b32") for op in ops)
     assert integer <= 3 * codes + 8, f"{tile}: {integer} integer instructions for {codes} codes"
     assert ops.count("or.b32") <= 2, f"{tile}: {ops.count('or.b32')} ORs"

@@ -1,7 +1,7 @@
 """What every decode GEMV kernel shares around its K loop: which rows a program serves, how a step's activations are
-read, the bit moves its decoders use, and the epilogues that write its output (one row, split-K atomics, or the gated SiLU(gate) * up), with the
-folded-norm ones (triton_folded_norm: residual add and partial sums of squares; 1/RMS from those sums).
-triton_gemv, triton_gemv_planes and triton_gemv_fp8 build on these."""
+read, the bit moves its decoders use, and the epilogues that write its output (one row, split-K atomics, or the
+gated SiLU(gate) * up), with the folded-norm ones (triton_folded_norm: residual add and partial sums of squares;
+1/RMS from those sums). triton_gemv, triton_gemv_planes and triton_gemv_fp8 build on these."""
 from __future__ import annotations
 
 import triton
