@@ -3,7 +3,9 @@
     python scripts/ab_gemv.py check --base main --formats fp4 fp6      # outputs equal? (GPU or TRITON_INTERPRET=1)
     python scripts/ab_gemv.py time --base main --formats fp4 sym_int4 --shapes 4096x11008 11008x4096 [--rounds 3]
 
-The base revision's GEMV kernel files (KERNEL_FILES) are read from git into a temporary package and run through the
+The base revision's GEMV kernel files (KERNEL_FILES) are read from git (or, where a machine has no .git, as the device
+has not, from a folder that holds them: `git archive REV ipex_llm_tf/kernels | tar -x -C .carry/base`, then
+`--base .carry/base/ipex_llm_tf/kernels`) into a temporary package and run through the
 working tree's launcher (kernels/triton_linear), which swaps them in for its own; launch options the base kernels
 do not know (a constexpr added since) are dropped. `time` times every GEMV candidate tile of each side the way the
 tuner does (CUDA graph replays over weight replicas, so weights come from memory), alternating the sides `--rounds`
@@ -56,16 +58,13 @@ class _KnownOptions:
 
 
 def load_base(rev: str, into: Path) -> dict[str, Any]:
-    """{"words": ..., "planes": ...}: the GEMV kernels of git revision `rev`, imported from a package under `into`."""
+    """{"words": ..., "planes": ...}: the GEMV kernels of git revision (or kernel folder) `rev`, imported from a
+    package under `into`."""
     package = into / "ab_base_kernels"
     package.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text("")
     for name in KERNEL_FILES:
-        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:ipex_llm_tf/kernels/{name}"],
-                               capture_output=True, text=True)
-        if shown.returncode != 0:
-            raise SystemExit(f"cannot read ipex_llm_tf/kernels/{name} at {rev!r}: {shown.stderr.strip()}")
-        (package / name).write_text(_outside_imports(shown.stdout))
+        (package / name).write_text(_outside_imports(_base_source(rev, name)))
     sys.path.insert(0, str(into))
     for loaded in [name for name in sys.modules if name.split(".")[0] == "ab_base_kernels"]:
         del sys.modules[loaded]  # an earlier load's package (another revision or folder) must not answer this one
@@ -73,6 +72,21 @@ def load_base(rev: str, into: Path) -> dict[str, Any]:
     words = importlib.import_module("ab_base_kernels.triton_gemv").gemv_words_kernel
     planes = importlib.import_module("ab_base_kernels.triton_gemv_planes").gemv_planes_kernel
     return {"words": _KnownOptions(words), "planes": _KnownOptions(planes)}
+
+
+def _base_source(rev: str, name: str) -> str:
+    """The text of kernel file `name` in folder `rev` if there is one, else at git revision `rev`."""
+    if Path(rev).is_dir():
+        path = Path(rev) / name
+        if not path.is_file():
+            raise SystemExit(f"cannot read {name} in folder {rev!r}: it has no such file (give the folder that "
+                             "holds the revision's ipex_llm_tf/kernels files)")
+        return path.read_text()
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:ipex_llm_tf/kernels/{name}"],
+                           capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise SystemExit(f"cannot read ipex_llm_tf/kernels/{name} at {rev!r}: {shown.stderr.strip()}")
+    return shown.stdout
 
 
 def _outside_imports(source: str) -> str:
@@ -162,7 +176,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Run `check` or `time` as the command line says; returns the rows printed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["check", "time"])
-    parser.add_argument("--base", default="main", help="git revision whose kernels are side A (default: main)")
+    parser.add_argument("--base", default="main", help="git revision, or a folder of its kernel files, whose kernels are side A (default: main)")
     parser.add_argument("--formats", nargs="+", required=True)
     parser.add_argument("--shapes", nargs="+", default=["4096x11008", "11008x4096"])
     parser.add_argument("--rounds", type=int, default=2)

@@ -33,6 +33,20 @@ def test_the_base_kernels_are_the_revisions_own(tmp_path: Path) -> None:
         assert words is not AB.G.gemv_words_kernel and {"KIND", "BLOCK_W", "x_ptr"} <= base["words"].names
 
 
+def test_the_base_kernels_can_come_from_a_folder(tmp_path: Path) -> None:
+    """A machine without .git (the device) reads an exported revision's kernel folder; a folder without them is
+    refused."""
+    exported = tmp_path / "kernels"
+    exported.mkdir()
+    for name in AB.KERNEL_FILES:
+        (exported / name).write_text(AB._base_source("HEAD", name))
+    base = AB.load_base(str(exported), tmp_path / "loaded")
+    assert Path(base["words"].kernel.fn.__code__.co_filename).parent == tmp_path / "loaded" / "ab_base_kernels"
+    (exported / "lane_lookup.py").unlink()
+    with pytest.raises(SystemExit, match="cannot read lane_lookup.py in folder"):
+        AB.load_base(str(exported), tmp_path / "again")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["check", "--base", "no-such-revision", "--formats", "fp4"], "cannot read ipex_llm_tf/kernels/triton_gemv.py"),
     (["time", "--formats", "fp4", "--rounds", "0"], "--rounds must be at least 1"),
