@@ -134,13 +134,14 @@ def measure_ours(args: argparse.Namespace, device: str) -> list[dict]:
         model = build(device, args.tiny)
         start = time.perf_counter()
         model = ipex_llm_tf.optimize_model(model, low_bit=fmt, mixed_precision=args.mixed_precision,
-                                           quantize_kv_cache=args.fp8_kv,
+                                           quantize_kv_cache=args.fp8_kv, cpu_embedding=args.cpu_embedding,
                                            modules_to_not_convert=[] if args.quantize_head else None)
         synchronize(device)
         quantize_s = time.perf_counter() - start
         _free(device)
         label = f"ours {fmt}" + (" mixed_precision" if args.mixed_precision else "") + (" fp8 KV" if args.fp8_kv else "")
         label += " head quantized" if args.quantize_head else ""
+        label += " cpu_embedding" if args.cpu_embedding else ""
         ours_kwargs = {}
         if args.prefill_chunk:
             label += f" prefill chunks {args.prefill_chunk}"
@@ -168,6 +169,8 @@ def main() -> None:
     parser.add_argument("--quantize-head", action="store_true",
                         help="our rows quantize lm_head to their own format too (modules_to_not_convert=[]), as the "
                              "peer rows quantize every Linear")
+    parser.add_argument("--cpu-embedding", action="store_true",
+                        help="our rows keep the embedding table on the CPU (cpu_embedding=True)")
     parser.add_argument("--fp8-kv", action="store_true",
                         help="our rows with quantize_kv_cache=True (float8 keys and values in the graph storage)")
     parser.add_argument("--prefill-chunk", type=int, default=None,

@@ -71,7 +71,11 @@ class CPUEmbedding(nn.Embedding):
         """Wrap an existing embedding, giving it its own CPU copy of the weight (tied heads keep theirs)."""
         new = cls(embedding.num_embeddings, embedding.embedding_dim, padding_idx=embedding.padding_idx,
                   device="meta")
-        new.weight = nn.Parameter(embedding.weight.detach().to("cpu").clone(), requires_grad=False)
+        # a buffer, not a parameter: transformers takes model.device from the first parameter, and generate() builds
+        # its positions there, so a CPU table listed first would put them on the CPU beside a CUDA model
+        del new.weight
+        new.register_buffer("weight", embedding.weight.detach().to("cpu").clone())
+        new.output_device = embedding.weight.device  # a model already on its accelerator keeps its outputs there
         return new
 
     def _apply(self, fn, recurse: bool = True):
@@ -79,7 +83,7 @@ class CPUEmbedding(nn.Embedding):
         probe = fn(torch.empty(0, device=self.weight.device, dtype=self.weight.dtype))
         self.output_device = probe.device
         if probe.dtype != self.weight.dtype and probe.is_floating_point():
-            self.weight = nn.Parameter(self.weight.detach().to(probe.dtype), requires_grad=False)
+            self.weight = self.weight.to(probe.dtype)
         return self
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

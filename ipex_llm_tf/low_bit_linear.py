@@ -186,6 +186,7 @@ class CPULowBitEmbedding(LowBitEmbedding):
                   device="meta")
         new.load_parts({name: part.detach().to("cpu").clone() for name, part in embedding.parts.items()})
         new.output_dtype = embedding.output_dtype
+        new.output_device = next(iter(embedding.parts.values())).device  # where the model's other weights are
         return new
 
     def _apply(self, fn, recurse: bool = True):

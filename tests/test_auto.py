@@ -152,6 +152,7 @@ def test_cpu_embedding_stays_on_cpu(checkpoints) -> None:
     model.to("meta")  # stands in for an accelerator: everything moves except the embedding
     assert embedding.weight.device.type == "cpu" and model.lm_head.weight.device.type == "meta"
     assert embedding(torch.tensor([[1, 2]])).device.type == "meta"
+    assert model.device.type == "meta", "generate() builds its positions on model.device: the moved model's"
 
 
 def test_generate_streamer_batch_and_inference_mode(checkpoints) -> None:

@@ -102,6 +102,29 @@ def test_beam_search_reorders_storage_in_place() -> None:
     assert not decoder.buffers.detached
 
 
+@pytest.mark.parametrize("mixed_precision", [False, True])  # an nn.Embedding table, or a packed (sym_int8) one
+def test_a_cpu_embedding_feeds_the_step_its_vectors(mixed_precision: bool) -> None:
+    """cpu_embedding=True: the step takes the host's lookups as a static input (a graph cannot record them), filled
+    before each step, and gives the eager tokens (that such steps never replay early is checked on CUDA)."""
+    def build(cpu_embedding: bool):
+        return ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa", tie_word_embeddings=True),
+                                          low_bit="sym_int8", mixed_precision=mixed_precision,
+                                          cpu_embedding=cpu_embedding)
+    plain, model = build(False), build(True)
+    install_graph_decode(model)
+    decoder = graph_decoder(model)
+    ids = torch.randint(2, 128, (2, 7), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    want, want_scores = _generate(plain, ids, mask, 12, DynamicCache())
+    cache = decoder.new_cache()
+    got, scores = _generate(model, ids, mask, 12, cache)
+    assert torch.equal(got, want)
+    assert (scores - want_scores).abs().max() <= 1e-5 * want_scores.abs().max()
+    (step,) = decoder.steps.values()
+    assert step.hidden is not None and torch.equal(step.hidden, model.get_input_embeddings()(got[:, -2:-1]))
+
+
 def test_graph_decode_follows_the_device_and_env_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     model = ipex_llm_tf.optimize_model(tiny_model("llama"), low_bit="sym_int4")
     assert graph_decoder(model) is None, "off CUDA no graph decoder, and generate() is the class's own"

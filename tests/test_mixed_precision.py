@@ -107,3 +107,4 @@ def test_cpu_embedding_keeps_a_packed_table_on_the_cpu(tmp_path: Path) -> None:
     model.to("meta")  # stands in for an accelerator: everything moves except the table
     assert embedding.qweight.device.type == "cpu" and model.lm_head.qweight.device.type == "meta"
     assert embedding(torch.tensor([[1, 2]])).device.type == "meta"
+    assert model.device.type == "meta"

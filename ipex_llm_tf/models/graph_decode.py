@@ -15,6 +15,9 @@ each one-token step of a patched model is one graph replay:
   plain one-token step runs the eager fused forward on the same cache.
 - greedy calls replay each step early, on a side stream, while generate() does its per-token host work
   (models/early_steps.py); a step whose real inputs differ from the early ones replays again.
+- a cpu_embedding=True table looks tokens up on the host, which no graph records: its steps take the looked-up
+  vectors as a static input filled before each replay, and neither replay early (their next token's vector comes
+  from the host) nor replay prompts.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from .graph_storage import (SPAN_BLOCK, XPU_GRAPHS_ENV, GraphKVCache, KVBuffers,
                             graph_api, graphs_supported, persistent)
 from .kv_cache import Fp8BlockKVCache
 from .norm_fold import folded_plan, parts_buffer, run_blocks_folded
-from .patching import embed_and_first_norm, run_blocks
+from .patching import embed_and_first_norm, embedding_on_cpu, run_blocks
 from .prompt_graphs import PromptGraphs
 from .step_rope import StepRope
 
@@ -52,6 +55,7 @@ class _StepGraph:
     positions: torch.Tensor   # [batch, 1] RoPE positions
     slot: torch.Tensor        # [1] cache slot the token is written to
     key_ok: torch.Tensor      # [batch, span] True where a cached key may be attended
+    hidden: torch.Tensor | None = None  # [batch, 1, hidden] the tokens' vectors, where the table is on the CPU
     logits: torch.Tensor | None = None
     version: int = -1
 
@@ -214,7 +218,7 @@ class GraphDecoder:
         """A replayed step's logits (copied out) after counting its token; the next step replayed early if it can
         (on_side: this step was itself replayed early, on the side stream)."""
         cache.advance()
-        if not early_step_wanted(cache, length + 1, span):
+        if step.hidden is not None or not early_step_wanted(cache, length + 1, span):
             return step.logits.clone()
         api = graph_api(step.ids.device)
         if self.side is None:
@@ -225,20 +229,22 @@ class GraphDecoder:
 
     # -- internals -----------------------------------------------------------------------------------------------------
     def _static_inputs(self, input_ids: torch.Tensor, span: int) -> _StepGraph:
-        batch, device = input_ids.shape[0], input_ids.device
+        batch, device, base = input_ids.shape[0], input_ids.device, self.model.base_model
         with persistent():
             if batch == 1 and (self.fold_parts is None or self.fold_parts.device != device):
-                self.fold_parts = parts_buffer(len(self.model.base_model.layers), self.model.config.hidden_size,
-                                               device)
+                self.fold_parts = parts_buffer(len(base.layers), self.model.config.hidden_size, device)
+            hidden = torch.zeros_like(base.embed_tokens(input_ids)) if embedding_on_cpu(base) else None
             return _StepGraph(None, torch.zeros(batch, 1, dtype=torch.long, device=device),
                               torch.zeros(batch, 1, dtype=torch.long, device=device),
                               torch.zeros(1, dtype=torch.long, device=device),
-                              torch.zeros(batch, span, dtype=torch.bool, device=device), version=self.buffers.version)
+                              torch.zeros(batch, span, dtype=torch.bool, device=device), hidden=hidden,
+                              version=self.buffers.version)
 
-    @staticmethod
-    def _fill(step: _StepGraph, input_ids: torch.Tensor, length: int, attention_mask: torch.Tensor | None,
+    def _fill(self, step: _StepGraph, input_ids: torch.Tensor, length: int, attention_mask: torch.Tensor | None,
               position_ids: torch.Tensor | None) -> None:
         step.ids.copy_(input_ids)
+        if step.hidden is not None:
+            step.hidden.copy_(self.model.base_model.embed_tokens(input_ids))
         step.slot.fill_(length)
         if position_ids is not None:
             step.positions.copy_(position_ids[:, -1:])
@@ -253,7 +259,10 @@ class GraphDecoder:
     def _run(self, step: _StepGraph, span: int) -> torch.Tensor:
         """The step itself, as plain tensor ops on the static inputs (what a capture records)."""
         model, base = self.model, self.model.base_model
-        hidden, first_normed = embed_and_first_norm(base, step.ids)
+        if step.hidden is not None:
+            hidden, first_normed = step.hidden, None
+        else:
+            hidden, first_normed = embed_and_first_norm(base, step.ids)
         cos_sin = self.rope(hidden, step.positions)
         masks = {None: step.key_ok[:, None, None, :]}
         if self.windows:

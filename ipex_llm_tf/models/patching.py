@@ -102,6 +102,14 @@ def run_blocks(base: nn.Module, hidden: torch.Tensor, cos_sin: tuple[torch.Tenso
     return normed
 
 
+def embedding_on_cpu(base: nn.Module) -> bool:
+    """Whether the input embedding is a cpu_embedding=True table, whose lookups run on the host (so no graph can
+    record them: graphs take its output as an input instead)."""
+    from ..devices import CPUEmbedding
+    from ..low_bit_linear import CPULowBitEmbedding
+    return isinstance(base.embed_tokens, (CPUEmbedding, CPULowBitEmbedding))
+
+
 def embed_and_first_norm(base: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hidden, the first layer's input norm of it or None): one kernel (kernels.embed_rms_norm) for a plain
     nn.Embedding before a FusedRMSNorm, else the embedding alone."""

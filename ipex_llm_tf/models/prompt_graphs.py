@@ -23,7 +23,8 @@ token's logits only) instead replays a graph recorded for its bucket:
   take about as long as their host work (~60 ms at 2048 tokens on an H100), and their temporaries would stay held.
 
 Anything else (a cache already holding tokens, right or inner padding, custom positions, all logits asked for,
-hooks, an fp8 cache, rotary embeddings whose frequencies depend on the length) runs the eager forward.
+hooks, an fp8 cache, rotary embeddings whose frequencies depend on the length, a cpu_embedding=True table) runs the
+eager forward.
 IPEX_LLM_TF_PROMPT_GRAPHS=0 turns the graphs off.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from ..env import env_flag
 from ..kernels.grids import next_power_of_2
 from .eager_step import UNSUPPORTED_KWARGS, has_hooks
 from .graph_storage import GraphKVCache, graphs_supported, persistent
-from .patching import embed_and_first_norm, run_blocks
+from .patching import embed_and_first_norm, embedding_on_cpu, run_blocks
 from .step_rope import fixed_frequencies
 
 PROMPT_GRAPHS_ENV = "IPEX_LLM_TF_PROMPT_GRAPHS"
@@ -98,6 +99,8 @@ class PromptGraphs:
             return None
         model = decoder.model
         if model.training or fixed_frequencies(model.base_model.rotary_emb) is None or has_hooks(model):
+            return None
+        if embedding_on_cpu(model.base_model):  # host lookups: a graph cannot record them
             return None
         return _prompt_kind(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
 

@@ -246,6 +246,32 @@ def test_a_generate_call_leaves_no_early_step_running() -> None:
     assert decoder.early is None  # the last early step (never asked for) was waited for and dropped
 
 
+@pytest.mark.parametrize("mixed_precision", [False, True])  # an nn.Embedding table, or a packed (sym_int8) one
+@pytest.mark.parametrize("moved", [True, False])  # optimized then moved, or optimized where it already was
+def test_a_cpu_embedding_decodes_from_graphs(mixed_precision: bool, moved: bool) -> None:
+    """cpu_embedding=True on CUDA: the table stays on the host, model.device is the GPU (generate() builds its
+    positions there), and steps replay graphs fed the host's lookups: the tokens of the same model with its table on
+    the GPU and logits within 2e-2. No step replays early and no prompt replays (the host lookup is not recorded)."""
+    def build(cpu_embedding: bool):
+        model = tiny_model("llama", attn_implementation="sdpa", tie_word_embeddings=True).half()
+        model = ipex_llm_tf.optimize_model(model if moved else model.cuda(), low_bit="sym_int4",
+                                           mixed_precision=mixed_precision, cpu_embedding=cpu_embedding)
+        return model.to("cuda") if moved else model
+    on_gpu, model = build(False), build(True)
+    table = model.get_input_embeddings()
+    assert model.device.type == "cuda" and all(t.is_cpu for t in table.buffers())
+    decoder = graph_decoder(model)
+    assert decoder is not None
+    ids = torch.randint(2, 128, (2, 12), generator=torch.Generator().manual_seed(8)).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    want_tokens, want_scores = _generate(on_gpu, ids, mask, 20)
+    for call in range(3):
+        _assert_matches_eager(*_generate(model, ids, mask, 20), want_tokens, want_scores, f"call {call}")
+    assert decoder.stats.captures == 1 and decoder.stats.replays == 3 * 19 - 1  # the first step of call 0 recorded
+    assert decoder.stats.early_steps == 0 and decoder.stats.prompt_captures == 0, decoder.stats
+
+
 def test_graph_decode_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IPEX_LLM_TF_GRAPH_DECODE", "0")
     model = ipex_llm_tf.optimize_model(copy.deepcopy(tiny_model("llama", attn_implementation="sdpa")), low_bit="sym_int4").to("cuda")
