@@ -32,7 +32,7 @@ EARLY_MISSES_ALLOWED = 2
 class EarlyStep:
     """A step replayed on the side stream before generate() asked for it."""
 
-    step: Any              # graph_decode._StepGraph: static inputs, graph, logits
+    step: Any              # step_records.StepGraph: static inputs, graph, logits
     cache: Any             # the GraphKVCache of the call it belongs to
     length: int            # cache length it was replayed at (its token's slot)
     inputs_ready: Any      # side-stream event: ids, slot, positions and key_ok written

@@ -25,7 +25,6 @@ import functools
 import statistics
 import time
 import types
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -42,37 +41,11 @@ from .kv_cache import Fp8BlockKVCache
 from .norm_fold import folded_plan, parts_buffer, run_blocks_folded
 from .patching import embed_and_first_norm, embedding_on_cpu, run_blocks
 from .prompt_graphs import PromptGraphs
+from .step_records import DecodeStats, StepGraph
 from .step_rope import StepRope
 
 # transformers renamed `past_key_values` to `cache` in its 5.2x releases; speak whichever this version speaks
 CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-@dataclass
-class _StepGraph:
-    graph: Any                # torch.cuda.CUDAGraph or torch.xpu.XPUGraph, once recorded
-    ids: torch.Tensor         # [batch, 1] token ids
-    positions: torch.Tensor   # [batch, 1] RoPE positions
-    slot: torch.Tensor        # [1] cache slot the token is written to
-    key_ok: torch.Tensor      # [batch, span] True where a cached key may be attended
-    hidden: torch.Tensor | None = None  # [batch, 1, hidden] the tokens' vectors, where the table is on the CPU
-    logits: torch.Tensor | None = None
-    version: int = -1
-
-
-@dataclass
-class DecodeStats:
-    """Warm-up cost of graph decoding: captures recorded and the seconds they took (warm-up run included)."""
-
-    captures: int = 0
-    capture_seconds: float = 0.0
-    replays: int = 0           # steps whose logits a replay gave (early ones included)
-    spans: list = field(default_factory=list)
-    early_steps: int = 0       # steps replayed before generate() asked for them
-    early_hits: int = 0        # ... whose inputs then matched, so their logits were used
-    prompt_captures: int = 0   # prompt graphs recorded (models/prompt_graphs.py), eager run included in the seconds
-    prompt_capture_seconds: float = 0.0
-    prompt_replays: int = 0
 
 
 class GraphDecoder:
@@ -82,7 +55,7 @@ class GraphDecoder:
         self.model = model
         self.buffers = KVBuffers()
         self.fp8 = bool(getattr(model, FP8_KV_FLAG, False))  # quantize_kv_cache=True: float8 storage
-        self.steps: dict[tuple[int, int], _StepGraph] = {}
+        self.steps: dict[tuple[int, int], StepGraph] = {}
         self.pool = None
         self.stats = DecodeStats()
         self.compiled = CompiledStep(self._run, self.stats)  # CPU steps, when compiles_steps() says so
@@ -214,7 +187,7 @@ class GraphDecoder:
             graph_api(self.early.step.ids.device).current_stream().wait_stream(self.side)
             self.early = None
 
-    def _finish(self, step: _StepGraph, cache: GraphKVCache, length: int, span: int, on_side: bool) -> torch.Tensor:
+    def _finish(self, step: StepGraph, cache: GraphKVCache, length: int, span: int, on_side: bool) -> torch.Tensor:
         """A replayed step's logits (copied out) after counting its token; the next step replayed early if it can
         (on_side: this step was itself replayed early, on the side stream)."""
         cache.advance()
@@ -228,19 +201,19 @@ class GraphDecoder:
         return logits
 
     # -- internals -----------------------------------------------------------------------------------------------------
-    def _static_inputs(self, input_ids: torch.Tensor, span: int) -> _StepGraph:
+    def _static_inputs(self, input_ids: torch.Tensor, span: int) -> StepGraph:
         batch, device, base = input_ids.shape[0], input_ids.device, self.model.base_model
         with persistent():
             if batch == 1 and (self.fold_parts is None or self.fold_parts.device != device):
                 self.fold_parts = parts_buffer(len(base.layers), self.model.config.hidden_size, device)
             hidden = torch.zeros_like(base.embed_tokens(input_ids)) if embedding_on_cpu(base) else None
-            return _StepGraph(None, torch.zeros(batch, 1, dtype=torch.long, device=device),
+            return StepGraph(None, torch.zeros(batch, 1, dtype=torch.long, device=device),
                               torch.zeros(batch, 1, dtype=torch.long, device=device),
                               torch.zeros(1, dtype=torch.long, device=device),
                               torch.zeros(batch, span, dtype=torch.bool, device=device), hidden=hidden,
                               version=self.buffers.version)
 
-    def _fill(self, step: _StepGraph, input_ids: torch.Tensor, length: int, attention_mask: torch.Tensor | None,
+    def _fill(self, step: StepGraph, input_ids: torch.Tensor, length: int, attention_mask: torch.Tensor | None,
               position_ids: torch.Tensor | None) -> None:
         step.ids.copy_(input_ids)
         if step.hidden is not None:
@@ -256,7 +229,7 @@ class GraphDecoder:
         else:
             step.key_ok[:, :length + 1] = True
 
-    def _run(self, step: _StepGraph, span: int) -> torch.Tensor:
+    def _run(self, step: StepGraph, span: int) -> torch.Tensor:
         """The step itself, as plain tensor ops on the static inputs (what a capture records)."""
         model, base = self.model, self.model.base_model
         if step.hidden is not None:
@@ -277,7 +250,7 @@ class GraphDecoder:
                                                    self.fold_parts))
         return model.lm_head(run_blocks(base, hidden, cos_sin, view, masks, first_normed))
 
-    def _capture(self, step: _StepGraph, span: int) -> None:
+    def _capture(self, step: StepGraph, span: int) -> None:
         start = time.perf_counter()
         if step.ids.shape[0] == 1 and not self.fold_warm:  # the eager step ran unfolded (plans not yet settled):
             self._run(step, span)                            # again, to compile the folded kernels outside a capture
