@@ -208,10 +208,10 @@ class GraphDecoder:
                 self.fold_parts = parts_buffer(len(base.layers), self.model.config.hidden_size, device)
             hidden = torch.zeros_like(base.embed_tokens(input_ids)) if embedding_on_cpu(base) else None
             return StepGraph(None, torch.zeros(batch, 1, dtype=torch.long, device=device),
-                              torch.zeros(batch, 1, dtype=torch.long, device=device),
-                              torch.zeros(1, dtype=torch.long, device=device),
-                              torch.zeros(batch, span, dtype=torch.bool, device=device), hidden=hidden,
-                              version=self.buffers.version)
+                             torch.zeros(batch, 1, dtype=torch.long, device=device),
+                             torch.zeros(1, dtype=torch.long, device=device),
+                             torch.zeros(batch, span, dtype=torch.bool, device=device), hidden=hidden,
+                             version=self.buffers.version)
 
     def _fill(self, step: StepGraph, input_ids: torch.Tensor, length: int, attention_mask: torch.Tensor | None,
               position_ids: torch.Tensor | None) -> None:
