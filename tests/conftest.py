@@ -1,6 +1,7 @@
 """Shared fixtures: deterministic seeds and small helpers for tolerance checks."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -16,6 +17,42 @@ def _seed() -> None:
 def reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every matmul and op on the exact float32 reference, for tests that compare logic rather than kernels."""
     monkeypatch.setenv("IPEX_LLM_TF_BACKEND", "torch")
+
+
+class RefusingGraphs:
+    """A graph API whose captures fail as CUDA's do when the captured work did something a capture forbids: the work
+    runs, then ending the capture raises, leaving the capture's stream current (as torch's graph context does)."""
+
+    def __init__(self) -> None:
+        self.stream, self.captures = "default", 0
+
+    def graph_pool_handle(self) -> object:
+        return object()
+
+    def XPUGraph(self) -> object:  # noqa: N802 (torch's name)
+        return object()
+
+    def current_stream(self) -> str:
+        return self.stream
+
+    def set_stream(self, stream: str) -> None:
+        self.stream = stream
+
+    @contextlib.contextmanager
+    def graph(self, graph: object, pool: object = None):
+        self.captures += 1
+        self.stream = "capture"
+        yield
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+
+@pytest.fixture
+def refusing_graphs(monkeypatch: pytest.MonkeyPatch) -> RefusingGraphs:
+    """Every graph capture on any device fails (RefusingGraphs); whether a device has graphs is left to the test."""
+    refusing = RefusingGraphs()
+    monkeypatch.setattr("ipex_llm_tf.models.graph_decode.graph_api", lambda device: refusing)
+    monkeypatch.setattr("ipex_llm_tf.models.graph_storage.graph_api", lambda device: refusing)
+    return refusing
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

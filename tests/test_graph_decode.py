@@ -9,6 +9,8 @@ must equal the eager path; logits within 1e-5 of the largest (only SDPA's sums o
 """
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -123,6 +125,28 @@ def test_a_cpu_embedding_feeds_the_step_its_vectors(mixed_precision: bool) -> No
     assert (scores - want_scores).abs().max() <= 1e-5 * want_scores.abs().max()
     (step,) = decoder.steps.values()
     assert step.hidden is not None and torch.equal(step.hidden, model.get_input_embeddings()(got[:, -2:-1]))
+
+
+def test_a_failed_capture_leaves_decoding_eager(monkeypatch: pytest.MonkeyPatch, refusing_graphs,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A capture the device refuses: the step's eager logits stand, the stream that was current is current again,
+    a warning says why, and later steps and calls run eagerly with no capture tried again."""
+    model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa"), low_bit="sym_int8",
+                                       modules_to_not_convert=["lm_head"])
+    decoder = install_graph_decode(model)
+    monkeypatch.setattr("ipex_llm_tf.models.graph_decode.graphs_supported", lambda device: True)
+    ids = torch.randint(2, 128, (2, 9), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    want, want_scores = _generate(model, ids, mask, 10, DynamicCache())
+    with caplog.at_level(logging.WARNING, logger="ipex_llm_tf"):
+        for call in range(2):
+            got, scores = _generate(model, ids, mask, 10, decoder.new_cache())
+            assert torch.equal(got, want), f"call {call}"
+            assert (scores - want_scores).abs().max() <= 1e-5 * want_scores.abs().max()
+    assert refusing_graphs.captures == 1 and refusing_graphs.stream == "default"
+    assert "previous error during capture" in decoder.capture_error and "decodes eagerly from now on" in caplog.text
+    assert decoder.stats.captures == 0 and all(step.graph is None for step in decoder.steps.values())
 
 
 def test_graph_decode_follows_the_device_and_env_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -162,6 +162,23 @@ def test_prompts_that_take_the_eager_forward(monkeypatch: pytest.MonkeyPatch) ->
     assert _declines(model, decoder, ids), "no graphs on this device (compiled CPU steps share the cache)"
 
 
+def test_a_failed_prompt_capture_leaves_prompts_eager(monkeypatch: pytest.MonkeyPatch, refusing_graphs) -> None:
+    """The second call of a bucket records it; a capture the device refuses gives that call the eager forward's
+    logits, and no later call tries again (GraphDecoder.record turned capturing off)."""
+    model = ipex_llm_tf.optimize_model(tiny_model("qwen2", attn_implementation="sdpa"), low_bit="sym_int8",
+                                       modules_to_not_convert=["lm_head"])
+    decoder = install_graph_decode(model)
+    monkeypatch.setattr(prompt_graphs, "graphs_supported", lambda device: True)
+    ids = torch.randint(2, 128, (1, 20), generator=torch.Generator().manual_seed(8))
+    want, want_scores = _generate(model, ids, 1, DynamicCache())
+    for call in range(3):
+        got, scores = _generate(model, ids, 1, decoder.new_cache())
+        assert torch.equal(got, want), f"call {call}"
+        assert (scores - want_scores).abs().max() <= 1e-5 * want_scores.abs().max()
+    assert refusing_graphs.captures == 1 and refusing_graphs.stream == "default"
+    assert decoder.capture_error is not None and decoder.stats.prompt_captures == 0
+
+
 def test_dynamic_rope_and_fp8_caches_take_the_eager_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     dynamic = tiny_model("llama", attn_implementation="sdpa",
                          rope_scaling={"rope_type": "dynamic", "factor": 2.0})

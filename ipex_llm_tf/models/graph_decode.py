@@ -22,6 +22,7 @@ each one-token step of a patched model is one graph replay:
 from __future__ import annotations
 
 import functools
+import logging
 import statistics
 import time
 import types
@@ -35,8 +36,8 @@ from .. import kernels
 from . import eager_step
 from .compiled_step import CompiledStep, compiles_steps
 from .early_steps import EarlyStep, early_step_wanted, greedy_call, replay_early
-from .graph_storage import (SPAN_BLOCK, XPU_GRAPHS_ENV, GraphKVCache, KVBuffers, _SpanView,  # noqa: F401 (re-exported)
-                            graph_api, graphs_supported, persistent)
+from .graph_storage import (SPAN_BLOCK, XPU_GRAPHS_ENV, CaptureFailed, GraphKVCache, KVBuffers,  # noqa: F401
+                            _SpanView, graph_api, graphs_supported, persistent, record_graph)
 from .kv_cache import Fp8BlockKVCache
 from .norm_fold import folded_plan, parts_buffer, run_blocks_folded
 from .patching import embed_and_first_norm, embedding_on_cpu, run_blocks
@@ -46,6 +47,7 @@ from .step_rope import StepRope
 
 # transformers renamed `past_key_values` to `cache` in its 5.2x releases; speak whichever this version speaks
 CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+_LOG = logging.getLogger("ipex_llm_tf")
 
 
 class GraphDecoder:
@@ -64,6 +66,7 @@ class GraphDecoder:
         self.prompts = PromptGraphs(self)
         self.fold_parts: torch.Tensor | None = None  # one-row steps' norm sums (models/norm_fold.py)
         self.fold_warm = False  # whether a folded step has run outside a capture (its kernels are compiled)
+        self.capture_error: str | None = None  # why a capture failed; once set, steps and prompts run eagerly
         base = model.base_model
         self.rope = StepRope(base.rotary_emb)
         self.windows = sorted({layer.self_attn.sliding_window for layer in base.layers
@@ -119,9 +122,9 @@ class GraphDecoder:
         device = input_ids.device
         if step.logits is None:  # the first step of a (batch, span) runs eagerly: it warms kernels and caches
             step.logits = self._run(step, span)
-            if graphs_supported(device):
+            if self.graphs_on(device):
                 self._capture(step, span)
-        elif graphs_supported(device):
+        elif self.graphs_on(device):
             step.graph.replay()
             self.stats.replays += 1
             return self._finish(step, cache, length, span, on_side=False)
@@ -167,18 +170,24 @@ class GraphDecoder:
             # graph is gone trips the allocator, so the next capture starts a new pool
             self.pool = None
 
+    def graphs_on(self, device: torch.device) -> bool:
+        """Whether steps and prompts on `device` are captured and replayed: it has graphs and no capture failed."""
+        return self.capture_error is None and graphs_supported(device)
+
     def record(self, run: Callable[[], torch.Tensor], device: torch.device) -> tuple[Any, torch.Tensor]:
         """(graph, output) of `run` recorded in this decoder's memory pool and replayed once; an eager run of the
-        same work must come just before (it warms the kernels: nothing may tune or sync inside a capture)."""
-        api = graph_api(device)
+        same work must come just before (it warms the kernels: nothing may tune or sync inside a capture). A failed
+        capture raises CaptureFailed and turns capturing off: later steps and prompts run eagerly."""
         if self.pool is None:
-            self.pool = api.graph_pool_handle()
-        graph = api.CUDAGraph() if api is torch.cuda else api.XPUGraph()
-        with api.graph(graph, pool=self.pool):
-            out = run()
-        graph.replay()
-        api.synchronize()
-        return graph, out
+            self.pool = graph_api(device).graph_pool_handle()
+        try:
+            return record_graph(device, self.pool, run)
+        except CaptureFailed as err:
+            self.capture_error = str(err)
+            _LOG.warning("a CUDA/XPU graph capture failed (%s); this model decodes eagerly from now on. PyTorch leaves "
+                         "its random generator in capture state after a failed capture, so sampling in this process "
+                         "may fail; IPEX_LLM_TF_GRAPH_DECODE=0 turns graph decoding off", err)
+            raise
 
     def settle(self) -> None:
         """Make the current stream wait for an early step still running, and drop it: call before anything else
@@ -256,7 +265,10 @@ class GraphDecoder:
             self._run(step, span)                            # again, to compile the folded kernels outside a capture
             self.fold_warm = True
         # the eager run just done warmed every kernel; recording re-runs the step, rewriting the same slot
-        step.graph, step.logits = self.record(lambda: self._run(step, span), step.ids.device)
+        try:
+            step.graph, step.logits = self.record(lambda: self._run(step, span), step.ids.device)
+        except CaptureFailed:  # the eager run's logits stand (a failed capture ran nothing)
+            return
         self.stats.captures += 1
         self.stats.capture_seconds += time.perf_counter() - start
         self.stats.spans.append(span)

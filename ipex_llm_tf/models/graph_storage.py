@@ -8,7 +8,7 @@ write the token at a device-side slot, read the first `span` slots.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers.cache_utils import Cache
@@ -31,6 +31,27 @@ def graph_api(device: torch.device) -> Any:
             and env_flag(XPU_GRAPHS_ENV, False)):
         return torch.xpu
     return None
+
+
+class CaptureFailed(RuntimeError):
+    """A graph capture the device refused; its cause is what the captured work did that a capture forbids."""
+
+
+def record_graph(device: torch.device, pool: Any, run: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
+    """(graph, output) of `run` captured into memory pool `pool` and replayed once, or CaptureFailed with the stream
+    that was current before current again."""
+    api = graph_api(device)
+    graph = api.CUDAGraph() if api is torch.cuda else api.XPUGraph()
+    stream = api.current_stream()
+    try:
+        with api.graph(graph, pool=pool):
+            out = run()
+    except Exception as err:
+        api.set_stream(stream)  # torch's graph context leaves its capture stream current when ending a capture raises
+        raise CaptureFailed(f"{type(err).__name__}: {err}") from err
+    graph.replay()
+    api.synchronize()
+    return graph, out
 
 
 def graphs_supported(device: torch.device) -> bool:
