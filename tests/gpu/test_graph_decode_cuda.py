@@ -272,6 +272,29 @@ def test_a_cpu_embedding_decodes_from_graphs(mixed_precision: bool, moved: bool)
     assert decoder.stats.early_steps == 0 and decoder.stats.prompt_captures == 0, decoder.stats
 
 
+def test_fp8_kv_cache_decodes_from_graphs() -> None:
+    """quantize_kv_cache=True on CUDA (sm_89+): the graph storage holds float8 codes and scales that the decode
+    attention kernel reads directly; greedy tokens equal the eager Fp8BlockKVCache's (the same codes, dequantized
+    before torch's SDPA) and logits agree within 2e-2, both calls replaying the first call's graph."""
+    from ipex_llm_tf.kernels.triton_linear import fp8_native
+    from ipex_llm_tf.models.kv_cache import Fp8BlockKVCache
+
+    if not fp8_native(torch.device("cuda")):
+        pytest.skip("float8 storage in the graph needs sm_89 or newer")
+    model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa").half(), low_bit="sym_int4",
+                                       quantize_kv_cache=True).to("cuda")
+    decoder = graph_decoder(model)
+    assert decoder is not None and decoder.fp8 and decoder.serves(model.device)
+    ids = torch.randint(2, 128, (2, 12), generator=torch.Generator().manual_seed(10)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    want_tokens, want_scores = _generate(model, ids, mask, 20, **{CACHE_KWARG: Fp8BlockKVCache()})
+    for call in range(2):
+        _assert_matches_eager(*_generate(model, ids, mask, 20), want_tokens, want_scores, f"call {call}")
+    assert decoder.buffers.storage[0]["keys"].dtype == torch.float8_e4m3fn
+    assert decoder.stats.captures == 1 and decoder.stats.replays == 2 * 19 - 1
+
+
 _FAILING_CAPTURE = """
 import sys, torch
 sys.path.insert(0, "tests")
