@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import statistics
 import time
 import types
 from typing import Any, Callable
@@ -42,7 +41,7 @@ from .kv_cache import Fp8BlockKVCache
 from .norm_fold import folded_plan, parts_buffer, run_blocks_folded
 from .patching import embed_and_first_norm, embedding_on_cpu, run_blocks
 from .prompt_graphs import PromptGraphs
-from .step_records import DecodeStats, StepGraph
+from .step_records import DecodeStats, StepGraph, time_replays
 from .step_rope import StepRope
 
 # transformers renamed `past_key_values` to `cache` in its 5.2x releases; speak whichever this version speaks
@@ -146,19 +145,7 @@ class GraphDecoder:
         if not recorded:
             return None
         self.settle()
-        step = min(recorded, key=lambda item: item[0])[1]
-        graph, api = step.graph, graph_api(step.ids.device)
-        times = []
-        for _ in range(rounds):
-            graph.replay()  # a warm replay outside the timing
-            start, stop = api.Event(enable_timing=True), api.Event(enable_timing=True)
-            start.record()
-            for _ in range(replays):
-                graph.replay()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop) / replays)
-        return statistics.median_high(times)
+        return time_replays(min(recorded, key=lambda item: item[0])[1], replays, rounds)
 
     def drop_stale(self) -> None:
         """Free the graphs (steps and prompts) recorded over storage that has since moved, and their inputs: they can

@@ -1,10 +1,13 @@
-"""What a GraphDecoder keeps per decode step and about its warm-up (models/graph_decode.py)."""
+"""What a GraphDecoder keeps per decode step and about its warm-up (models/graph_decode.py), and a step's timing."""
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .graph_storage import graph_api
 
 
 @dataclass
@@ -34,3 +37,20 @@ class DecodeStats:
     prompt_captures: int = 0   # prompt graphs recorded (models/prompt_graphs.py), eager run included in the seconds
     prompt_capture_seconds: float = 0.0
     prompt_replays: int = 0
+
+
+def time_replays(step: StepGraph, replays: int, rounds: int) -> float:
+    """Device ms of one replay of a recorded step: the median of `rounds` timings of `replays` back-to-back
+    replays, each round after a warm replay outside its timing."""
+    graph, api = step.graph, graph_api(step.ids.device)
+    times = []
+    for _ in range(rounds):
+        graph.replay()
+        start, stop = api.Event(enable_timing=True), api.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / replays)
+    return statistics.median_high(times)
