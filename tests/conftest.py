@@ -19,40 +19,74 @@ def reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IPEX_LLM_TF_BACKEND", "torch")
 
 
-class RefusingGraphs:
-    """A graph API whose captures fail as CUDA's do when the captured work did something a capture forbids: the work
-    runs, then ending the capture raises, leaving the capture's stream current (as torch's graph context does)."""
+class _FakeStream:
+    def __init__(self, name: str) -> None:
+        self.name = name
 
-    def __init__(self) -> None:
-        self.stream, self.captures = "default", 0
+    def wait_stream(self, other: "_FakeStream") -> None:
+        pass
+
+
+class FakeGraphs:
+    """A graph API on the CPU that records which stream each capture ran on. With `refuse`, captures fail as CUDA's
+    do when the captured work did something a capture forbids: the work runs, then ending the capture raises,
+    leaving the capture's stream current (as torch's graph context does)."""
+
+    def __init__(self, refuse: bool) -> None:
+        self.refuse, self.default = refuse, _FakeStream("default")
+        self.current, self.captures, self.streams_made, self.replays = self.default, 0, 0, 0
 
     def graph_pool_handle(self) -> object:
         return object()
 
-    def XPUGraph(self) -> object:  # noqa: N802 (torch's name)
-        return object()
+    def XPUGraph(self) -> "FakeGraphs":  # noqa: N802 (torch's name); the graph's replay() is counted here
+        return self
 
-    def current_stream(self) -> str:
-        return self.stream
+    def replay(self) -> None:
+        self.replays += 1
 
-    def set_stream(self, stream: str) -> None:
-        self.stream = stream
+    def synchronize(self) -> None:
+        pass
+
+    def Stream(self, device: object = None) -> _FakeStream:  # noqa: N802 (torch's name)
+        self.streams_made += 1
+        return _FakeStream("capture")
+
+    def current_stream(self) -> _FakeStream:
+        return self.current
+
+    def set_stream(self, stream: _FakeStream) -> None:
+        self.current = stream
 
     @contextlib.contextmanager
-    def graph(self, graph: object, pool: object = None):
-        self.captures += 1
-        self.stream = "capture"
+    def stream(self, stream: _FakeStream):
+        before, self.current = self.current, stream
         yield
-        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        self.current = before
+
+    @contextlib.contextmanager
+    def graph(self, graph: object, pool: object = None, stream: "_FakeStream | None" = None):
+        self.captures += 1
+        before, self.current = self.current, stream
+        yield
+        if self.refuse:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        self.current = before
+
+
+def fake_graphs(monkeypatch: pytest.MonkeyPatch, refuse: bool) -> FakeGraphs:
+    """FakeGraphs in place of every device's graph API (whether a device has graphs is left to the caller)."""
+    fake = FakeGraphs(refuse)
+    monkeypatch.setattr("ipex_llm_tf.models.graph_decode.graph_api", lambda device: fake)
+    monkeypatch.setattr("ipex_llm_tf.models.graph_storage.graph_api", lambda device: fake)
+    monkeypatch.setattr("ipex_llm_tf.models.graph_storage._CAPTURE_STREAMS", {})
+    return fake
 
 
 @pytest.fixture
-def refusing_graphs(monkeypatch: pytest.MonkeyPatch) -> RefusingGraphs:
-    """Every graph capture on any device fails (RefusingGraphs); whether a device has graphs is left to the test."""
-    refusing = RefusingGraphs()
-    monkeypatch.setattr("ipex_llm_tf.models.graph_decode.graph_api", lambda device: refusing)
-    monkeypatch.setattr("ipex_llm_tf.models.graph_storage.graph_api", lambda device: refusing)
-    return refusing
+def refusing_graphs(monkeypatch: pytest.MonkeyPatch) -> FakeGraphs:
+    """Every graph capture on any device fails (FakeGraphs with refuse)."""
+    return fake_graphs(monkeypatch, refuse=True)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -127,6 +127,23 @@ def test_a_cpu_embedding_feeds_the_step_its_vectors(mixed_precision: bool) -> No
     assert step.hidden is not None and torch.equal(step.hidden, model.get_input_embeddings()(got[:, -2:-1]))
 
 
+def test_captures_run_on_one_stream_warmed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """record_graph captures on one stream per device, after one eager run there before its first capture (so
+    per-stream library state is made outside any capture), and leaves the caller's stream current."""
+    from conftest import fake_graphs
+    from ipex_llm_tf.models.graph_storage import record_graph
+    fake = fake_graphs(monkeypatch, refuse=False)
+    ran_on = []
+
+    def run() -> torch.Tensor:
+        ran_on.append(fake.current.name)
+        return torch.ones(1)
+    for _ in range(2):
+        record_graph(torch.device("cpu"), None, run)
+    assert ran_on == ["capture"] * 3, "the warm run, then one run a capture, all on the capture stream"
+    assert fake.streams_made == 1 and fake.captures == 2 and fake.replays == 2 and fake.current is fake.default
+
+
 def test_a_failed_capture_leaves_decoding_eager(monkeypatch: pytest.MonkeyPatch, refusing_graphs,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     """A capture the device refuses: the step's eager logits stand, the stream that was current is current again,
@@ -144,7 +161,7 @@ def test_a_failed_capture_leaves_decoding_eager(monkeypatch: pytest.MonkeyPatch,
             got, scores = _generate(model, ids, mask, 10, decoder.new_cache())
             assert torch.equal(got, want), f"call {call}"
             assert (scores - want_scores).abs().max() <= 1e-5 * want_scores.abs().max()
-    assert refusing_graphs.captures == 1 and refusing_graphs.stream == "default"
+    assert refusing_graphs.captures == 1 and refusing_graphs.current is refusing_graphs.default
     assert "previous error during capture" in decoder.capture_error and "decodes eagerly from now on" in caplog.text
     assert decoder.stats.captures == 0 and all(step.graph is None for step in decoder.steps.values())
 

@@ -37,17 +37,32 @@ class CaptureFailed(RuntimeError):
     """A graph capture the device refused; its cause is what the captured work did that a capture forbids."""
 
 
+_CAPTURE_STREAMS: dict[torch.device, Any] = {}  # every capture on a device on one stream, warmed once
+
+
 def record_graph(device: torch.device, pool: Any, run: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
-    """(graph, output) of `run` captured into memory pool `pool` and replayed once, or CaptureFailed with the stream
-    that was current before current again."""
+    """(graph, output) of `run` captured into memory pool `pool` on the device's capture stream and replayed once,
+    or CaptureFailed with the stream that was current before current again.
+
+    The first capture on a device runs `run` once eagerly on that stream beforehand: BLAS libraries keep a handle
+    and workspace per stream and create them on first use, which inside a capture is a forbidden allocation (the
+    reason PyTorch's make_graphed_callables warms up on its capture stream)."""
     api = graph_api(device)
     graph = api.CUDAGraph() if api is torch.cuda else api.XPUGraph()
-    stream = api.current_stream()
+    current = api.current_stream()
     try:
-        with api.graph(graph, pool=pool):
+        stream = _CAPTURE_STREAMS.get(device)
+        if stream is None:
+            stream = api.Stream(device=device)
+            stream.wait_stream(current)
+            with api.stream(stream):
+                run()
+            current.wait_stream(stream)
+            _CAPTURE_STREAMS[device] = stream
+        with api.graph(graph, pool=pool, stream=stream):
             out = run()
     except Exception as err:
-        api.set_stream(stream)  # torch's graph context leaves its capture stream current when ending a capture raises
+        api.set_stream(current)  # torch's graph context leaves its capture stream current when ending a capture raises
         raise CaptureFailed(f"{type(err).__name__}: {err}") from err
     graph.replay()
     api.synchronize()
