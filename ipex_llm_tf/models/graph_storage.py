@@ -44,9 +44,9 @@ def record_graph(device: torch.device, pool: Any, run: Callable[[], torch.Tensor
     """(graph, output) of `run` captured into memory pool `pool` on the device's capture stream and replayed once,
     or CaptureFailed with the stream that was current before current again.
 
-    The first capture on a device runs `run` once eagerly on that stream beforehand: BLAS libraries keep a handle
-    and workspace per stream and create them on first use, which inside a capture is a forbidden allocation (the
-    reason PyTorch's make_graphed_callables warms up on its capture stream)."""
+    The first capture on a device runs `run` once eagerly on that stream beforehand, so that a library setting up
+    per-stream state on first use does it outside the capture (PyTorch's make_graphed_callables warms its capture
+    stream for that reason: hipBLASLt created its handle mid-capture)."""
     api = graph_api(device)
     graph = api.CUDAGraph() if api is torch.cuda else api.XPUGraph()
     current = api.current_stream()
