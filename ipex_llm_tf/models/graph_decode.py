@@ -198,22 +198,26 @@ class GraphDecoder:
 
     # -- internals -----------------------------------------------------------------------------------------------------
     def _static_inputs(self, input_ids: torch.Tensor, span: int) -> StepGraph:
-        batch, device, base = input_ids.shape[0], input_ids.device, self.model.base_model
+        batch, device = input_ids.shape[0], input_ids.device
         with persistent():
             if batch == 1 and (self.fold_parts is None or self.fold_parts.device != device):
-                self.fold_parts = parts_buffer(len(base.layers), self.model.config.hidden_size, device)
-            hidden = torch.zeros_like(base.embed_tokens(input_ids)) if embedding_on_cpu(base) else None
+                self.fold_parts = parts_buffer(len(self.model.base_model.layers), self.model.config.hidden_size,
+                                               device)
             return StepGraph(None, torch.zeros(batch, 1, dtype=torch.long, device=device),
                              torch.zeros(batch, 1, dtype=torch.long, device=device),
                              torch.zeros(1, dtype=torch.long, device=device),
-                             torch.zeros(batch, span, dtype=torch.bool, device=device), hidden=hidden,
-                             version=self.buffers.version)
+                             torch.zeros(batch, span, dtype=torch.bool, device=device), version=self.buffers.version)
 
     def _fill(self, step: StepGraph, input_ids: torch.Tensor, length: int, attention_mask: torch.Tensor | None,
               position_ids: torch.Tensor | None) -> None:
         step.ids.copy_(input_ids)
-        if step.hidden is not None:
-            step.hidden.copy_(self.model.base_model.embed_tokens(input_ids))
+        base = self.model.base_model
+        if embedding_on_cpu(base):  # the host's lookup, into a static input made from the first one
+            vectors = base.embed_tokens(input_ids)
+            if step.hidden is None:
+                with persistent():
+                    step.hidden = torch.empty_like(vectors)
+            step.hidden.copy_(vectors)
         step.slot.fill_(length)
         if position_ids is not None:
             step.positions.copy_(position_ids[:, -1:])
@@ -254,7 +258,7 @@ class GraphDecoder:
         # the eager run just done warmed every kernel; recording re-runs the step, rewriting the same slot
         try:
             step.graph, step.logits = self.record(lambda: self._run(step, span), step.ids.device)
-        except CaptureFailed:  # the eager run's logits stand (a failed capture ran nothing)
+        except CaptureFailed:  # the eager run's logits stand
             return
         self.stats.captures += 1
         self.stats.capture_seconds += time.perf_counter() - start
