@@ -36,11 +36,11 @@ def _eager(model, ids, mask, new_tokens):
     return _generate(model, ids, mask, new_tokens, **{CACHE_KWARG: DynamicCache()})
 
 
-def _assert_matches_eager(got, scores, want_tokens, want_scores, what: str) -> None:
-    """The same greedy tokens as the eager run and logits within 2e-2 of its largest."""
+def _assert_matches_eager(got, scores, want_tokens, want_scores, what: str, tolerance: float = 2e-2) -> None:
+    """The same greedy tokens as the eager run and logits within `tolerance` of its largest."""
     assert torch.equal(got, want_tokens), what
     error = ((scores - want_scores).abs().max() / want_scores.abs().max()).item()
-    assert error < 2e-2, f"{what}: relative logit error {error:.2e}"
+    assert error < tolerance, f"{what}: relative logit error {error:.2e}"
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
@@ -275,7 +275,9 @@ def test_a_cpu_embedding_decodes_from_graphs(mixed_precision: bool, moved: bool)
 def test_fp8_kv_cache_decodes_from_graphs() -> None:
     """quantize_kv_cache=True on CUDA (sm_89+): the graph storage holds float8 codes and scales that the decode
     attention kernel reads directly; greedy tokens equal the eager Fp8BlockKVCache's (the same codes, dequantized
-    before torch's SDPA) and logits agree within 2e-2, both calls replaying the first call's graph."""
+    before torch's SDPA) and logits agree within 5e-2, both calls replaying the first call's graph. The bound is the
+    CPU test's (test_chunked_prefill_into_the_graph_storage): a graph step attends to its own token's key rounded to
+    float8, the eager cache to it unrounded, which moved this tiny random model's logits by 4.1e-2 on an H100."""
     from ipex_llm_tf.kernels.triton_linear import fp8_native
     from ipex_llm_tf.models.kv_cache import Fp8BlockKVCache
 
@@ -290,7 +292,10 @@ def test_fp8_kv_cache_decodes_from_graphs() -> None:
     mask[1, :3] = 0
     want_tokens, want_scores = _generate(model, ids, mask, 20, **{CACHE_KWARG: Fp8BlockKVCache()})
     for call in range(2):
-        _assert_matches_eager(*_generate(model, ids, mask, 20), want_tokens, want_scores, f"call {call}")
+        got, scores = _generate(model, ids, mask, 20)
+        _assert_matches_eager(got, scores, want_tokens, want_scores, f"call {call}", 5e-2)
+        # the prompt attends to itself unrounded in both: its logits keep the float16 bound
+        _assert_matches_eager(got, scores[:1], want_tokens, want_scores[:1], f"call {call}, prompt")
     assert decoder.buffers.storage[0]["keys"].dtype == torch.float8_e4m3fn
     assert decoder.stats.captures == 1 and decoder.stats.replays == 2 * 19 - 1
 
