@@ -1,6 +1,10 @@
 """Device handling: which accelerators exist, a clear error for absent ones, and the CPU-resident embedding."""
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -8,6 +12,21 @@ from torch import nn
 
 class DeviceError(RuntimeError):
     """The requested device does not exist on this machine."""
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's automatic garbage collection off for the block (a graph capture), back as it was after."""
+    # A collection mid-capture that frees an unreachable earlier graph (a dropped model's) destroys it, which a
+    # capture forbids: CUDA invalidates the capture ("operation failed due to a previous error during capture").
+    # torch's graph context no longer collects before capturing (force_cudagraph_gc is off by default).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def available_devices() -> list[str]:

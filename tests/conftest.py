@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 
 import pytest
@@ -35,6 +36,7 @@ class FakeGraphs:
     def __init__(self, refuse: bool) -> None:
         self.refuse, self.default = refuse, _FakeStream("default")
         self.current, self.captures, self.streams_made, self.replays = self.default, 0, 0, 0
+        self.collecting: list[bool] = []  # whether Python's garbage collector was on in each capture
 
     def graph_pool_handle(self) -> object:
         return object()
@@ -67,6 +69,7 @@ class FakeGraphs:
     @contextlib.contextmanager
     def graph(self, graph: object, pool: object = None, stream: "_FakeStream | None" = None):
         self.captures += 1
+        self.collecting.append(gc.isenabled())
         before, self.current = self.current, stream
         yield
         if self.refuse:

@@ -9,6 +9,8 @@ must equal the eager path; logits within 1e-5 of the largest (only SDPA's sums o
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 
 import pytest
@@ -142,6 +144,27 @@ def test_captures_run_on_one_stream_warmed_once(monkeypatch: pytest.MonkeyPatch)
         record_graph(torch.device("cpu"), None, run)
     assert ran_on == ["capture"] * 3, "the warm run, then one run a capture, all on the capture stream"
     assert fake.streams_made == 1 and fake.captures == 2 and fake.replays == 2 and fake.current is fake.default
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["captured", "refused"])
+def test_garbage_collection_waits_out_every_capture(monkeypatch: pytest.MonkeyPatch, refuse: bool) -> None:
+    """record_graph captures with Python's garbage collector off (a collection that frees an old graph inside a
+    capture invalidates it on CUDA: tests/gpu's test_a_collection_mid_capture_waits) and turns it back on after,
+    a refused capture included; a collector the caller had off stays off."""
+    from conftest import fake_graphs
+    from ipex_llm_tf.models.graph_storage import CaptureFailed, record_graph
+    fake = fake_graphs(monkeypatch, refuse=refuse)
+    failures = pytest.raises(CaptureFailed) if refuse else contextlib.nullcontext()
+    with failures:
+        record_graph(torch.device("cpu"), None, lambda: torch.ones(1))
+    assert fake.collecting == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        with failures:
+            record_graph(torch.device("cpu"), None, lambda: torch.ones(1))
+        assert fake.collecting == [False, False] and not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_a_failed_capture_leaves_decoding_eager(monkeypatch: pytest.MonkeyPatch, refusing_graphs,

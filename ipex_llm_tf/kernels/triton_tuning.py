@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 import triton
 
+from ..devices import collector_paused
 from . import tuning_cache
 from .grids import next_power_of_2
 
@@ -135,7 +136,7 @@ def _replay_ms(calls: Sequence[Callable[[], object]], device: torch.device) -> f
     # captured on the side stream directly: torch.cuda.graph() would also run gc.collect() and empty_cache() for
     # every candidate timed
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
+    with collector_paused(), torch.cuda.stream(stream):
         graph.capture_begin()
         try:
             for call in calls:

@@ -14,6 +14,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .. import kernels
+from ..devices import collector_paused
 from ..env import env_flag
 from .kv_cache import BlockKVLayer, Fp8BlockKVLayer
 
@@ -46,7 +47,8 @@ def record_graph(device: torch.device, pool: Any, run: Callable[[], torch.Tensor
 
     The first capture on a device runs `run` once eagerly on that stream beforehand, so that a library setting up
     per-stream state on first use does it outside the capture (PyTorch's make_graphed_callables warms its capture
-    stream for that reason: hipBLASLt created its handle mid-capture)."""
+    stream for that reason: hipBLASLt created its handle mid-capture). Garbage collection waits while it captures
+    (devices.collector_paused)."""
     api = graph_api(device)
     graph = api.CUDAGraph() if api is torch.cuda else api.XPUGraph()
     current = api.current_stream()
@@ -59,7 +61,7 @@ def record_graph(device: torch.device, pool: Any, run: Callable[[], torch.Tensor
                 run()
             current.wait_stream(stream)
             _CAPTURE_STREAMS[device] = stream
-        with api.graph(graph, pool=pool, stream=stream):
+        with collector_paused(), api.graph(graph, pool=pool, stream=stream):
             out = run()
     except Exception as err:
         api.set_stream(current)  # torch's graph context leaves its capture stream current when ending a capture raises
