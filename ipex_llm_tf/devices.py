@@ -1,4 +1,5 @@
-"""Device handling: which accelerators exist, a clear error for absent ones, and the CPU-resident embedding."""
+"""Device handling: which accelerators exist, a clear error for absent ones, the CPU-resident embedding, and the
+garbage-collection pause every graph capture runs under."""
 from __future__ import annotations
 
 import gc

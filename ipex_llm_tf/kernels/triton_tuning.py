@@ -133,8 +133,8 @@ def _replay_ms(calls: Sequence[Callable[[], object]], device: torch.device) -> f
     with torch.cuda.stream(stream):  # compiles, and raises for a candidate the device cannot run, before capture
         for call in calls:
             call()
-    # captured on the side stream directly: torch.cuda.graph() would also run gc.collect() and empty_cache() for
-    # every candidate timed
+    # captured on the side stream directly: torch.cuda.graph() would also synchronize and empty the cache for every
+    # candidate timed
     graph = torch.cuda.CUDAGraph()
     with collector_paused(), torch.cuda.stream(stream):
         graph.capture_begin()
