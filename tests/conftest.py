@@ -28,6 +28,28 @@ class _FakeStream:
         pass
 
 
+class _FakeGenerator:
+    """A random generator with the CUDA generator's state API; `capturing` stands for a state a capture holds."""
+
+    def __init__(self, device: str = "cpu", seed: int = 0, offset: int = 0, capturing: bool = False) -> None:
+        self.device, self.seed, self.offset, self.capturing = device, seed, offset, capturing
+
+    def manual_seed(self, seed: int) -> None:
+        self.seed, self.offset = seed, 0
+
+    def initial_seed(self) -> int:
+        return self.seed
+
+    def set_offset(self, offset: int) -> None:
+        self.offset = offset
+
+    def get_offset(self) -> int:
+        return self.offset
+
+    def graphsafe_set_state(self, other: "_FakeGenerator") -> None:
+        self.seed, self.offset, self.capturing = other.seed, other.offset, other.capturing
+
+
 class FakeGraphs:
     """A graph API on the CPU that records which stream each capture ran on. With `refuse`, captures fail as CUDA's
     do when the captured work did something a capture forbids: the work runs, then ending the capture raises,
@@ -37,6 +59,10 @@ class FakeGraphs:
         self.refuse, self.default = refuse, _FakeStream("default")
         self.current, self.captures, self.streams_made, self.replays = self.default, 0, 0, 0
         self.collecting: list[bool] = []  # whether Python's garbage collector was on in each capture
+        self.default_generators = [_FakeGenerator(seed=1234, offset=8)]
+
+    def current_device(self) -> int:
+        return 0
 
     def graph_pool_handle(self) -> object:
         return object()
@@ -70,10 +96,12 @@ class FakeGraphs:
     def graph(self, graph: object, pool: object = None, stream: "_FakeStream | None" = None):
         self.captures += 1
         self.collecting.append(gc.isenabled())
+        self.default_generators[0].capturing = True
         before, self.current = self.current, stream
         yield
-        if self.refuse:
+        if self.refuse:  # (the generator stays in capture mode, as CUDA's does)
             raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        self.default_generators[0].capturing = False
         self.current = before
 
 

@@ -170,7 +170,8 @@ def test_garbage_collection_waits_out_every_capture(monkeypatch: pytest.MonkeyPa
 def test_a_failed_capture_leaves_decoding_eager(monkeypatch: pytest.MonkeyPatch, refusing_graphs,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     """A capture the device refuses: the step's eager logits stand, the stream that was current is current again,
-    a warning says why, and later steps and calls run eagerly with no capture tried again."""
+    the random generator leaves capture mode with its seed and offset, a warning says why, and later steps and
+    calls run eagerly with no capture tried again."""
     model = ipex_llm_tf.optimize_model(tiny_model("llama", attn_implementation="sdpa"), low_bit="sym_int8",
                                        modules_to_not_convert=["lm_head"])
     decoder = install_graph_decode(model)
@@ -185,6 +186,8 @@ def test_a_failed_capture_leaves_decoding_eager(monkeypatch: pytest.MonkeyPatch,
             assert torch.equal(got, want), f"call {call}"
             assert (scores - want_scores).abs().max() <= 1e-5 * want_scores.abs().max()
     assert refusing_graphs.captures == 1 and refusing_graphs.current is refusing_graphs.default
+    generator = refusing_graphs.default_generators[0]
+    assert not generator.capturing and (generator.seed, generator.offset) == (1234, 8)
     assert "previous error during capture" in decoder.capture_error and "decodes eagerly from now on" in caplog.text
     assert decoder.stats.captures == 0 and all(step.graph is None for step in decoder.steps.values())
 

@@ -171,9 +171,8 @@ class GraphDecoder:
             return record_graph(device, self.pool, run)
         except CaptureFailed as err:
             self.capture_error = str(err)
-            _LOG.warning("a CUDA/XPU graph capture failed (%s); this model decodes eagerly from now on. PyTorch leaves "
-                         "its random generator in capture state after a failed capture, so sampling in this process "
-                         "may fail; IPEX_LLM_TF_GRAPH_DECODE=0 turns graph decoding off", err)
+            _LOG.warning("a CUDA/XPU graph capture failed (%s); this model decodes eagerly from now on "
+                         "(IPEX_LLM_TF_GRAPH_DECODE=0 turns graph decoding off)", err)
             raise
 
     def settle(self) -> None:

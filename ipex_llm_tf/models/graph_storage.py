@@ -43,7 +43,8 @@ _CAPTURE_STREAMS: dict[torch.device, Any] = {}  # every capture on a device on o
 
 def record_graph(device: torch.device, pool: Any, run: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
     """(graph, output) of `run` captured into memory pool `pool` on the device's capture stream and replayed once,
-    or CaptureFailed with the stream that was current before current again.
+    or CaptureFailed with the stream that was current before current again and the device's random generator out
+    of capture mode (its seed and offset kept).
 
     The first capture on a device runs `run` once eagerly on that stream beforehand, so that a library setting up
     per-stream state on first use does it outside the capture (PyTorch's make_graphed_callables warms its capture
@@ -65,10 +66,26 @@ def record_graph(device: torch.device, pool: Any, run: Callable[[], torch.Tensor
             out = run()
     except Exception as err:
         api.set_stream(current)  # torch's graph context leaves its capture stream current when ending a capture raises
+        _free_random_generator(api, device)
         raise CaptureFailed(f"{type(err).__name__}: {err}") from err
     graph.replay()
     api.synchronize()
     return graph, out
+
+
+def _free_random_generator(api: Any, device: torch.device) -> None:
+    """Give the device's default random generator a fresh state with its seed and offset."""
+    # A capture registers that state for capture and only a capture that ends cleanly releases it; after a failed
+    # one every random draw outside a capture raises ("Offset increment outside graph capture").
+    generators = getattr(api, "default_generators", ())
+    index = device.index if device.index is not None else api.current_device()
+    if index >= len(generators):
+        return
+    stuck = generators[index]
+    fresh = type(stuck)(device=stuck.device)
+    fresh.manual_seed(stuck.initial_seed())
+    fresh.set_offset(stuck.get_offset())
+    stuck.graphsafe_set_state(fresh)
 
 
 def graphs_supported(device: torch.device) -> bool:
