@@ -167,6 +167,19 @@ def test_garbage_collection_waits_out_every_capture(monkeypatch: pytest.MonkeyPa
         gc.enable()
 
 
+def test_a_generator_that_cannot_be_freed_still_reports_the_capture(refusing_graphs) -> None:
+    """Where the random generator cannot be given a fresh state, the capture's own error is still the one raised,
+    and says so."""
+    from ipex_llm_tf.models.graph_storage import CaptureFailed, record_graph
+
+    def unsupported(other) -> None:
+        raise NotImplementedError("graphsafe_set_state is not supported in this Generator")
+    refusing_graphs.default_generators[0].graphsafe_set_state = unsupported
+    with pytest.raises(CaptureFailed, match="previous error during capture.*stays in capture mode.*not supported"):
+        record_graph(torch.device("cpu"), None, lambda: torch.ones(1))
+    assert refusing_graphs.current is refusing_graphs.default
+
+
 def test_a_failed_capture_leaves_decoding_eager(monkeypatch: pytest.MonkeyPatch, refusing_graphs,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     """A capture the device refuses: the step's eager logits stand, the stream that was current is current again,

@@ -66,8 +66,12 @@ def record_graph(device: torch.device, pool: Any, run: Callable[[], torch.Tensor
             out = run()
     except Exception as err:
         api.set_stream(current)  # torch's graph context leaves its capture stream current when ending a capture raises
-        _free_random_generator(api, device)
-        raise CaptureFailed(f"{type(err).__name__}: {err}") from err
+        note = ""
+        try:
+            _free_random_generator(api, device)
+        except Exception as rng_err:  # (a torch without graphsafe_set_state): the capture's error is the one to raise
+            note = f" (and the random generator stays in capture mode: {type(rng_err).__name__}: {rng_err})"
+        raise CaptureFailed(f"{type(err).__name__}: {err}{note}") from err
     graph.replay()
     api.synchronize()
     return graph, out
