@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,23 @@ def collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def free_random_generator(api: Any, device: torch.device) -> None:
+    """Give `device`'s default random generator (`api`: torch.cuda or torch.xpu) a fresh state with its seed and
+    offset: after a failed graph capture."""
+    # A capture registers that state for capture and only a capture that ends cleanly releases it; after a failed
+    # one every random draw outside a capture raises ("Offset increment outside graph capture"). Graphs captured
+    # earlier keep the old state: ours draw no random numbers.
+    generators = getattr(api, "default_generators", ())
+    index = device.index if device.index is not None else api.current_device()
+    if index >= len(generators):
+        return
+    stuck = generators[index]
+    fresh = type(stuck)(device=stuck.device)
+    fresh.manual_seed(stuck.initial_seed())
+    fresh.set_offset(stuck.get_offset())
+    stuck.graphsafe_set_state(fresh)
 
 
 def available_devices() -> list[str]:

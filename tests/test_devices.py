@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ipex_llm_tf import kernels
-from ipex_llm_tf.devices import DeviceError, available_devices, best_device, check_device
+from ipex_llm_tf.devices import DeviceError, available_devices, best_device, check_device, free_random_generator
 
 
 def test_cpu_always_available() -> None:
@@ -63,3 +63,18 @@ def test_kernel_sources_have_inline_ptx_only_behind_the_cuda_switch() -> None:
                             break
                 assert any(re.search(r"\b(el)?if\b.*\bLANES\b", h) for h in headers), \
                     f"{path.name}:{i + 1} outside a LANES branch"
+
+
+def test_a_freed_generator_keeps_its_seed_and_offset() -> None:
+    """free_random_generator swaps the device's default generator (the index given, else the current device's) for
+    a fresh state with the same seed and offset; an API without default generators is left alone."""
+    from types import SimpleNamespace
+
+    from conftest import _FakeGenerator
+    stuck = [_FakeGenerator(seed=7, offset=12, capturing=True), _FakeGenerator(seed=9, offset=4, capturing=True)]
+    api = SimpleNamespace(default_generators=stuck, current_device=lambda: 1)
+    free_random_generator(api, torch.device("cpu"))  # no index: the current device's, 1
+    assert (stuck[1].capturing, stuck[1].seed, stuck[1].offset) == (False, 9, 4) and stuck[0].capturing
+    free_random_generator(api, torch.device("cuda", 0))
+    assert (stuck[0].capturing, stuck[0].seed, stuck[0].offset) == (False, 7, 12)
+    free_random_generator(SimpleNamespace(current_device=lambda: 0), torch.device("cuda", 0))  # nothing to free

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 import triton
 
-from ..devices import collector_paused
+from ..devices import collector_paused, free_random_generator
 from . import tuning_cache
 from .grids import next_power_of_2
 
@@ -136,13 +136,17 @@ def _replay_ms(calls: Sequence[Callable[[], object]], device: torch.device) -> f
     # captured on the side stream directly: torch.cuda.graph() would also synchronize and empty the cache for every
     # candidate timed
     graph = torch.cuda.CUDAGraph()
-    with collector_paused(), torch.cuda.stream(stream):
-        graph.capture_begin()
-        try:
-            for call in calls:
-                call()
-        finally:
-            graph.capture_end()
+    try:
+        with collector_paused(), torch.cuda.stream(stream):
+            graph.capture_begin()
+            try:
+                for call in calls:
+                    call()
+            finally:
+                graph.capture_end()
+    except Exception:  # the caller skips this candidate; later random draws must still work
+        free_random_generator(torch.cuda, device)
+        raise
     torch.cuda.current_stream(device).wait_stream(stream)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()

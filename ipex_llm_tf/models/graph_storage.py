@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .. import kernels
-from ..devices import collector_paused
+from ..devices import collector_paused, free_random_generator
 from ..env import env_flag
 from .kv_cache import BlockKVLayer, Fp8BlockKVLayer
 
@@ -68,28 +68,13 @@ def record_graph(device: torch.device, pool: Any, run: Callable[[], torch.Tensor
         api.set_stream(current)  # torch's graph context leaves its capture stream current when ending a capture raises
         note = ""
         try:
-            _free_random_generator(api, device)
+            free_random_generator(api, device)
         except Exception as rng_err:  # (a torch without graphsafe_set_state): the capture's error is the one to raise
             note = f" (and the random generator stays in capture mode: {type(rng_err).__name__}: {rng_err})"
         raise CaptureFailed(f"{type(err).__name__}: {err}{note}") from err
     graph.replay()
     api.synchronize()
     return graph, out
-
-
-def _free_random_generator(api: Any, device: torch.device) -> None:
-    """Give the device's default random generator a fresh state with its seed and offset."""
-    # A capture registers that state for capture and only a capture that ends cleanly releases it; after a failed
-    # one every random draw outside a capture raises ("Offset increment outside graph capture").
-    generators = getattr(api, "default_generators", ())
-    index = device.index if device.index is not None else api.current_device()
-    if index >= len(generators):
-        return
-    stuck = generators[index]
-    fresh = type(stuck)(device=stuck.device)
-    fresh.manual_seed(stuck.initial_seed())
-    fresh.set_offset(stuck.get_offset())
-    stuck.graphsafe_set_state(fresh)
 
 
 def graphs_supported(device: torch.device) -> bool:

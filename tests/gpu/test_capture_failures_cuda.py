@@ -114,3 +114,27 @@ def test_a_collection_mid_capture_waits(paused: bool) -> None:
     lines = _run_script(_COLLECTED_MID_CAPTURE, "paused" if paused else "unpaused")
     assert lines[0] == ("freed [False]" if paused else "freed [True]"), lines
     assert lines[1] == ("error False 1" if paused else "error True 0"), lines
+
+
+_FAILING_TUNER_CAPTURE = """
+import torch
+from ipex_llm_tf.kernels.triton_tuning import _replay_ms
+
+x = torch.ones(4, device="cuda")
+def syncing():  # fine in the eager run before the capture; a sync inside the capture, which CUDA refuses
+    x.add_(1)
+    if torch.cuda.is_current_stream_capturing():
+        torch.cuda.synchronize()
+try:
+    _replay_ms([syncing], torch.device("cuda"))
+    print("refused False")
+except Exception:
+    print("refused True")
+print("random", torch.rand(2, device="cuda").shape == (2,))
+"""
+
+
+def test_a_tuning_capture_that_fails_leaves_random_draws_working() -> None:
+    """The tuner times a candidate by capturing it (triton_tuning._replay_ms); where that capture fails the
+    candidate is skipped, and the random generator leaves capture mode as after a failed decode capture."""
+    assert _run_script(_FAILING_TUNER_CAPTURE)[:2] == ["refused True", "random True"]
