@@ -7,7 +7,8 @@ The base revision's GEMV kernel files (KERNEL_FILES) are read from git (or, wher
 has not, from a folder that holds them: `git archive REV ipex_llm_tf/kernels | tar -x -C .carry/base`, then
 `--base .carry/base/ipex_llm_tf/kernels`) into a temporary package and run through the
 working tree's launcher (kernels/triton_linear), which swaps them in for its own; launch options the base kernels
-do not know (a constexpr added since) are dropped. `time` times every GEMV candidate tile of each side the way the
+do not know (a constexpr added since) are dropped, and `--base-option NAME=VALUE` launches the base with a
+constexpr the tree's launcher now sets otherwise (fp6's X_TILE: `--base-option X_TILE=0`). `time` times every GEMV candidate tile of each side the way the
 tuner does (CUDA graph replays over weight replicas, so weights come from memory), alternating the sides `--rounds`
 times, and prints the best of each side with its tile; `--json` also writes the rows. Each session wrote such a
 script for itself (.carry/s27-s30): this one keeps the sides' machine, process and candidates the same.
@@ -46,20 +47,21 @@ CHECK_CONFIGS = [(GemvConfig(16, 64, 2, 1, 2), 1), (GemvConfig(8, 32, 1, 1, 1), 
 
 
 class _KnownOptions:
-    """A kernel launched with only the keyword arguments it declares (a base kernel may predate some)."""
+    """A kernel launched with only the keyword arguments it declares (a base kernel may predate some), and with
+    `forced` options set as the base revision's launcher set them where the tree's decides otherwise."""
 
-    def __init__(self, kernel: Any) -> None:
-        self.kernel, self.names = kernel, set(kernel.arg_names)
+    def __init__(self, kernel: Any, forced: dict[str, int] | None = None) -> None:
+        self.kernel, self.names, self.forced = kernel, set(kernel.arg_names), forced or {}
 
     def __getitem__(self, grid: Any) -> Any:
         launch = self.kernel[grid]
-        return lambda *args, **kwargs: launch(*args, **{k: v for k, v in kwargs.items()
+        return lambda *args, **kwargs: launch(*args, **{k: self.forced.get(k, v) for k, v in kwargs.items()
                                                         if k in self.names or k in LAUNCH_OPTIONS})
 
 
-def load_base(rev: str, into: Path) -> dict[str, Any]:
+def load_base(rev: str, into: Path, forced: dict[str, int] | None = None) -> dict[str, Any]:
     """{"words": ..., "planes": ...}: the GEMV kernels of git revision (or kernel folder) `rev`, imported from a
-    package under `into`."""
+    package under `into`, launched with the `forced` options."""
     package = into / "ab_base_kernels"
     package.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text("")
@@ -71,7 +73,18 @@ def load_base(rev: str, into: Path) -> dict[str, Any]:
     importlib.invalidate_caches()
     words = importlib.import_module("ab_base_kernels.triton_gemv").gemv_words_kernel
     planes = importlib.import_module("ab_base_kernels.triton_gemv_planes").gemv_planes_kernel
-    return {"words": _KnownOptions(words), "planes": _KnownOptions(planes)}
+    return {"words": _KnownOptions(words, forced), "planes": _KnownOptions(planes, forced)}
+
+
+def parse_forced(items: list[str]) -> dict[str, int]:
+    """--base-option NAME=VALUE items as {NAME: int(VALUE)}."""
+    forced = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--base-option takes NAME=INTEGER (a kernel constexpr, e.g. X_TILE=0); got {item!r}")
+        forced[name] = int(value)
+    return forced
 
 
 def _base_source(rev: str, name: str) -> str:
@@ -181,7 +194,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--shapes", nargs="+", default=["4096x11008", "11008x4096"])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--base-option", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="launch the base kernels with this constexpr set as the base's launcher set it, where "
+                             "the tree's launcher now decides otherwise (e.g. X_TILE=0)")
     args = parser.parse_args(argv)
+    forced = parse_forced(args.base_option)
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be at least 1; got {args.rounds}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,7 +208,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if device.type != "cuda" and not _interpreting():
         raise SystemExit("check needs a CUDA GPU, or Triton's interpreter on the CPU: set TRITON_INTERPRET=1")
     with tempfile.TemporaryDirectory() as tmp:
-        sides = Sides(load_base(args.base, Path(tmp)))
+        sides = Sides(load_base(args.base, Path(tmp), forced))
         if args.mode == "check":
             rows = check(sides, args.formats, device)
             for row in rows:

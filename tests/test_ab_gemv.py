@@ -47,7 +47,28 @@ def test_the_base_kernels_can_come_from_a_folder(tmp_path: Path) -> None:
         AB.load_base(str(exported), tmp_path / "again")
 
 
+class _RecordingKernel:
+    """A kernel stand-in that records the keyword arguments of its launches."""
+    arg_names = ["x_ptr", "X_TILE", "LANES"]
+
+    def __init__(self) -> None:
+        self.launched: list[dict] = []
+
+    def __getitem__(self, grid: tuple) -> object:
+        return lambda *args, **kwargs: self.launched.append(kwargs)
+
+
+def test_forced_options_replace_the_tree_launchers_choice() -> None:
+    """The base side launches with a forced constexpr (the base's own decision), drops those it does not declare,
+    and passes Triton's launch options through."""
+    kernel = _RecordingKernel()
+    AB._KnownOptions(kernel, AB.parse_forced(["X_TILE=0"]))[(1,)](0, X_TILE=1, LANES=1, NEW_OPTION=3, num_warps=4)
+    assert kernel.launched == [{"X_TILE": 0, "LANES": 1, "num_warps": 4}]
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["check", "--formats", "fp6", "--base-option", "X_TILE"], "--base-option takes NAME=INTEGER"),
+    (["check", "--formats", "fp6", "--base-option", "X_TILE=off"], "--base-option takes NAME=INTEGER"),
     (["check", "--base", "no-such-revision", "--formats", "fp4"], "cannot read ipex_llm_tf/kernels/triton_gemv.py"),
     (["time", "--formats", "fp4", "--rounds", "0"], "--rounds must be at least 1"),
     (["time", "--formats", "fp4", "--shapes", "4096"], "--shapes takes INxOUT"),
