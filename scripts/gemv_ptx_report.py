@@ -29,8 +29,8 @@ from ipex_llm_tf.formats import get_format  # noqa: E402
 from ipex_llm_tf.kernels import triton_gemv as G  # noqa: E402
 from ipex_llm_tf.kernels import triton_gemv_planes as GP  # noqa: E402
 from ipex_llm_tf.kernels.sm90_ptx import GEMV_POINTERS, compile_sm90, loop_summary, registers  # noqa: E402
-from ipex_llm_tf.kernels.triton_operands import (PLANE_KINDS, block_kind, reads_codes_in_place,  # noqa: E402
-                                                 shuffles_codes)
+from ipex_llm_tf.kernels.triton_operands import (PLANE_KINDS, block_kind, reads_activation_tile,  # noqa: E402
+                                                 reads_codes_in_place, shuffles_codes)
 
 FORMATS = ["sym_int4", "asym_int4", "sym_int5", "asym_int5", "sym_int8", "nf4", "fp4", "nf3", "fp6"]
 TILES = ["16x64x2", "16x256x8", "8x128x4"]  # H100 decode choices at the 7B shapes (bench_gpu_linear)
@@ -61,9 +61,10 @@ def report_row(name: str, tile: str, rows: int) -> dict | None:
     subnormal = reads_codes_in_place(fmt, kind)
     # as CUDA launches it: table lookups by warp shuffles (kernels/lane_lookup), with their activations as one tile
     lanes = shuffles_codes(kind, subnormal)
+    x_tile = reads_activation_tile(kind, subnormal, lanes)
     consts = dict(KIND=kind, SCALE_SHIFT=int(math.log2(fmt.block_size // 32)), BLOCK_N=block_n, BLOCK_W=block_w,
                   SPLIT_K=1, HAS_BIAS=False, EVEN=True, PREFETCH=0 if planes else 2, GATED=False,
-                  SUBNORMAL=subnormal, LANES=lanes, X_TILE=lanes)
+                  SUBNORMAL=subnormal, LANES=lanes, X_TILE=x_tile)
     if planes:
         kernel, per_word = GP.gemv_planes_kernel, 16 if kind == G.CB3.value else 8
     else:

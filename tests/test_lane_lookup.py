@@ -76,7 +76,8 @@ class _Recorder:
 def test_the_launcher_asks_for_lanes_only_for_table_lookups(fmt_name: str, lanes: bool,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """On a device with shuffles nf4 and nf3 (table lookups) get LANES and their activations as one tile; fp4 and
-    fp6 keep their codes read in place (faster there for fp4) and the integer kinds their own decoding."""
+    fp6 keep their codes read in place (faster there for fp4), fp6 with its activations as one tile, and the integer
+    kinds their own decoding."""
     recorder = _Recorder()
     monkeypatch.setattr(G, "gemv_words_kernel", recorder)
     monkeypatch.setattr(GP, "gemv_planes_kernel", recorder)
@@ -88,7 +89,7 @@ def test_the_launcher_asks_for_lanes_only_for_table_lookups(fmt_name: str, lanes
     TL._gemv_words(x, ops, None, torch.empty(1, 16, dtype=torch.float16), 16, GemvConfig(8, 64, 4), 1, gated=False)
     assert recorder.options.get("LANES", False) is lanes
     assert recorder.options["SUBNORMAL"] is ops.subnormal
-    # with the shuffles, a step's activations come as one tile (X_TILE)
-    assert recorder.options.get("X_TILE", False) is lanes
+    # with the shuffles, a step's activations come as one tile (X_TILE), and for fp6 read in place
+    assert recorder.options.get("X_TILE", False) is (lanes or fmt_name == "fp6")
     # the lanes hold the plain table's values; nf3's table loads read its pair table
     assert recorder.args[5] is (ops.table if lanes else ops.gemv_table)

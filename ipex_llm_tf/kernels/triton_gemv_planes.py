@@ -34,8 +34,8 @@ import triton.language as tl
 
 from .lane_lookup import lane_lookup, lane_table
 from .triton_gemv import CB3, SUBNORMAL_BIAS
-from .triton_gemv_tiles import (float_code_bits, gemv_program, load_x_tile, place_bits, split_x_tile16,
-                                store_words_result)
+from .triton_gemv_tiles import (float_code_bits, gemv_program, load_x_tile, place_bits, split_x_tile,
+                                split_x_tile16, store_words_result)
 
 
 @triton.jit
@@ -105,9 +105,9 @@ def gemv_planes_kernel(
     step early measured slower here (H200, nf3 4096x11008: 31.1 against 27.0 us). SUBNORMAL (fp6's e3m2 table
     only) reads the codes in place rather than looking them up (module docstring). LANES (nf3, CUDA only:
     lane_lookup) looks each code up by a warp shuffle from an 8-entry lane table, tab_ptr being nf3's plain table.
-    X_TILE (nf3; the launcher sets it with LANES): a step's activations come from one [BLOCK_W, 16] load
-    (triton_gemv_tiles.load_x_tile), not sixteen vector loads each converted to the codes' layout through shared
-    memory."""
+    X_TILE (nf3, the launcher setting it with LANES; fp6 read in place): a step's activations come from one
+    [BLOCK_W, 16] load (nf3; [BLOCK_W, 8] for fp6: triton_gemv_tiles.load_x_tile), not sixteen (eight) vector loads
+    each converted to the codes' layout through shared memory."""
     BL: tl.constexpr = 2 if KIND == CB3 else 4
     BH: tl.constexpr = 1 if KIND == CB3 else 2
     LOG_BL: tl.constexpr = 1 if KIND == CB3 else 2
@@ -148,8 +148,10 @@ def gemv_planes_kernel(
         even, odd = merge_planes(words, hi >> (BH * (c // BH))[:, None], BL)
         F = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
         if X_TILE:  # the activations as one tile (gemv_words_kernel's X_TILE)
-            tl.static_assert(KIND == CB3, "X_TILE reads nf3's sixteen activations a low-plane word")
-            xs = split_x_tile16(load_x_tile(x_row, w_begin, step, KW, BLOCK_W, EVEN, 16), BLOCK_W)
+            if KIND == CB3:  # sixteen a low-plane word, four runs of four
+                xs = split_x_tile16(load_x_tile(x_row, w_begin, step, KW, BLOCK_W, EVEN, 16), BLOCK_W)
+            else:  # fp6: eight, two runs of four, as a 4-bit word's (the ninth, their sum, unused)
+                xs = split_x_tile(load_x_tile(x_row, w_begin, step, KW, BLOCK_W, EVEN), BLOCK_W)
         else:
             xs = kbase  # a placeholder, never indexed
         # each branch reads a code's activations where the measured kernels read them (the order sets the schedule)

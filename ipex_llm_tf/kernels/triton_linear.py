@@ -41,7 +41,7 @@ from .grids import cdiv
 # operands, configs and tuning are also addressed through this module (tests, benchmarks)
 from .triton_operands import (PLANE_KINDS, BlockOperands, Fp8Operands, _table,  # noqa: F401
                               block_kind, block_operands, fp8_native, fp8_operands, keeps_subnormals,
-                              shuffles_codes)
+                              reads_activation_tile, shuffles_codes)
 from .arrivals import ArrivalCounters
 # prefill's dequantize + torch matmul (also addressed through this module: tests, benchmarks)
 from .triton_dequant_matmul import dequant_matmul_blocks, dequant_matmul_fp8, dequantize_blocks, dequantize_fp8  # noqa: F401
@@ -105,8 +105,9 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
     # the lanes hold the plain table's values (nf3's table loads read its pair table)
     table = ops.table if lanes else ops.gemv_table
     if ops.kind in PLANE_KINDS:
-        kernel, options, block_m = GP.gemv_planes_kernel, {"SUBNORMAL": ops.subnormal, "LANES": lanes,
-                                                           "X_TILE": lanes}, 1
+        kernel, options, block_m = GP.gemv_planes_kernel, {
+            "SUBNORMAL": ops.subnormal, "LANES": lanes,
+            "X_TILE": reads_activation_tile(ops.kind, ops.subnormal, lanes)}, 1
     else:
         block_m = cfg.block_m
         kernel, options = G.gemv_words_kernel, {"SUBNORMAL": ops.subnormal, "BLOCK_M": block_m, "LANES": lanes,

@@ -203,6 +203,12 @@ def shuffles_codes(kind: int, subnormal: bool) -> bool:
     return kind in (G.CB4.value, G.CB3.value) and not subnormal
 
 
+def reads_activation_tile(kind: int, subnormal: bool, lanes: bool) -> bool:
+    """Whether the decode GEMV reads a step's activations as one tile (X_TILE): with codes looked up by warp
+    shuffles (lanes: nf4, nf3), and fp6's codes read in place."""
+    return lanes or (kind == G.CB6.value and subnormal)
+
+
 def keeps_subnormals(device: torch.device) -> bool:
     """Whether Triton kernels on the device keep float32 subnormal operands of a multiply-add (probed once: some
     parts or compilers flush them to zero, which would zero the subnormal-coded GEMV's low codes)."""

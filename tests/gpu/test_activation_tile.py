@@ -1,9 +1,10 @@
 """The decode GEMVs' activations read as one tile a step (X_TILE, kernels/triton_gemv_tiles.load_x_tile) against
 their vector loads: the words kernel (8 a step) gives the same bits, the same values reaching the same multiply-adds
-in the same order; nf3's two-plane kernel (16 a step) the same bits in the interpreter and, on a GPU, within four
-fp16 steps of the largest output (Triton may add a scale group's four words in another order in another layout, as
-tests/gpu/test_lane_lookup_cuda.py found for nf3). Runs on a GPU as launched there (nf4 and nf3 with their warp
-shuffles, where CUDA has them) and in Triton's interpreter."""
+in the same order; the two-plane kernel (nf3 16 a step, fp6 8) the same bits in the interpreter and, on a GPU,
+within four fp16 steps of the largest output (Triton may add a scale group's four words in another order in another
+layout, as tests/gpu/test_lane_lookup_cuda.py found for nf3). Runs on a GPU as launched there (nf4 and nf3 with their
+warp shuffles, where CUDA has them; fp6 read in place where the device keeps subnormals) and in Triton's
+interpreter."""
 from __future__ import annotations
 
 import pytest
@@ -54,10 +55,12 @@ def test_activation_tile_gives_the_vector_loads_bits(fmt_name: str, monkeypatch:
         assert torch.equal(*outs), f"{fmt_name} {cfg}"
 
 
-def test_nf3_activation_tile_gives_the_vector_loads_sums(monkeypatch: pytest.MonkeyPatch) -> None:
-    fmt = get_format("nf3")
+@pytest.mark.parametrize("fmt_name", ["nf3", "fp6"])
+def test_two_plane_activation_tile_gives_the_vector_loads_sums(fmt_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    fmt = get_format(fmt_name)
     torch.manual_seed(0)
-    n, k = 40, 320  # 20 low-plane words a row: the 32-word step is partial (masked), the 16-word one is not
+    # nf3: 20 low-plane words a row, the 32-word step partial (masked), the 16-word one not; fp6: 40, both partial
+    n, k = 40, 320
     ops = TL.block_operands(fmt, fmt.quantize(torch.randn(n, k, device=DEVICE) * 0.05))
     x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
     kernel = GP.gemv_planes_kernel
