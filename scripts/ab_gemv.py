@@ -120,13 +120,21 @@ class Sides:
         self.kernels = {"base": base, "tree": {"words": G.gemv_words_kernel, "planes": GP.gemv_planes_kernel}}
 
     def run(self, side: str, x: torch.Tensor, ops: Any, n: int, cfg: GemvConfig) -> torch.Tensor:
-        """The working tree's launcher on `side`'s kernels."""
-        own = (G.gemv_words_kernel, GP.gemv_planes_kernel)
-        G.gemv_words_kernel, GP.gemv_planes_kernel = self.kernels[side]["words"], self.kernels[side]["planes"]
+        """The working tree's launcher on `side`'s kernels (a partial last step read apart only by a kernel that
+        declares TAIL: the launcher then counts full steps only, which a kernel without it would read alone)."""
+        own = (G.gemv_words_kernel, GP.gemv_planes_kernel, TL._tail_step)
+        kernels = self.kernels[side]
+
+        def tail_step(words: int, cfg: GemvConfig, split: int, even: bool) -> bool:
+            kernel = kernels["words"]
+            declared = kernel.names if isinstance(kernel, _KnownOptions) else set(kernel.arg_names)
+            return "TAIL" in declared and own[2](words, cfg, split, even)
+
+        G.gemv_words_kernel, GP.gemv_planes_kernel, TL._tail_step = kernels["words"], kernels["planes"], tail_step
         try:
             return TL.gemv_blocks(x, ops, None, n, cfg)
         finally:
-            G.gemv_words_kernel, GP.gemv_planes_kernel = own
+            G.gemv_words_kernel, GP.gemv_planes_kernel, TL._tail_step = own
 
 
 def operands(name: str, n: int, k: int, device: torch.device) -> Any:
@@ -142,7 +150,8 @@ def check(sides: Sides, names: list[str], device: torch.device) -> list[dict]:
     """Both sides' outputs for a few tiles and odd shapes: equal, or their largest difference."""
     rows = []
     for name in names:
-        for n, k in ((40, 320), (24, 256)):  # 40 words a row: a partial 64-word step
+        # 40 words a row: a partial 64-word step; 704: a 32-word step and a part for every format (nf3: 44 words)
+        for n, k in ((40, 320), (24, 256), (24, 704)):
             ops = operands(name, n, k, device)
             x = torch.randn(2, k, device=device, dtype=torch.float16)
             for cfg, m in CHECK_CONFIGS:

@@ -51,8 +51,9 @@ class _RecordingKernel:
     """A kernel stand-in that records the keyword arguments of its launches."""
     arg_names = ["x_ptr", "X_TILE", "LANES"]
 
-    def __init__(self) -> None:
+    def __init__(self, *extra_args: str) -> None:
         self.launched: list[dict] = []
+        self.arg_names = self.arg_names + list(extra_args)
 
     def __getitem__(self, grid: tuple) -> object:
         return lambda *args, **kwargs: self.launched.append(kwargs)
@@ -64,6 +65,24 @@ def test_forced_options_replace_the_tree_launchers_choice() -> None:
     kernel = _RecordingKernel()
     AB._KnownOptions(kernel, AB.parse_forced(["X_TILE=0"]))[(1,)](0, X_TILE=1, LANES=1, NEW_OPTION=3, num_warps=4)
     assert kernel.launched == [{"X_TILE": 0, "LANES": 1, "num_warps": 4}]
+
+
+def test_a_base_kernel_without_tail_masks_every_step() -> None:
+    """The launcher reads a partial last step apart (TAIL) only on a side whose kernel declares it: a base kernel
+    that predates it gets every step masked, not the full steps alone."""
+    import torch
+    from ipex_llm_tf.formats import get_format
+    fmt = get_format("sym_int4")
+    ops = AB.TL.block_operands(fmt, fmt.quantize(torch.randn(8, 352)))  # 44 words a row: a 32-word step and a part
+    base, tree = _RecordingKernel("EVEN"), _RecordingKernel("EVEN", "TAIL")
+    sides = AB.Sides({"words": AB._KnownOptions(base), "planes": AB._KnownOptions(_RecordingKernel())})
+    sides.kernels["tree"]["words"] = tree
+    x = torch.zeros(1, 352, dtype=torch.float16)
+    for side in ("base", "tree"):
+        sides.run(side, x, ops, 8, AB.GemvConfig(8, 32, 4, 1, 2))
+    assert "TAIL" not in base.launched[-1] and not base.launched[-1]["EVEN"]
+    assert tree.launched[-1]["TAIL"] and tree.launched[-1]["EVEN"]
+    assert AB.TL._tail_step.__name__ == "_tail_step"  # the launcher's own again after each run
 
 
 @pytest.mark.parametrize("argv, message", [
