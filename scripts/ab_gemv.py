@@ -2,6 +2,7 @@
 
     python scripts/ab_gemv.py check --base main --formats fp4 fp6      # outputs equal? (GPU or TRITON_INTERPRET=1)
     python scripts/ab_gemv.py time --base main --formats fp4 sym_int4 --shapes 4096x11008 11008x4096 [--rounds 3]
+    python scripts/ab_gemv.py time --formats fp6 --tiles 8,64,4,2,0 4,64,2 --each   # given tiles, each one's time
 
 The base revision's GEMV kernel files (KERNEL_FILES) are read from git (or, where a machine has no .git, as the device
 has not, from a folder that holds them: `git archive REV ipex_llm_tf/kernels | tar -x -C .carry/base`, then
@@ -163,15 +164,26 @@ def check(sides: Sides, names: list[str], device: torch.device) -> list[dict]:
     return rows
 
 
+def parse_tile(text: str) -> GemvConfig:
+    """A --tiles item BLOCK_N,BLOCK_W,WARPS[,SPLIT_K[,PREFETCH]] as a GemvConfig."""
+    fields = text.split(",")
+    if not 3 <= len(fields) <= 5 or not all(f.isdigit() and int(f) > 0 or i == 4 and f == "0"
+                                             for i, f in enumerate(fields)):
+        raise SystemExit(f"--tiles takes BLOCK_N,BLOCK_W,WARPS[,SPLIT_K[,PREFETCH]] (positive integers, PREFETCH "
+                         f"0-2), e.g. 8,64,4,2,0; got {text!r}")
+    return GemvConfig(*(int(f) for f in fields))
+
+
 def time_sides(sides: Sides, names: list[str], shapes: list[tuple[int, int]], rounds: int,
-               device: torch.device) -> list[dict]:
-    """Best us of each side over every candidate tile, sides alternated `rounds` times."""
+               device: torch.device, tiles: list[GemvConfig] | None = None, each: bool = False) -> list[dict]:
+    """Best us of each side over every candidate tile (or over `tiles`), sides alternated `rounds` times; `each`
+    also prints every tile's best."""
     rows = []
     for name in names:
         for k, n in shapes:
             ops = operands(name, n, k, device)
             x = torch.randn(1, k, device=device, dtype=torch.float16)
-            candidates = TL._block_gemv_candidates(1, n, ops, device)
+            candidates = tiles or TL._block_gemv_candidates(1, n, ops, device)
             replicas = replicas_for(ops)
             best: dict[tuple[str, GemvConfig], float] = {}
             for _ in range(rounds):
@@ -184,6 +196,8 @@ def time_sides(sides: Sides, names: list[str], shapes: list[tuple[int, int]], ro
                             print(f"  {side} {cfg}: {type(err).__name__}: {str(err)[:160]}", flush=True)
                             continue
                         best[(side, cfg)] = min(best.get((side, cfg), float("inf")), ms)
+            for (side, cfg), ms in sorted(best.items(), key=lambda item: item[1]) if each else ():
+                print(f"  {name} {k}x{n} {side} {ms * 1e3:.2f} us  {cfg}", flush=True)
             for side in ("base", "tree"):
                 timed = [(ms, cfg) for (s, cfg), ms in best.items() if s == side]
                 if timed:
@@ -206,8 +220,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--base-option", nargs="*", default=[], metavar="NAME=VALUE",
                         help="launch the base kernels with this constexpr set as the base's launcher set it, where "
                              "the tree's launcher now decides otherwise (e.g. X_TILE=0)")
+    parser.add_argument("--tiles", nargs="*", default=[], metavar="BN,BW,WARPS[,SPLIT[,PREFETCH]]",
+                        help="time: these tiles in place of the launcher's candidates")
+    parser.add_argument("--each", action="store_true", help="time: print every tile's best, fastest first")
     args = parser.parse_args(argv)
     forced = parse_forced(args.base_option)
+    tiles = [parse_tile(t) for t in args.tiles]
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be at least 1; got {args.rounds}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -224,7 +242,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"{row['format']} {row['shape']} {row['config']}: equal={row['equal']} "
                       f"max_diff={row['max_diff']:.3g}")
         else:
-            rows = time_sides(sides, args.formats, [parse_shape(s) for s in args.shapes], args.rounds, device)
+            rows = time_sides(sides, args.formats, [parse_shape(s) for s in args.shapes], args.rounds, device,
+                              tiles, args.each)
     if args.json:
         Path(args.json).write_text(json.dumps({"base": args.base, "mode": args.mode, "rows": rows}, indent=1))
     return rows

@@ -67,6 +67,11 @@ def test_forced_options_replace_the_tree_launchers_choice() -> None:
     assert kernel.launched == [{"X_TILE": 0, "LANES": 1, "num_warps": 4}]
 
 
+def test_tiles_parse_with_their_defaults() -> None:
+    assert AB.parse_tile("8,64,4") == AB.GemvConfig(8, 64, 4)
+    assert AB.parse_tile("8,64,4,2,0") == AB.GemvConfig(8, 64, 4, 2, 0)
+
+
 def test_a_base_kernel_without_tail_masks_every_step() -> None:
     """The launcher reads a partial last step apart (TAIL) only on a side whose kernel declares it: a base kernel
     that predates it gets every step masked, not the full steps alone."""
@@ -86,6 +91,9 @@ def test_a_base_kernel_without_tail_masks_every_step() -> None:
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["time", "--formats", "fp6", "--tiles", "8,64"], "--tiles takes BLOCK_N,BLOCK_W,WARPS"),
+    (["time", "--formats", "fp6", "--tiles", "8,64,0"], "--tiles takes BLOCK_N,BLOCK_W,WARPS"),
+    (["time", "--formats", "fp6", "--tiles", "8,64,4,1,x"], "--tiles takes BLOCK_N,BLOCK_W,WARPS"),
     (["check", "--formats", "fp6", "--base-option", "X_TILE"], "--base-option takes NAME=INTEGER"),
     (["check", "--formats", "fp6", "--base-option", "X_TILE=off"], "--base-option takes NAME=INTEGER"),
     (["check", "--base", "no-such-revision", "--formats", "fp4"], "cannot read ipex_llm_tf/kernels/triton_gemv.py"),
