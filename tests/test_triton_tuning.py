@@ -287,3 +287,21 @@ def test_a_gemv_after_attention_is_timed_after_it_with_whole_rows(monkeypatch: p
     TL._plan(x, ops, 8)  # no context: the key and candidates as before
     assert picked["key"] == ("gemv", ops.kind, 1, 8, k, torch.float16)
     assert not any(cfg in TT.gemv_whole_candidates(ops.words_per_row) for _, cfg in picked["options"])
+
+
+def test_two_plane_formats_time_tiles_of_their_own() -> None:
+    """nf3 and fp6 (no prefetch) get the two-plane tiles besides the shared ones, each once; the one-plane block
+    formats do not, and a tile's step never exceeds a short row."""
+    from ipex_llm_tf.kernels import triton_linear as TL
+    device = torch.device("cpu")
+    for name in ("nf3", "fp6", "sym_int4"):
+        ops = block_operands(get_format(name), get_format(name).quantize(torch.randn(8, 11008)))
+        cands = TL._block_gemv_candidates(1, 4096, ops, device)
+        own = TT.gemv_plane_candidates(ops.words_per_row)
+        assert len(cands) == len(set(cands))
+        if ops.kind in TL.PLANE_KINDS:
+            assert set(own) <= set(cands) and {c.prefetch for c in cands} == {0}
+            assert {c.split_k for c in own} == {1, 2, 3}
+        else:
+            assert not set(own) & set(cands)
+    assert {c.block_w for c in TT.gemv_plane_candidates(20)} == {32}  # the next power of two of 20 words

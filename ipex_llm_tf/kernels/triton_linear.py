@@ -50,8 +50,8 @@ from .launch_overlap import overlap_options
 from .triton_silu_mul import silu_and_mul
 from .triton_tuning import (_TUNED, GEMV_MULTIROW_MAX_ROWS, GemvConfig, MatmulConfig, _interpreting,  # noqa: F401
                             _pick, _row_bucket, autotune_enabled, gemv_candidates, gemv_fp8_candidates,
-                            gemv_multirow_candidates, gemv_whole_candidates, matmul_candidates, sm_count,
-                            tuned_configs)
+                            gemv_multirow_candidates, gemv_plane_candidates, gemv_whole_candidates,
+                            matmul_candidates, sm_count, tuned_configs)
 
 # Up to this many activation rows the GEMV kernel runs (once per row, rows sharing weight reads through L2); on
 # the H100 it beat the tl.dot matmul at 2 rows and lost from 4 (benchmarks/bench_gpu_linear.py, sym_int4).
@@ -233,10 +233,11 @@ def _codebook_dequantize(fmt: CodebookFormat, parts: Parts, dtype: torch.dtype) 
 
 def _block_gemv_candidates(m: int, n: int, ops: BlockOperands, device: torch.device) -> list[GemvConfig]:
     """gemv_candidates for this weight, and for 2 rows the multi-row tiles; the two-plane GEMV has no prefetch (it
-    measured slower), so one per tile, and serves one row per program."""
+    measured slower), so one per tile, serves one row per program, and has tiles of its own."""
     cands = gemv_candidates(m, n, ops.words_per_row, device)
     if ops.kind in PLANE_KINDS:
-        return list(dict.fromkeys(replace(c, prefetch=0) for c in cands))
+        return list(dict.fromkeys([replace(c, prefetch=0) for c in cands] +
+                                  gemv_plane_candidates(ops.words_per_row)))
     return cands + (gemv_multirow_candidates(m, ops.words_per_row) if m == 2 else [])
 
 

@@ -261,6 +261,18 @@ def gemv_candidates(m: int, n: int, words: int, device: torch.device) -> list[Ge
     return _gemv_configs(_GEMV_TILES, m, n, words, 16, device)
 
 
+# Two-plane GEMV tiles (block_n, block_w, num_warps, split_k; nf3 and fp6, no prefetch) beyond _GEMV_TILES, from a
+# sweep on the H100 timed as decode runs them (session 33): eight warps on 8x64 took nf3 4096x11008 / 11008x4096
+# from 19.15 / 20.68 us (the best earlier candidate) to 18.89 / 19.66, and 8x64 with four warps split three ways
+# fp6 11008x4096 from 23.96 to 23.01 (two ways: 23.47); its 512 programs of 8 rows leave few loads in flight.
+_GEMV_PLANE_TILES = ((8, 64, 8, 1), (8, 64, 4, 2), (8, 64, 4, 3))
+
+
+def gemv_plane_candidates(words: int) -> list[GemvConfig]:
+    """The two-plane GEMV's configurations beyond gemv_candidates' for rows of `words` low-plane words."""
+    return [GemvConfig(bn, _step_width(w, words, 16), warps, split, 0) for bn, w, warps, split in _GEMV_PLANE_TILES]
+
+
 # Whole-row GEMV tiles (block_n, num_warps): a program's K range is one step, read before the wait (triton_gemv
 # WHOLE), 32 or 64 code words a thread. They pay after a latency-bound kernel, so they are timed only there
 # (decode_context). H100 (session 21), Llama-2-7B's output projection in the decode graph: (16, 8) took a step
