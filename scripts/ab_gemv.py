@@ -43,6 +43,9 @@ KERNEL_FILES = ("triton_gemv.py", "triton_gemv_planes.py", "triton_gemv_tiles.py
                 "launch_overlap.py")
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "launch_pdl")  # Triton's, not the kernel's
 # tiles for `check`: prefetch 2, 1 and 0, a K split, two rows a program
+# (N, K) for `check`: 40 words a row, a partial 64-word step; 704 inputs, a 32-word step and a part for every format
+# (nf3: 44 words)
+CHECK_SHAPES = ((40, 320), (24, 256), (24, 704))
 CHECK_CONFIGS = [(GemvConfig(16, 64, 2, 1, 2), 1), (GemvConfig(8, 32, 1, 1, 1), 1), (GemvConfig(8, 32, 1, 1, 0), 1),
                  (GemvConfig(16, 64, 2, 2, 2), 1), (GemvConfig(16, 32, 2, 1, 2, block_m=2), 2)]
 
@@ -114,6 +117,13 @@ def _outside_imports(source: str) -> str:
     return re.sub(r"^from (\.\.?)(\w+) import", pointed, source, flags=re.MULTILINE)
 
 
+def declared(kernel: Any) -> set[str]:
+    """The arguments a side's kernel declares: a base kernel's (_KnownOptions.names), else a Triton kernel's, or
+    those of the kernel a wrapper (a test's) passes its attributes on from."""
+    names = getattr(kernel, "names", None)
+    return names if names is not None else set(kernel.arg_names)
+
+
 class Sides:
     """The two sides' kernels, swapped into the launcher's modules for one call at a time."""
 
@@ -127,9 +137,7 @@ class Sides:
         kernels = self.kernels[side]
 
         def tail_step(words: int, cfg: GemvConfig, split: int, even: bool) -> bool:
-            kernel = kernels["words"]
-            declared = kernel.names if isinstance(kernel, _KnownOptions) else set(kernel.arg_names)
-            return "TAIL" in declared and own[2](words, cfg, split, even)
+            return "TAIL" in declared(kernels["words"]) and own[2](words, cfg, split, even)
 
         G.gemv_words_kernel, GP.gemv_planes_kernel, TL._tail_step = kernels["words"], kernels["planes"], tail_step
         try:
@@ -151,8 +159,7 @@ def check(sides: Sides, names: list[str], device: torch.device) -> list[dict]:
     """Both sides' outputs for a few tiles and odd shapes: equal, or their largest difference."""
     rows = []
     for name in names:
-        # 40 words a row: a partial 64-word step; 704: a 32-word step and a part for every format (nf3: 44 words)
-        for n, k in ((40, 320), (24, 256), (24, 704)):
+        for n, k in CHECK_SHAPES:
             ops = operands(name, n, k, device)
             x = torch.randn(2, k, device=device, dtype=torch.float16)
             for cfg, m in CHECK_CONFIGS:
