@@ -9,9 +9,10 @@ has not, from a folder that holds them: `git archive REV ipex_llm_tf/kernels | t
 `--base .carry/base/ipex_llm_tf/kernels`) into a temporary package and run through the
 working tree's launcher (kernels/triton_linear), which swaps them in for its own; launch options the base kernels
 do not know (a constexpr added since) are dropped, and `--base-option NAME=VALUE` launches the base with a
-constexpr the tree's launcher now sets otherwise (fp6's X_TILE: `--base-option X_TILE=0`). `time` times every GEMV candidate tile of each side the way the
-tuner does (CUDA graph replays over weight replicas, so weights come from memory), alternating the sides `--rounds`
-times, and prints the best of each side with its tile; `--json` also writes the rows. Each session wrote such a
+constexpr the tree's launcher now sets otherwise (fp6's X_TILE: `--base-option X_TILE=0`). `time` times every GEMV
+candidate tile (or the `--tiles` given) of each side the way the tuner does (CUDA graph replays over weight
+replicas, so weights come from memory), alternating the sides `--rounds` times, and prints the best of each side
+with its tile (`--each`: every tile's); `--json` also writes the rows. Each session wrote such a
 script for itself (.carry/s27-s30): this one keeps the sides' machine, process and candidates the same.
 """
 from __future__ import annotations
@@ -42,10 +43,10 @@ from ipex_llm_tf.kernels.triton_tuning import GemvConfig, _interpreting, _replay
 KERNEL_FILES = ("triton_gemv.py", "triton_gemv_planes.py", "triton_gemv_tiles.py", "lane_lookup.py",
                 "launch_overlap.py")
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "launch_pdl")  # Triton's, not the kernel's
-# tiles for `check`: prefetch 2, 1 and 0, a K split, two rows a program
 # (N, K) for `check`: 40 words a row, a partial 64-word step; 704 inputs, a 32-word step and a part for every format
 # (nf3: 44 words)
 CHECK_SHAPES = ((40, 320), (24, 256), (24, 704))
+# tiles for `check`: prefetch 2, 1 and 0, a K split, two rows a program
 CHECK_CONFIGS = [(GemvConfig(16, 64, 2, 1, 2), 1), (GemvConfig(8, 32, 1, 1, 1), 1), (GemvConfig(8, 32, 1, 1, 0), 1),
                  (GemvConfig(16, 64, 2, 2, 2), 1), (GemvConfig(16, 32, 2, 1, 2, block_m=2), 2)]
 
@@ -174,7 +175,7 @@ def check(sides: Sides, names: list[str], device: torch.device) -> list[dict]:
 def parse_tile(text: str) -> GemvConfig:
     """A --tiles item BLOCK_N,BLOCK_W,WARPS[,SPLIT_K[,PREFETCH]] as a GemvConfig."""
     fields = text.split(",")
-    if not 3 <= len(fields) <= 5 or not all(f.isdigit() and int(f) > 0 or i == 4 and f == "0"
+    if not 3 <= len(fields) <= 5 or not all(f.isdigit() and (int(f) <= 2 if i == 4 else int(f) > 0)
                                              for i, f in enumerate(fields)):
         raise SystemExit(f"--tiles takes BLOCK_N,BLOCK_W,WARPS[,SPLIT_K[,PREFETCH]] (positive integers, PREFETCH "
                          f"0-2), e.g. 8,64,4,2,0; got {text!r}")

@@ -94,6 +94,7 @@ def test_a_base_kernel_without_tail_masks_every_step() -> None:
     (["time", "--formats", "fp6", "--tiles", "8,64"], "--tiles takes BLOCK_N,BLOCK_W,WARPS"),
     (["time", "--formats", "fp6", "--tiles", "8,64,0"], "--tiles takes BLOCK_N,BLOCK_W,WARPS"),
     (["time", "--formats", "fp6", "--tiles", "8,64,4,1,x"], "--tiles takes BLOCK_N,BLOCK_W,WARPS"),
+    (["time", "--formats", "fp6", "--tiles", "8,64,4,1,3"], "--tiles takes BLOCK_N,BLOCK_W,WARPS"),
     (["check", "--formats", "fp6", "--base-option", "X_TILE"], "--base-option takes NAME=INTEGER"),
     (["check", "--formats", "fp6", "--base-option", "X_TILE=off"], "--base-option takes NAME=INTEGER"),
     (["check", "--base", "no-such-revision", "--formats", "fp4"], "cannot read ipex_llm_tf/kernels/triton_gemv.py"),
