@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 import ipex_llm_tf
-from ipex_llm_tf.models import prompt_graphs
+from ipex_llm_tf.models import graph_decode
 from ipex_llm_tf.models.graph_decode import CACHE_KWARG, GraphKVCache, install_graph_decode
 from ipex_llm_tf.models.prompt_graphs import (LEFT_PADDED, MAX_PROMPT_TOKENS, MAX_RECORDS, PLAIN, PROMPT_GRAPHS_ENV,
                                               prompt_bucket)
@@ -36,7 +36,7 @@ class _Rerun:
 
 
 def _pretend_graphs(monkeypatch: pytest.MonkeyPatch, decoder) -> None:
-    monkeypatch.setattr(prompt_graphs, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(graph_decode, "graphs_supported", lambda device: True)
 
     def record(run, device):
         out = run()
@@ -158,7 +158,7 @@ def test_prompts_that_take_the_eager_forward(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv(PROMPT_GRAPHS_ENV, "0")
     assert _declines(model, decoder, ids)
     monkeypatch.delenv(PROMPT_GRAPHS_ENV)
-    monkeypatch.setattr(prompt_graphs, "graphs_supported", lambda device: False)
+    monkeypatch.setattr(graph_decode, "graphs_supported", lambda device: False)
     assert _declines(model, decoder, ids), "no graphs on this device (compiled CPU steps share the cache)"
 
 
@@ -168,7 +168,7 @@ def test_a_failed_prompt_capture_leaves_prompts_eager(monkeypatch: pytest.Monkey
     model = ipex_llm_tf.optimize_model(tiny_model("qwen2", attn_implementation="sdpa"), low_bit="sym_int8",
                                        modules_to_not_convert=["lm_head"])
     decoder = install_graph_decode(model)
-    monkeypatch.setattr(prompt_graphs, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(graph_decode, "graphs_supported", lambda device: True)
     ids = torch.randint(2, 128, (1, 20), generator=torch.Generator().manual_seed(8))
     want, want_scores = _generate(model, ids, 1, DynamicCache())
     for call in range(3):

@@ -38,7 +38,7 @@ import torch
 from ..env import env_flag
 from ..kernels.grids import next_power_of_2
 from .eager_step import UNSUPPORTED_KWARGS, has_hooks
-from .graph_storage import CaptureFailed, GraphKVCache, graphs_supported, persistent
+from .graph_storage import CaptureFailed, GraphKVCache, persistent
 from .patching import embed_and_first_norm, embedding_on_cpu, run_blocks
 from .step_rope import fixed_frequencies
 
@@ -92,7 +92,7 @@ class PromptGraphs:
         if input_ids is None or input_ids.dim() != 2 or not 1 < input_ids.shape[1] <= MAX_PROMPT_TOKENS:
             return None
         # (compiled CPU steps use the same cache); after a failed capture, none is tried again
-        if decoder.capture_error is not None or not graphs_supported(input_ids.device):
+        if not decoder.graphs_on(input_ids.device):
             return None
         if cache.get_seq_length() != 0 or kwargs.get("logits_to_keep") != 1 or kwargs.get("return_dict") is False:
             return None
