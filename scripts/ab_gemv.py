@@ -132,19 +132,26 @@ class Sides:
         self.kernels = {"base": base, "tree": {"words": G.gemv_words_kernel, "planes": GP.gemv_planes_kernel}}
 
     def run(self, side: str, x: torch.Tensor, ops: Any, n: int, cfg: GemvConfig) -> torch.Tensor:
-        """The working tree's launcher on `side`'s kernels (a partial last step read apart only by a kernel that
-        declares TAIL: the launcher then counts full steps only, which a kernel without it would read alone)."""
-        own = (G.gemv_words_kernel, GP.gemv_planes_kernel, TL._tail_step)
+        """The working tree's launcher on `side`'s kernels, with the launch decisions that need a kernel argument
+        taken only where the side's kernels declare it: a partial last step read apart (TAIL; the launcher then
+        counts full steps only, which a kernel without it would read alone) and split-K partials summed by the last
+        split (LAST_SUMS; without it the splits add into a zeroed float32 output)."""
+        own = (G.gemv_words_kernel, GP.gemv_planes_kernel, TL._tail_step, TL._gemv_outputs)
         kernels = self.kernels[side]
 
         def tail_step(words: int, cfg: GemvConfig, split: int, even: bool) -> bool:
             return "TAIL" in declared(kernels["words"]) and own[2](words, cfg, split, even)
 
-        G.gemv_words_kernel, GP.gemv_planes_kernel, TL._tail_step = kernels["words"], kernels["planes"], tail_step
+        def gemv_outputs(x: torch.Tensor, n: int, split: int, columns: int) -> tuple[torch.Tensor, dict]:
+            last_sums = all("LAST_SUMS" in declared(kernel) for kernel in kernels.values())
+            return own[3](x, n, split, columns) if last_sums else (TL._split_output(x, n, split), {})
+
+        G.gemv_words_kernel, GP.gemv_planes_kernel, TL._tail_step, TL._gemv_outputs = (
+            kernels["words"], kernels["planes"], tail_step, gemv_outputs)
         try:
             return TL.gemv_blocks(x, ops, None, n, cfg)
         finally:
-            G.gemv_words_kernel, GP.gemv_planes_kernel, TL._tail_step = own
+            G.gemv_words_kernel, GP.gemv_planes_kernel, TL._tail_step, TL._gemv_outputs = own
 
 
 def operands(name: str, n: int, k: int, device: torch.device) -> Any:

@@ -48,15 +48,16 @@ def test_the_base_kernels_can_come_from_a_folder(tmp_path: Path) -> None:
 
 
 class _RecordingKernel:
-    """A kernel stand-in that records the keyword arguments of its launches."""
+    """A kernel stand-in that records the keyword arguments of its launches, and their outputs (argument 7)."""
     arg_names = ["x_ptr", "X_TILE", "LANES"]
 
     def __init__(self, *extra_args: str) -> None:
         self.launched: list[dict] = []
+        self.outputs: list = []
         self.arg_names = self.arg_names + list(extra_args)
 
     def __getitem__(self, grid: tuple) -> object:
-        return lambda *args, **kwargs: self.launched.append(kwargs)
+        return lambda *args, **kwargs: self.outputs.append(args[7:8]) or self.launched.append(kwargs)
 
 
 def test_forced_options_replace_the_tree_launchers_choice() -> None:
@@ -88,6 +89,24 @@ def test_a_base_kernel_without_tail_masks_every_step() -> None:
     assert "TAIL" not in base.launched[-1] and not base.launched[-1]["EVEN"]
     assert tree.launched[-1]["TAIL"] and tree.launched[-1]["EVEN"]
     assert AB.TL._tail_step.__name__ == "_tail_step"  # the launcher's own again after each run
+
+
+def test_a_base_kernel_without_last_sums_adds_its_splits_into_float32() -> None:
+    """Split K: the tree's kernels get the partials buffer and counters (LAST_SUMS) and an output in x's dtype; a
+    base kernel that predates them adds its splits into a zeroed float32 output, as its launcher did."""
+    import torch
+    from ipex_llm_tf.formats import get_format
+    fmt = get_format("sym_int4")
+    ops = AB.TL.block_operands(fmt, fmt.quantize(torch.randn(8, 1024)))  # 128 words: four 32-word steps
+    base, tree = _RecordingKernel("EVEN"), _RecordingKernel("EVEN", "LAST_SUMS", "part_ptr", "arrived_ptr")
+    sides = AB.Sides({"words": AB._KnownOptions(base), "planes": AB._KnownOptions(_RecordingKernel())})
+    sides.kernels["tree"] = {"words": tree, "planes": tree}
+    x = torch.zeros(1, 1024, dtype=torch.float16)
+    for side in ("base", "tree"):
+        sides.run(side, x, ops, 8, AB.GemvConfig(8, 32, 4, 2, 2))
+    assert "LAST_SUMS" not in base.launched[-1] and base.outputs[-1][0].dtype == torch.float32
+    assert tree.launched[-1]["LAST_SUMS"] and tree.outputs[-1][0].dtype == torch.float16
+    assert AB.TL._gemv_outputs.__name__ == "_gemv_outputs"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -172,3 +172,25 @@ def test_fp6_codes_in_place_need_no_or_a_code(tile: tuple[int, int]) -> None:
     codes = block_n * block_w * 8 // (32 * 4)  # eight fp6 codes a low-plane word (its 4-bit parts), four warps
     ors = sum(line.startswith("or.b32") for line in body)
     assert ors <= codes // 4 + 2, f"{tile}: {ors} ORs for {codes} codes"
+
+
+@pytest.mark.parametrize("kernel", ["words", "planes"])
+def test_split_k_sums_in_the_last_split_without_float_atomics(kernel: str) -> None:
+    """LAST_SUMS: the K splits store partials and count their arrival (one acq_rel integer add, one exchange to zero
+    the counter) and add no float atomically; without it they add their sums into a float32 y atomically."""
+    consts = dict(SCALE_SHIFT=0, BLOCK_N=8, BLOCK_W=64, SPLIT_K=3, HAS_BIAS=True, EVEN=True, GATED=False,
+                  SUBNORMAL=True)
+    if kernel == "words":
+        jit, consts = G.gemv_words_kernel, dict(consts, KIND=G.Q4_SYM.value, PREFETCH=2, BLOCK_M=1)
+    else:
+        jit, consts = GP.gemv_planes_kernel, dict(consts, KIND=G.CB6.value, PREFETCH=0, X_TILE=True)
+
+    def global_atomics(last_sums: bool) -> list[str]:
+        pointers = dict(GEMV_POINTERS, part_ptr="*fp32", arrived_ptr="*i32", y_ptr="*fp16" if last_sums else "*fp32")
+        lines = ptx_lines(jit, pointers, dict(consts, LAST_SUMS=last_sums))
+        return [opcode(line.strip()) for line in lines if "atom.global" in line or "red.global" in line]
+
+    summed = global_atomics(True)
+    assert any(op.startswith("atom.global") and op.endswith(".acq_rel.add.u32") for op in summed), summed
+    assert any(".exch." in op for op in summed) and not any(op.endswith((".f32", ".f16")) for op in summed), summed
+    assert any(op.endswith("add.f32") for op in global_atomics(False))

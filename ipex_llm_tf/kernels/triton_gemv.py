@@ -220,6 +220,7 @@ def gemv_words_kernel(
     ss_ptr=None, res_ptr=None, nw_ptr=None, hw_ptr=None, ss_count=1, norm_k=1.0, eps=0.0,
     SCALE_OUT: tl.constexpr = False, RES_OUT: tl.constexpr = False, SS_BLOCK: tl.constexpr = 1,
     LANES: tl.constexpr = False, X_TILE: tl.constexpr = False,
+    part_ptr=None, arrived_ptr=None, LAST_SUMS: tl.constexpr = False,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, k] for BLOCK_M activation rows m and BLOCK_N weight rows, BLOCK_W words per K
     step.
@@ -383,12 +384,12 @@ def gemv_words_kernel(
         store_residual(acc, b_ptr, y_ptr, res_ptr, nw_ptr, hw_ptr, ss_ptr, pid_n, offs_n, rows, N, HAS_BIAS)
     else:
         store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, BLOCK_N,
-                           GATED)
+                           GATED, True, M, part_ptr, arrived_ptr, LAST_SUMS)
     if BLOCK_M > 1:
         store_words_result(acc1, b_ptr, y_ptr, pid_m + 1, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS,
-                           BLOCK_N, GATED, pid_m + 1 < M)
+                           BLOCK_N, GATED, pid_m + 1 < M, M, part_ptr, arrived_ptr, LAST_SUMS)
     if BLOCK_M > 2:
         store_words_result(acc2, b_ptr, y_ptr, pid_m + 2, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS,
-                           BLOCK_N, GATED, pid_m + 2 < M)
+                           BLOCK_N, GATED, pid_m + 2 < M, M, part_ptr, arrived_ptr, LAST_SUMS)
         store_words_result(acc3, b_ptr, y_ptr, pid_m + 3, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS,
-                           BLOCK_N, GATED, pid_m + 3 < M)
+                           BLOCK_N, GATED, pid_m + 3 < M, M, part_ptr, arrived_ptr, LAST_SUMS)

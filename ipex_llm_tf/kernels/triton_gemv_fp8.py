@@ -37,6 +37,7 @@ def gemv_fp8_kernel(
     E5M2: tl.constexpr, NATIVE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr, OVERLAP: tl.constexpr = False,
+    part_ptr=None, arrived_ptr=None, LAST_SUMS: tl.constexpr = False,
 ):
     """fp8 weights [N, K] with a float32 scale per row: y = scale[n] * sum_k x[m, k] * w[n, k].
 
@@ -86,4 +87,5 @@ def gemv_fp8_kernel(
     y = tl.sum(acc, axis=1) * tl.load(s_ptr + rows)
     if not NATIVE and not E5M2:
         y = y * 256.0
-    store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS)
+    store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, True, M, part_ptr, arrived_ptr,
+              LAST_SUMS)

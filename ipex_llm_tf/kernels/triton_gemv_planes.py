@@ -99,6 +99,7 @@ def gemv_planes_kernel(
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr, GATED: tl.constexpr = False,
     SUBNORMAL: tl.constexpr = False, LANES: tl.constexpr = False, X_TILE: tl.constexpr = False,
+    part_ptr=None, arrived_ptr=None, LAST_SUMS: tl.constexpr = False,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, k] for one activation row and BLOCK_N weight rows, BLOCK_W low-plane words
     per K step; grid (M, cdiv(N, BLOCK_N), SPLIT_K) as gemv_words_kernel's. PREFETCH is ignored: loading the next
@@ -188,4 +189,5 @@ def gemv_planes_kernel(
         else:
             acc += d * F
 
-    store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, BLOCK_N, GATED)
+    store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, BLOCK_N, GATED,
+                       True, M, part_ptr, arrived_ptr, LAST_SUMS)

@@ -152,8 +152,10 @@ def load_x(x_row, w_begin, step, KW, BLOCK_W: tl.constexpr, EPW: tl.constexpr, E
 
 @triton.jit
 def store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-              row_ok=True):
-    """Write one output row (if row_ok): bias added once, or accumulated atomically across split-K programs."""
+              row_ok=True, M=1, part_ptr=None, arrived_ptr=None, LAST_SUMS: tl.constexpr = False):
+    """Write output row pid_m (if row_ok), bias added once. Split K: with LAST_SUMS each split stores its float32
+    partial in part [SPLIT_K, M, N] and the row's last split to arrive (counters at arrived_ptr, one per row and
+    program column) sums them in split order and writes y; else the splits add into a zeroed float32 y atomically."""
     # a select, not `& row_ok`: Triton's interpreter turns a vector AND a scalar flag into an int32 mask it rejects
     nmask = tl.where(row_ok, offs_n < N, False)
     y_ptrs = y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n
@@ -161,6 +163,24 @@ def store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K: tl.co
         if HAS_BIAS:
             y += tl.load(b_ptr + rows).to(tl.float32)
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=nmask)
+    elif LAST_SUMS:
+        plane = M.to(tl.int64) * N
+        p_ptrs = part_ptr + pid_m.to(tl.int64) * N + offs_n
+        tl.store(p_ptrs + tl.program_id(2) * plane, y, mask=nmask)
+        # every thread's stores come before the arrival (the barrier), and the release makes them visible to the
+        # split that arrives last (as triton_matmul's split tiles do)
+        tl.debug_barrier()
+        if row_ok:
+            counter = arrived_ptr + pid_m * tl.num_programs(1) + tl.program_id(1)
+            before = tl.atomic_add(counter, 1, sem="acq_rel")
+            if before == SPLIT_K - 1:
+                total = tl.load(p_ptrs, mask=nmask, other=0.0)
+                for k in tl.static_range(1, SPLIT_K):  # a fixed order: the sum does not depend on arrival order
+                    total += tl.load(p_ptrs + k * plane, mask=nmask, other=0.0)
+                if HAS_BIAS:
+                    total += tl.load(b_ptr + rows).to(tl.float32)
+                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=nmask)
+                tl.atomic_xchg(counter, 0, sem="relaxed")  # zero again; kernel boundaries order it
     else:
         tl.atomic_add(y_ptrs, y, mask=nmask, sem="relaxed")
 
@@ -183,14 +203,17 @@ def store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS: tl.
 
 @triton.jit
 def store_words_result(acc, b_ptr, y_ptr, pid_m, pid_n, offs_n, rows, N, stride_ym, SPLIT_K: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr, row_ok=True):
+                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr, row_ok=True, M=1,
+                       part_ptr=None, arrived_ptr=None, LAST_SUMS: tl.constexpr = False):
     """Reduce a [words, rows] accumulator over K and write it (if row_ok): SiLU(gate) * up when GATED, else one
-    output row."""
+    output row (store_row: M, part_ptr, arrived_ptr and LAST_SUMS are its split-K arguments)."""
     y = tl.sum(acc, axis=0)
     if GATED:
+        tl.static_assert(SPLIT_K == 1, "a gated GEMV takes no K split")
         store_gated(y, b_ptr, y_ptr, pid_m, pid_n, rows, N, stride_ym, HAS_BIAS, BLOCK_N, row_ok)
     else:
-        store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, row_ok)
+        store_row(y, b_ptr, y_ptr, pid_m, offs_n, rows, N, stride_ym, SPLIT_K, HAS_BIAS, row_ok, M, part_ptr,
+                  arrived_ptr, LAST_SUMS)
 
 
 @triton.jit

@@ -120,18 +120,26 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
         x, ops.words, ops.scales, ops.mins, ops.qh, table, ops.scales if bias is None else bias, y,
         x.shape[0], outputs, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
         KIND=ops.kind, SCALE_SHIFT=ops.scale_shift_blocks, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
-        SPLIT_K=split, HAS_BIAS=bias is not None and split == 1, EVEN=even, PREFETCH=cfg.prefetch, GATED=gated,
-        num_warps=cfg.num_warps, enable_fp_fusion=True, **options, **epilogue)
+        SPLIT_K=split, HAS_BIAS=bias is not None and (split == 1 or epilogue.get("LAST_SUMS", False)), EVEN=even,
+        PREFETCH=cfg.prefetch, GATED=gated, num_warps=cfg.num_warps, enable_fp_fusion=True, **options, **epilogue)
     return split
+
+
+def _gemv_outputs(x: torch.Tensor, n: int, split: int, columns: int) -> tuple[torch.Tensor, dict]:
+    """(y, the kernel's split-K arguments) of a GEMV launch with `split` K splits and `columns` programs per row:
+    with arrival counters, y in x's dtype that the last split of each program column writes (LAST_SUMS: one launch
+    and no memset); else _split_output's y and no arguments."""
+    y, part, arrived, last_sums = _tile_outputs(x, n, split, x.shape[0] * columns)
+    return y, ({"part_ptr": part, "arrived_ptr": arrived, "LAST_SUMS": True} if last_sums else {})
 
 
 def gemv_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, n: int,
                 cfg: GemvConfig) -> torch.Tensor:
     """Fused dequantize + GEMV of a block format for the (few) rows of x."""
     _, split, _ = _split_steps(ops.words_per_row, cfg.block_w, cfg.split_k)
-    y = _split_output(x, n, split)
-    _gemv_words(x, ops, bias, y, n, cfg, cfg.split_k, gated=False)
-    return y if split == 1 else _finish_split(y, bias, x.dtype)
+    y, sums = _gemv_outputs(x, n, split, cdiv(n, cfg.block_n))
+    _gemv_words(x, ops, bias, y, n, cfg, cfg.split_k, gated=False, **sums)
+    return y if split == 1 or sums else _finish_split(y, bias, x.dtype)
 
 
 def gemv_gated(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, n: int,
@@ -145,23 +153,25 @@ def gemv_gated(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, n
 def gemv_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: int, cfg: GemvConfig) -> torch.Tensor:
     m, k = x.shape
     per_split, split, even = _split_steps(k, cfg.block_w, cfg.split_k)
-    y = _split_output(x, n, split)
+    y, sums = _gemv_outputs(x, n, split, cdiv(n, cfg.block_n))
     GF.gemv_fp8_kernel[(m, cdiv(n, cfg.block_n), split)](
         x, ops.qweight, ops.scales, ops.scales if bias is None else bias, y,
         m, n, k, x.stride(0), y.stride(0), per_split,
         E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_w, SPLIT_K=split,
-        HAS_BIAS=bias is not None and split == 1, EVEN=even, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps,
-        enable_fp_fusion=True, **overlap_options(x.device))
-    return y if split == 1 else _finish_split(y, bias, x.dtype)
+        HAS_BIAS=bias is not None and (split == 1 or bool(sums)), EVEN=even, PREFETCH=cfg.prefetch,
+        num_warps=cfg.num_warps, enable_fp_fusion=True, **overlap_options(x.device), **sums)
+    return y if split == 1 or sums else _finish_split(y, bias, x.dtype)
 
 
-# the tile matmuls' K splits meet here: the last split of a tile to arrive sums the partials (one launch, no memset)
+# the K splits of a tile matmul or GEMV meet here: the last split of a tile to arrive sums the partials (one launch,
+# no memset)
 _SPLIT_ARRIVALS = ArrivalCounters()
 
 
 def _tile_outputs(x: torch.Tensor, n: int, split: int,
                   tiles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """(y, partials, arrival counters, last_sums) of a tile matmul launch with `split` K splits over `tiles` tiles.
+    """(y, partials, arrival counters, last_sums) of a split-K launch (a tile matmul's, or a GEMV's) with `split` K
+    splits over `tiles` tiles (or GEMV program columns and rows).
 
     last_sums: the splits store float32 partials [split, M, N] and a tile's last split writes y (x's dtype) from
     them. Otherwise (one split, or a graph capture that finds no counters large enough) y is the launch's output:

@@ -152,6 +152,38 @@ def test_last_split_sums_the_partials(fmt_name: str, swap: bool, monkeypatch: py
     torch.testing.assert_close(added, first, rtol=2 ** -9, atol=2 ** -12)
 
 
+@pytest.mark.parametrize("fmt_name, cfg", [
+    ("sym_int4", TL.GemvConfig(8, 16, 4, 4, 2)),
+    ("sym_int4", TL.GemvConfig(8, 16, 4, 4, 1, block_m=2)),  # the second program's second row is past M
+    ("fp6", TL.GemvConfig(8, 16, 4, 4, 0)),                   # the two-plane kernel
+    ("fp8_e4m3", TL.GemvConfig(8, 64, 4, 4, 1)),
+])
+def test_gemv_last_split_sums_the_partials(fmt_name: str, cfg: TL.GemvConfig,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A split-K GEMV is one launch as well: each output row's last split to arrive, per program column, sums the
+    float32 partials in split order and writes y in x's dtype, bias included, and leaves its counter at zero (the
+    same bits on a second call). A capture that finds no counters takes the zeroed float32 output instead."""
+    n, k = 100, 640
+    fmt, parts, w_ref = _weight(fmt_name, n, k)
+    fp8 = fmt_name.startswith("fp8")
+    ops = TL.fp8_operands(fmt, parts) if fp8 else TL.block_operands(fmt, parts)
+    launch = TL.gemv_fp8 if fp8 else TL.gemv_blocks
+    assert TL._split_steps(k if fp8 else ops.words_per_row, cfg.block_w, cfg.split_k)[1] > 1
+    x = torch.randn(3, k, device=DEVICE).to(torch.float16)
+    bias = torch.randn(n, device=DEVICE).to(torch.float16)
+    ref = F.linear(x.float(), w_ref, bias.float())
+    first = launch(x, ops, bias, n, cfg)
+    counters = TL._SPLIT_ARRIVALS.buffers[x.device]
+    assert first.dtype == torch.float16 and int(counters.abs().sum()) == 0
+    _check(first, ref, torch.float16, f"{fmt_name} {cfg} last split sums")
+    assert torch.equal(launch(x, ops, bias, n, cfg), first) and int(counters.abs().sum()) == 0
+    monkeypatch.setattr(arrivals, "capturing", lambda device: True)
+    monkeypatch.setattr(TL, "_SPLIT_ARRIVALS", arrivals.ArrivalCounters())
+    added = launch(x, ops, bias, n, cfg)
+    _check(added, ref, torch.float16, f"{fmt_name} {cfg} splits added by atomics")
+    torch.testing.assert_close(added, first, rtol=2 ** -9, atol=2 ** -12)
+
+
 @pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int5", "nf4", "fp8_e4m3"])
 def test_dequantize_matmul_in_bands(fmt_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A weight over DEQUANT_BAND_BYTES is dequantized a band of rows at a time: the same result, bias included."""
