@@ -140,15 +140,22 @@ def test_last_split_sums_the_partials(fmt_name: str, swap: bool, monkeypatch: py
     ref = F.linear(x.float(), w_ref, bias.float())
     cfg = TL.MatmulConfig(16, 32, 64, 4, 2, split_k=4, swap=swap)
     assert TL._split_steps(k // 32 if not fp8 else k, 2 if not fp8 else 64, 4)[1] == 4
-    first = launch(x, ops, bias, n, cfg)
-    counters = TL._SPLIT_ARRIVALS.buffers[x.device]
-    assert int(counters.abs().sum()) == 0
-    _check(first, ref, torch.float16, f"{fmt_name} last split sums")
-    assert torch.equal(launch(x, ops, bias, n, cfg), first) and int(counters.abs().sum()) == 0
+    _check_last_split_sums(lambda: launch(x, ops, bias, n, cfg), x.device, ref, fmt_name, monkeypatch)
+
+
+def _check_last_split_sums(call, device: torch.device, ref: torch.Tensor, what: str,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """call() (a split-K launch) against ref, twice with the same bits and its counters back at zero; then as a
+    capture that finds no counters runs it (the splits added into float32 by atomics), within fp16 rounding."""
+    first = call()
+    counters = TL._SPLIT_ARRIVALS.buffers[device]
+    assert first.dtype == torch.float16 and int(counters.abs().sum()) == 0
+    _check(first, ref, torch.float16, f"{what} last split sums")
+    assert torch.equal(call(), first) and int(counters.abs().sum()) == 0
     monkeypatch.setattr(arrivals, "capturing", lambda device: True)
     monkeypatch.setattr(TL, "_SPLIT_ARRIVALS", arrivals.ArrivalCounters())
-    added = launch(x, ops, bias, n, cfg)
-    _check(added, ref, torch.float16, f"{fmt_name} splits added by atomics")
+    added = call()
+    _check(added, ref, torch.float16, f"{what} splits added by atomics")
     torch.testing.assert_close(added, first, rtol=2 ** -9, atol=2 ** -12)
 
 
@@ -172,16 +179,7 @@ def test_gemv_last_split_sums_the_partials(fmt_name: str, cfg: TL.GemvConfig,
     x = torch.randn(3, k, device=DEVICE).to(torch.float16)
     bias = torch.randn(n, device=DEVICE).to(torch.float16)
     ref = F.linear(x.float(), w_ref, bias.float())
-    first = launch(x, ops, bias, n, cfg)
-    counters = TL._SPLIT_ARRIVALS.buffers[x.device]
-    assert first.dtype == torch.float16 and int(counters.abs().sum()) == 0
-    _check(first, ref, torch.float16, f"{fmt_name} {cfg} last split sums")
-    assert torch.equal(launch(x, ops, bias, n, cfg), first) and int(counters.abs().sum()) == 0
-    monkeypatch.setattr(arrivals, "capturing", lambda device: True)
-    monkeypatch.setattr(TL, "_SPLIT_ARRIVALS", arrivals.ArrivalCounters())
-    added = launch(x, ops, bias, n, cfg)
-    _check(added, ref, torch.float16, f"{fmt_name} {cfg} splits added by atomics")
-    torch.testing.assert_close(added, first, rtol=2 ** -9, atol=2 ** -12)
+    _check_last_split_sums(lambda: launch(x, ops, bias, n, cfg), x.device, ref, f"{fmt_name} {cfg}", monkeypatch)
 
 
 @pytest.mark.parametrize("fmt_name", ["sym_int4", "asym_int5", "nf4", "fp8_e4m3"])
