@@ -44,13 +44,36 @@ def synchronize(device: "torch.device | str") -> None:
         getattr(torch, device.type).synchronize(device)
 
 
+class BlockTokens:
+    """A logits processor that rules the given tokens out (their scores to -inf) with one in-place write a step.
+    Timed generations block end-of-sequence this way, as llama.cpp's ignore-EOS does: transformers' own
+    min_new_tokens does it with an arange over the vocabulary and an isin every step (SmolLM2's 49152 entries on the
+    2-core CPU: 233 us a step against 2.3 us here, 1.5-2% of a decode step, which llama.cpp rows never paid)."""
+
+    def __init__(self, token_ids: "int | list[int]") -> None:
+        self.token_ids = sorted({token_ids} if isinstance(token_ids, int) else set(token_ids))
+        self._index: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """scores with the blocked tokens' columns at -inf (written in place: generate() hands over its own copy)."""
+        if self._index is None or self._index.device != scores.device:
+            self._index = torch.tensor(self.token_ids, dtype=torch.long, device=scores.device)
+        return scores.index_fill_(1, self._index, float("-inf"))
+
+
 def time_generate(model, ids: torch.Tensor, new_tokens: int, **generate_kwargs) -> float:
-    """Seconds for a greedy generate of exactly new_tokens tokens (extra keyword arguments go to generate)."""
+    """Seconds for a greedy generate of exactly new_tokens tokens (extra keyword arguments go to generate), the
+    model's end-of-sequence tokens blocked (BlockTokens)."""
+    from transformers import LogitsProcessorList
+    eos = model.generation_config.eos_token_id
+    processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+    if eos is not None:
+        processors.append(BlockTokens(eos))
     synchronize(model.device)
     start = time.perf_counter()
     with torch.inference_mode():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **generate_kwargs)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=0, logits_processor=processors, **generate_kwargs)
     synchronize(model.device)
     return time.perf_counter() - start
 
