@@ -120,9 +120,15 @@ def _gemv_words(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None, 
         x, ops.words, ops.scales, ops.mins, ops.qh, table, ops.scales if bias is None else bias, y,
         x.shape[0], outputs, kw, x.stride(0), y.stride(0), per_split, G.ONE_BITS,
         KIND=ops.kind, SCALE_SHIFT=ops.scale_shift_blocks, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
-        SPLIT_K=split, HAS_BIAS=bias is not None and (split == 1 or epilogue.get("LAST_SUMS", False)), EVEN=even,
+        SPLIT_K=split, HAS_BIAS=_bias_in_kernel(bias, split, bool(epilogue.get("LAST_SUMS"))), EVEN=even,
         PREFETCH=cfg.prefetch, GATED=gated, num_warps=cfg.num_warps, enable_fp_fusion=True, **options, **epilogue)
     return split
+
+
+def _bias_in_kernel(bias: torch.Tensor | None, split: int, last_sums: bool) -> bool:
+    """Whether a launch adds the bias itself: it does where it writes y in one pass (one split, or the last split
+    summing the partials); splits adding atomically leave it to _finish_split."""
+    return bias is not None and (split == 1 or last_sums)
 
 
 def _gemv_outputs(x: torch.Tensor, n: int, split: int, columns: int) -> tuple[torch.Tensor, dict]:
@@ -158,7 +164,7 @@ def gemv_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: in
         x, ops.qweight, ops.scales, ops.scales if bias is None else bias, y,
         m, n, k, x.stride(0), y.stride(0), per_split,
         E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_w, SPLIT_K=split,
-        HAS_BIAS=bias is not None and (split == 1 or bool(sums)), EVEN=even, PREFETCH=cfg.prefetch,
+        HAS_BIAS=_bias_in_kernel(bias, split, bool(sums)), EVEN=even, PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps, enable_fp_fusion=True, **overlap_options(x.device), **sums)
     return y if split == 1 or sums else _finish_split(y, bias, x.dtype)
 
@@ -199,7 +205,7 @@ def matmul_blocks(x: torch.Tensor, ops: BlockOperands, bias: torch.Tensor | None
         x, ops.codes, ops.scales, ops.mins, ops.qh, ops.table, ops.scales if bias is None else bias, y, part, arrived,
         m, n, kb, x.stride(0), y.stride(0), per_split,
         KIND=ops.kind, SBLK_SHIFT=ops.scale_shift_blocks, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NB=nb,
-        GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=bias is not None and (split == 1 or last_sums), EVEN=even,
+        GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=_bias_in_kernel(bias, split, last_sums), EVEN=even,
         SWAP=cfg.swap, LAST_SUMS=last_sums, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
         **overlap_options(x.device))
     return y if split == 1 or last_sums else _finish_split(y, bias, x.dtype)
@@ -215,7 +221,7 @@ def matmul_fp8(x: torch.Tensor, ops: Fp8Operands, bias: torch.Tensor | None, n: 
         x, ops.qweight, ops.scales, ops.scales if bias is None else bias, y, part, arrived,
         m, n, k, x.stride(0), y.stride(0), per_split,
         E5M2=ops.e5m2, NATIVE=ops.native, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=bias is not None and (split == 1 or last_sums), EVEN=even,
+        GROUP_M=cfg.group_m, SPLIT_K=split, HAS_BIAS=_bias_in_kernel(bias, split, last_sums), EVEN=even,
         SWAP=cfg.swap, LAST_SUMS=last_sums, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
         **overlap_options(x.device))
     return y if split == 1 or last_sums else _finish_split(y, bias, x.dtype)
